@@ -1,0 +1,3 @@
+"""gateway-extproc: an Envoy ext_proc processor that routes LLM inference requests."""
+
+__version__ = "0.1.0"

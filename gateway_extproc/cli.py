@@ -1,0 +1,54 @@
+"""The `gateway-extproc` command: serve, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway_extproc import __version__, config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway-extproc",
+        description="Envoy ext_proc processor that routes LLM inference requests.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
+    config.add_serve_arguments(serve)
+
+    from gateway_extproc.simulator import app as simulator_app
+
+    simulate = commands.add_parser("simulate", help="run a simulated vLLM-compatible engine")
+    simulator_app.add_arguments(simulate)
+
+    from gateway_extproc import demo
+
+    demo_parser = commands.add_parser(
+        "demo", help="start Envoy, the processor and simulated engines locally"
+    )
+    demo.add_arguments(demo_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from gateway_extproc import server
+
+        return server.run(config.settings_from_args(args))
+    if args.command == "simulate":
+        from gateway_extproc.simulator import app as simulator_app
+
+        return simulator_app.run(args)
+    if args.command == "demo":
+        from gateway_extproc import demo
+
+        return demo.run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

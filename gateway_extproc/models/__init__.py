@@ -1,0 +1,1 @@
+"""The model dictionary: which models exist, which pods serve them, and in what state."""

@@ -1,0 +1,198 @@
+"""ModelRegistry: the model dictionary that routing reads and discovery sources write.
+
+Sources (the static file, the Kubernetes informer) describe *pods*; a pod serves one or
+more model names. The registry derives each model's state from its pods and keeps, per
+model, an immutable view (state + routable pods) rebuilt only when something changes, so
+that the per-request lookup is one dict access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import structlog
+
+log = structlog.get_logger("gateway_extproc.models")
+
+
+class ModelState(str, Enum):
+    READY = "ready"  # at least one routable pod
+    UNAVAILABLE = "unavailable"  # pods exist, none routable
+    TERMINATING = "terminating"  # every pod is being deleted
+    ABSENT = "absent"  # not in the dictionary
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """One model-server pod as a discovery source sees it.
+
+    `address` is the serving `ip:port` Envoy connects to; `metrics_address` is where the
+    engine's Prometheus text is scraped (defaults to the serving address).
+    """
+
+    name: str
+    address: str
+    models: tuple[str, ...]
+    ready: bool = True
+    terminating: bool = False
+    metrics_address: str = ""
+    namespace: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    @property
+    def routable(self) -> bool:
+        return self.ready and not self.terminating and bool(self.address)
+
+    @property
+    def scrape_address(self) -> str:
+        return self.metrics_address or self.address
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """What a request sees of one model: its state and the pods it may be sent to."""
+
+    name: str
+    state: ModelState
+    routable: tuple[Pod, ...] = ()
+    pods: tuple[Pod, ...] = ()
+
+
+ABSENT_VIEW = ModelView(name="", state=ModelState.ABSENT)
+
+ModelChangeListener = Callable[[str, ModelState, ModelState], None]
+PodRemovedListener = Callable[[Pod], None]
+
+
+@dataclass
+class ModelRegistry:
+    """Pods by key, and the per-model views derived from them.
+
+    Not thread-safe by design: every write happens on the event loop (blocking sources
+    hand their events over with `call_soon_threadsafe`).
+    """
+
+    _pods: dict[str, Pod] = field(default_factory=dict)
+    _views: dict[str, ModelView] = field(default_factory=dict)
+    _keys_by_model: dict[str, set[str]] = field(default_factory=dict)
+    _model_listeners: list[ModelChangeListener] = field(default_factory=list)
+    _pod_listeners: list[PodRemovedListener] = field(default_factory=list)
+    synced: bool = False
+
+    # -- reading (hot path) -------------------------------------------------------------
+
+    def lookup(self, model: str) -> ModelView:
+        return self._views.get(model) or ModelView(name=model, state=ModelState.ABSENT)
+
+    def pod(self, key: str) -> Pod | None:
+        return self._pods.get(key)
+
+    def is_routable(self, pod: Pod, model: str) -> bool:
+        """The pick-time check: is this pod, as the registry knows it *now*, usable?"""
+        current = self._pods.get(pod.key)
+        return current is not None and current.routable and model in current.models
+
+    def models(self) -> dict[str, ModelView]:
+        return dict(self._views)
+
+    def pods(self) -> list[Pod]:
+        return list(self._pods.values())
+
+    # -- listening ----------------------------------------------------------------------
+
+    def on_model_change(self, listener: ModelChangeListener) -> None:
+        self._model_listeners.append(listener)
+
+    def on_pod_removed(self, listener: PodRemovedListener) -> None:
+        self._pod_listeners.append(listener)
+
+    # -- writing (sources) --------------------------------------------------------------
+
+    def upsert_pod(self, pod: Pod) -> None:
+        old = self._pods.get(pod.key)
+        if old == pod:
+            return
+        self._pods[pod.key] = pod
+        self._index(old, remove=True)
+        self._index(pod, remove=False)
+        self._refresh(_models_of(old, pod))
+
+    def delete_pod(self, key: str) -> None:
+        old = self._pods.pop(key, None)
+        if old is None:
+            return
+        self._index(old, remove=True)
+        self._refresh(set(old.models))
+        for listener in self._pod_listeners:
+            listener(old)
+
+    def replace_all(self, pods: Iterable[Pod]) -> None:
+        """Make the registry hold exactly `pods` (a full list or a static file reload)."""
+        wanted = {p.key: p for p in pods}
+        for key in [k for k in self._pods if k not in wanted]:
+            self.delete_pod(key)
+        for pod in wanted.values():
+            self.upsert_pod(pod)
+        self.synced = True
+
+    # -- derivation ---------------------------------------------------------------------
+
+    def _index(self, pod: Pod | None, *, remove: bool) -> None:
+        if pod is None:
+            return
+        for name in pod.models:
+            keys = self._keys_by_model.setdefault(name, set())
+            if remove:
+                keys.discard(pod.key)
+                if not keys:
+                    del self._keys_by_model[name]
+            else:
+                keys.add(pod.key)
+
+    def _refresh(self, model_names: set[str]) -> None:
+        for name in model_names:
+            before = self._views.get(name)
+            keys = sorted(self._keys_by_model.get(name, ()))
+            pods = tuple(self._pods[k] for k in keys)
+            after = _derive_view(name, pods)
+            if after.state is ModelState.ABSENT:
+                self._views.pop(name, None)
+            else:
+                self._views[name] = after
+            old_state = before.state if before else ModelState.ABSENT
+            if old_state is not after.state:
+                log.info(
+                    "model_state_changed",
+                    model=name,
+                    old=old_state.value,
+                    new=after.state.value,
+                    pods=len(pods),
+                    routable=len(after.routable),
+                )
+                for listener in self._model_listeners:
+                    listener(name, old_state, after.state)
+
+
+def _models_of(old: Pod | None, new: Pod) -> set[str]:
+    names = set(new.models)
+    if old is not None:
+        names.update(old.models)
+    return names
+
+
+def _derive_view(name: str, pods: tuple[Pod, ...]) -> ModelView:
+    if not pods:
+        return ModelView(name=name, state=ModelState.ABSENT)
+    routable = tuple(p for p in pods if p.routable)
+    if routable:
+        state = ModelState.READY
+    elif all(p.terminating for p in pods):
+        state = ModelState.TERMINATING
+    else:
+        state = ModelState.UNAVAILABLE
+    return ModelView(name=name, state=state, routable=routable, pods=pods)

@@ -1,0 +1,1 @@
+"""The OpenAI wire format: request parsing, error bodies, usage and SSE parsing."""

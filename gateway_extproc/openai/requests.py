@@ -1,0 +1,122 @@
+"""Parse an OpenAI-style inference request body into what routing needs.
+
+Only `model` is required; `stream` must be a boolean when present. The prompt text is
+extracted leniently (it feeds prefix-aware routing, never validation): the engine is the
+authority on the rest of the schema and answers its own errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway_extproc.openai import errors
+
+MAX_MODEL_NAME = 512
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+MODELS_PATH = "/v1/models"
+INFERENCE_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH})
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    model: str
+    stream: bool = False
+    prompt: str = ""
+    include_usage: bool = False
+
+
+def strip_query(path: str) -> str:
+    return path.split("?", 1)[0]
+
+
+def parse_body(path: str, body: bytes, max_bytes: int) -> InferenceRequest:
+    """Parse `body` sent to `path`; raise GatewayError (400/413) for anything unusable."""
+    if len(body) > max_bytes:
+        raise errors.request_too_large(max_bytes)
+    if not body.strip():
+        raise errors.invalid_body("the request body is empty; expected a JSON object")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.invalid_body(f"the request body is not valid JSON: {exc.msg}") from None
+    if not isinstance(doc, dict):
+        raise errors.invalid_body(
+            f"the request body must be a JSON object, not {_json_type(doc)}"
+        )
+    model = doc.get("model")
+    if model is None:
+        raise errors.model_required()
+    if not isinstance(model, str):
+        raise errors.model_required(f"`model` must be a string, not {_json_type(model)}")
+    if not model.strip():
+        raise errors.model_required("`model` must not be empty")
+    if len(model) > MAX_MODEL_NAME:
+        raise errors.model_required(f"`model` is longer than {MAX_MODEL_NAME} characters")
+    stream = doc.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise errors.GatewayError(
+            400, "invalid_request_body", "`stream` must be a boolean", param="stream"
+        )
+    options = doc.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return InferenceRequest(
+        model=model,
+        stream=stream,
+        prompt=_prompt_text(strip_query(path), doc),
+        include_usage=include_usage,
+    )
+
+
+def _prompt_text(path: str, doc: dict[str, Any]) -> str:
+    if path == CHAT_PATH or "messages" in doc:
+        return _messages_text(doc.get("messages"))
+    if path == EMBEDDINGS_PATH or "input" in doc:
+        return _text_of(doc.get("input"))
+    return _text_of(doc.get("prompt"))
+
+
+def _messages_text(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return ""
+    parts = []
+    for message in messages:
+        if isinstance(message, dict):
+            parts.append(f"{message.get('role', '')}: {_text_of(message.get('content'))}")
+    return "\n".join(parts)
+
+
+def _text_of(value: Any) -> str:
+    """Text of a prompt/content value: a string, a list of strings or content parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for item in value:
+            if isinstance(item, str):
+                texts.append(item)
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                texts.append(item["text"])
+        return "\n".join(texts)
+    return ""
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -1,0 +1,105 @@
+"""The router: from a model lookup to a chosen pod, or the error a client must see."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from gateway_extproc import telemetry
+from gateway_extproc.models.registry import ModelRegistry, ModelState, ModelView, Pod
+from gateway_extproc.openai import errors
+from gateway_extproc.routing.base import RoutingRequest, Strategy
+from gateway_extproc.routing.catalog import StrategyCatalog
+from gateway_extproc.routing.inflight import InFlightCounter
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    model: str
+    pods: tuple[Pod, ...]  # the pick first, then fallbacks in preference order
+    strategy: str
+
+    @property
+    def pod(self) -> Pod:
+        return self.pods[0]
+
+    @property
+    def destination(self) -> str:
+        return ",".join(p.address for p in self.pods)
+
+
+class Router:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        catalog: StrategyCatalog,
+        default_strategy: str,
+        inflight: InFlightCounter,
+        *,
+        fallback_endpoints: int = 0,
+        retry_after: int = 5,
+    ) -> None:
+        default = catalog.resolve(default_strategy)
+        if default is None:
+            raise ValueError(
+                f"unknown default strategy {default_strategy!r}; known: {catalog.names()}"
+            )
+        self.registry = registry
+        self.inflight = inflight
+        self._catalog = catalog
+        self._default = default
+        self._fallbacks = fallback_endpoints
+        self._retry_after = retry_after
+
+    def strategy(self, name: str | None) -> Strategy:
+        """The strategy a request asked for (header), or the default; 400 if unknown."""
+        if not name:
+            return self._default
+        found = self._catalog.resolve(name)
+        if found is None:
+            raise errors.invalid_routing_strategy(name, self._catalog.names())
+        return found
+
+    def check_model(self, model: str) -> ModelView:
+        """The model's view if it can take a request now; the client's error if not."""
+        view = self.registry.lookup(model)
+        if view.state is ModelState.READY:
+            return view
+        if view.state is ModelState.ABSENT:
+            raise errors.model_not_found(model)
+        if view.state is ModelState.TERMINATING:
+            raise errors.model_terminating(model, self._retry_after)
+        raise errors.no_ready_pods(model, self._retry_after)
+
+    def route(
+        self,
+        request: RoutingRequest,
+        strategy: Strategy,
+        subset: frozenset[str] | None = None,
+    ) -> RoutingDecision:
+        """Pick a pod (and fallbacks) and count the request in flight on it."""
+        started = time.perf_counter()
+        view = self.check_model(request.model)
+        candidates = view.routable
+        if subset is not None:
+            candidates = tuple(p for p in candidates if p.address in subset)
+            if not candidates:
+                raise errors.no_ready_pods(
+                    request.model, self._retry_after, " inside the requested endpoint subset"
+                )
+        ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
+        # The snapshot may be older than the registry: a pod that turned terminating
+        # since must never be chosen.
+        live = [p for p in ranked if self.registry.is_routable(p, request.model)]
+        if not live:
+            still = tuple(p for p in candidates if self.registry.is_routable(p, request.model))
+            if not still:
+                raise errors.no_ready_pods(request.model, self._retry_after)
+            live = strategy.rank(still, request, 1 + self._fallbacks)
+        decision = RoutingDecision(request.model, tuple(live), strategy.name)
+        self.inflight.acquire(request.model, decision.pod)
+        telemetry.ROUTING_DECISION.observe(time.perf_counter() - started)
+        return decision
+
+    def release(self, decision: RoutingDecision) -> None:
+        self.inflight.release(decision.model, decision.pod)
