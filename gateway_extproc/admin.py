@@ -1,0 +1,63 @@
+"""Admin HTTP: /metrics (Prometheus), /healthz, /readyz, /debug/models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway_extproc.models.registry import ModelRegistry
+from gateway_extproc.routing.inflight import InFlightCounter
+
+
+def models_debug_view(registry: ModelRegistry, inflight: InFlightCounter) -> dict[str, object]:
+    return {
+        "synced": registry.synced,
+        "models": {
+            name: {
+                "state": view.state.value,
+                "pods": [
+                    {
+                        "name": pod.key,
+                        "address": pod.address,
+                        "ready": pod.ready,
+                        "terminating": pod.terminating,
+                        "routable": pod.routable,
+                        "in_flight": inflight.count(pod.key),
+                    }
+                    for pod in view.pods
+                ],
+            }
+            for name, view in sorted(registry.models().items())
+        },
+    }
+
+
+def build_admin_app(
+    registry: ModelRegistry, inflight: InFlightCounter, is_ready: Callable[[], bool]
+) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if is_ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: the model dictionary has not synced\n")
+
+    async def debug_models(_: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(models_debug_view(registry, inflight), option=orjson.OPT_INDENT_2),
+            content_type="application/json",
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/debug/models", debug_models)
+    return app

@@ -1,0 +1,1 @@
+"""The Envoy-facing protocol: the ext_proc servicer, the per-stream session, responses."""

@@ -1,0 +1,139 @@
+"""Builders for ProcessingResponse messages.
+
+The empty CONTINUE answers are built once: they are most of what the processor sends,
+and gRPC only serialises them, so sharing the objects across streams is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from gateway_extproc.openai.errors import GatewayError
+
+# Envoy splits what it sends upstream at this size in FULL_DUPLEX_STREAMED; the Gateway
+# API Inference Extension protocol asks for chunks under 64 KiB.
+STREAMED_CHUNK_BYTES = 62 * 1024
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+LB_METADATA_NAMESPACE = "envoy.lb"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+CONTINUE_REQUEST_HEADERS = ext.ProcessingResponse(request_headers=ext.HeadersResponse())
+CONTINUE_RESPONSE_HEADERS = ext.ProcessingResponse(response_headers=ext.HeadersResponse())
+CONTINUE_REQUEST_BODY = ext.ProcessingResponse(request_body=ext.BodyResponse())
+CONTINUE_RESPONSE_BODY = ext.ProcessingResponse(response_body=ext.BodyResponse())
+CONTINUE_REQUEST_TRAILERS = ext.ProcessingResponse(request_trailers=ext.TrailersResponse())
+CONTINUE_RESPONSE_TRAILERS = ext.ProcessingResponse(response_trailers=ext.TrailersResponse())
+
+CONTINUE_BY_FRAME = {
+    "request_headers": CONTINUE_REQUEST_HEADERS,
+    "response_headers": CONTINUE_RESPONSE_HEADERS,
+    "request_body": CONTINUE_REQUEST_BODY,
+    "response_body": CONTINUE_RESPONSE_BODY,
+    "request_trailers": CONTINUE_REQUEST_TRAILERS,
+    "response_trailers": CONTINUE_RESPONSE_TRAILERS,
+}
+
+
+def header_value(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+        append_action=_OVERWRITE,
+    )
+
+
+def routed_common(headers: Iterable[tuple[str, str]]) -> ext.CommonResponse:
+    """A CONTINUE that sets `headers` and makes Envoy pick the route (and host) again."""
+    return ext.CommonResponse(
+        header_mutation=ext.HeaderMutation(
+            set_headers=[header_value(name, value) for name, value in headers]
+        ),
+        clear_route_cache=True,
+    )
+
+
+def destination_metadata(destination: str) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    metadata.get_or_create_struct(LB_METADATA_NAMESPACE)[DESTINATION_HEADER] = destination
+    return metadata
+
+
+def routed_request_headers(
+    headers: Iterable[tuple[str, str]], destination: str
+) -> ext.ProcessingResponse:
+    return ext.ProcessingResponse(
+        request_headers=ext.HeadersResponse(response=routed_common(headers)),
+        dynamic_metadata=destination_metadata(destination),
+    )
+
+
+def routed_request_body(
+    headers: Iterable[tuple[str, str]], destination: str
+) -> ext.ProcessingResponse:
+    return ext.ProcessingResponse(
+        request_body=ext.BodyResponse(response=routed_common(headers)),
+        dynamic_metadata=destination_metadata(destination),
+    )
+
+
+def streamed_bodies(
+    body: bytes, end_of_stream: bool, *, response: bool
+) -> list[ext.ProcessingResponse]:
+    """FULL_DUPLEX_STREAMED: hand `body` back to Envoy in chunks under 64 KiB."""
+    pieces = [body[i : i + STREAMED_CHUNK_BYTES] for i in range(0, len(body), STREAMED_CHUNK_BYTES)]
+    if not pieces:
+        pieces = [b""]
+    out = []
+    for index, piece in enumerate(pieces):
+        last = end_of_stream and index == len(pieces) - 1
+        mutation = ext.BodyMutation(
+            streamed_response=ext.StreamedBodyResponse(body=piece, end_of_stream=last)
+        )
+        body_response = ext.BodyResponse(response=ext.CommonResponse(body_mutation=mutation))
+        if response:
+            out.append(ext.ProcessingResponse(response_body=body_response))
+        else:
+            out.append(ext.ProcessingResponse(request_body=body_response))
+    return out
+
+
+def immediate(
+    status: int,
+    body: bytes,
+    *,
+    headers: Iterable[tuple[str, str]] = (),
+    details: str = "",
+) -> ext.ProcessingResponse:
+    return ext.ProcessingResponse(
+        immediate_response=ext.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=ext.HeaderMutation(
+                set_headers=[header_value(name, value) for name, value in headers]
+            ),
+            body=body,
+            details=details,
+        )
+    )
+
+
+def rejection(error: GatewayError, request_id: str) -> ext.ProcessingResponse:
+    headers = [("content-type", "application/json"), ("x-request-id", request_id)]
+    if error.retry_after is not None:
+        headers.append(("retry-after", str(error.retry_after)))
+    return immediate(
+        error.status, error.body(), headers=headers, details=f"gateway_extproc_{error.code}"
+    )
+
+
+def json_answer(status: int, body: bytes, request_id: str) -> ext.ProcessingResponse:
+    return immediate(
+        status,
+        body,
+        headers=[("content-type", "application/json"), ("x-request-id", request_id)],
+    )

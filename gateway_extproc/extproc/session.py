@@ -1,0 +1,422 @@
+"""The per-stream state machine: one Session per ext_proc gRPC stream.
+
+Plain Python with no I/O: `handle(frame)` returns the responses to send, `close()` ends
+the stream. Each direction moves headers -> body -> done; the session ends `finished`
+(response complete), `rejected` (an ImmediateResponse was sent) or `aborted` (stream
+cancelled or broken). Rules (DESIGN §4):
+
+- a body frame after its direction's EndOfStream, a duplicate EndOfStream, or any frame
+  after the session ended is a no-op: the empty CONTINUE of its kind (nothing at all in
+  FULL_DUPLEX_STREAMED, where the body was already handed back), no state change, no
+  parsing, a debug log line only;
+- bodies are reassembled from chunks before parsing;
+- bookkeeping (in-flight count, request counter, access log) is finalised exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+
+import structlog
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+
+from gateway_extproc import telemetry
+from gateway_extproc.extproc import responses
+from gateway_extproc.models.registry import ModelState
+from gateway_extproc.openai import errors
+from gateway_extproc.openai.errors import GatewayError
+from gateway_extproc.openai.models_list import models_list_body
+from gateway_extproc.openai.requests import MODELS_PATH, parse_body, strip_query
+from gateway_extproc.routing.base import RoutingRequest
+from gateway_extproc.routing.router import Router, RoutingDecision
+
+log = structlog.get_logger("gateway_extproc.session")
+
+Mode = processing_mode_pb2.ProcessingMode
+NONE = Mode.NONE
+STREAMED = Mode.STREAMED
+BUFFERED = Mode.BUFFERED
+BUFFERED_PARTIAL = Mode.BUFFERED_PARTIAL
+FULL_DUPLEX = Mode.FULL_DUPLEX_STREAMED
+
+MODE_NAMES = {NONE: "NONE", STREAMED: "STREAMED", BUFFERED: "BUFFERED",
+              BUFFERED_PARTIAL: "BUFFERED_PARTIAL", FULL_DUPLEX: "FULL_DUPLEX_STREAMED"}
+
+# In body modes where the processor never sees the whole body before the request leaves
+# (NONE, STREAMED), the model must come from a header; this is the name the Gateway API
+# Inference Extension's body-based routing uses.
+MODEL_HEADER = "x-gateway-model-name"
+
+
+class Phase(Enum):
+    HEADERS = "headers"
+    BODY = "body"  # collecting the body before a decision (request) or accounting
+    PASSTHROUGH = "passthrough"  # decided; further chunks only pass through
+    DONE = "done"
+
+
+class Outcome(str, Enum):
+    FINISHED = "finished"
+    REJECTED = "rejected"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    max_body_bytes: int = 8 * 1024 * 1024
+    target_pod_header: str = "target-pod"
+    # Used when Envoy does not send protocol_config (older Envoy): the shipped config.
+    default_request_body_mode: int = BUFFERED
+    default_response_body_mode: int = STREAMED
+
+
+class Session:
+    __slots__ = (
+        "_body", "_body_size", "_cfg", "_decision", "_model", "_request_id",
+        "_request_id_generated", "_router", "_started", "_status", "_strategy_name",
+        "_subset", "_first_byte_at", "_routed_at", "_headers", "_path", "_method",
+        "outcome", "req_mode", "req_phase", "resp_mode", "resp_phase", "_configured",
+        "_error_code",
+    )
+
+    def __init__(self, router: Router, config: SessionConfig) -> None:
+        self._router = router
+        self._cfg = config
+        self._configured = False
+        self.req_mode: int = config.default_request_body_mode
+        self.resp_mode: int = config.default_response_body_mode
+        self.req_phase = Phase.HEADERS
+        self.resp_phase = Phase.HEADERS
+        self.outcome: Outcome | None = None
+        self._started = time.monotonic()
+        self._routed_at = 0.0
+        self._first_byte_at = 0.0
+        self._headers: dict[str, str] = {}
+        self._path = ""
+        self._method = ""
+        self._request_id = ""
+        self._request_id_generated = False
+        self._strategy_name = ""
+        self._subset: frozenset[str] | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._model = ""
+        self._decision: RoutingDecision | None = None
+        self._status = 0
+        self._error_code = ""
+
+    # -- entry points -------------------------------------------------------------------
+
+    def handle(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:
+        """The responses to send for one frame, in order (possibly none)."""
+        if not self._configured:
+            self._configure(frame)
+        kind = frame.WhichOneof("request")
+        if kind is None:
+            log.debug("frame_without_phase", request_id=self._request_id)
+            return []
+        if self.outcome is not None:
+            return self._noop(kind, "session ended")
+        if kind == "request_headers":
+            return self._on_request_headers(frame)
+        if kind == "request_body":
+            return self._on_request_body(frame.request_body)
+        if kind == "request_trailers":
+            return self._on_request_trailers()
+        if kind == "response_headers":
+            return self._on_response_headers(frame.response_headers)
+        if kind == "response_body":
+            return self._on_response_body(frame.response_body)
+        return self._on_response_trailers()
+
+    def close(self, outcome: Outcome = Outcome.ABORTED) -> None:
+        """The stream ended (Envoy closed it, cancelled it, or it broke)."""
+        if self.outcome is None:
+            self._finish(outcome)
+
+    # -- request path -------------------------------------------------------------------
+
+    def _on_request_headers(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:
+        if self.req_phase is not Phase.HEADERS:
+            return self._noop("request_headers", "duplicate request headers")
+        message = frame.request_headers
+        self._headers = _header_dict(message)
+        self._path = strip_query(self._headers.get(":path", ""))
+        self._method = self._headers.get(":method", "")
+        self._request_id = self._headers.get("x-request-id", "")
+        if not self._request_id:
+            self._request_id = uuid.uuid4().hex
+            self._request_id_generated = True
+        self._strategy_name = self._headers.get("routing-strategy", "")
+        self._subset = _subset_hint(frame)
+        self.req_phase = Phase.DONE if message.end_of_stream else Phase.BODY
+        try:
+            if self._method == "GET" and self._path == MODELS_PATH:
+                return [self._answer_models()]
+            length = self._headers.get("content-length", "")
+            if length.isdigit() and int(length) > self._cfg.max_body_bytes:
+                raise errors.request_too_large(self._cfg.max_body_bytes)
+            if message.end_of_stream or self.req_mode in (NONE, STREAMED):
+                # No body will be seen before the request leaves: decide now.
+                self._route(self._model_from_header(message.end_of_stream), prompt="")
+                if self.req_phase is Phase.BODY:
+                    self.req_phase = Phase.PASSTHROUGH
+                return [self._routed_headers_response()]
+        except GatewayError as error:
+            return [self._reject(error)]
+        if self.req_mode == FULL_DUPLEX:
+            return []  # answered together with the body, once it is complete
+        return [responses.CONTINUE_REQUEST_HEADERS]
+
+    def _on_request_body(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
+        if self.req_phase in (Phase.DONE, Phase.HEADERS):
+            return self._noop("request_body", "request body after end of stream")
+        if self.req_phase is Phase.PASSTHROUGH:
+            if body.end_of_stream:
+                self.req_phase = Phase.DONE
+            return self._pass_request_chunk(body)
+        self._body.append(body.body)
+        self._body_size += len(body.body)
+        if self._body_size > self._cfg.max_body_bytes:
+            return [self._reject(errors.request_too_large(self._cfg.max_body_bytes))]
+        if self.req_mode == FULL_DUPLEX and not body.end_of_stream:
+            return []
+        # BUFFERED delivers the whole body in one frame (end_of_stream is false only when
+        # trailers follow); BUFFERED_PARTIAL may deliver a prefix when Envoy's buffer is
+        # full; FULL_DUPLEX has now seen the last chunk.
+        return self._decide_on_body(
+            complete=body.end_of_stream or self.req_mode == BUFFERED,
+            body_end=body.end_of_stream,
+        )
+
+    def _on_request_trailers(self) -> list[ext.ProcessingResponse]:
+        if self.req_phase is Phase.DONE:
+            return self._noop("request_trailers", "request trailers after end of stream")
+        if self.req_phase is Phase.BODY:
+            out = self._decide_on_body(complete=True, body_end=False)
+            if self.outcome is Outcome.REJECTED:
+                return out
+        else:
+            out = []
+        self.req_phase = Phase.DONE
+        return [*out, responses.CONTINUE_REQUEST_TRAILERS]
+
+    def _decide_on_body(self, *, complete: bool, body_end: bool) -> list[ext.ProcessingResponse]:
+        """Parse the collected body, route, and answer; `body_end` is the body's own
+        EndOfStream (false when trailers follow or Envoy sent only a prefix)."""
+        body = b"".join(self._body)
+        self._body = []
+        try:
+            try:
+                parsed = parse_body(self._path, body, self._cfg.max_body_bytes)
+            except GatewayError as error:
+                if not complete and error.code == "invalid_request_body":
+                    # A prefix of a larger body: Envoy's buffer filled before the end.
+                    raise errors.request_too_large(self._cfg.max_body_bytes) from None
+                raise
+            self._route(parsed.model, parsed.prompt)
+        except GatewayError as error:
+            return [self._reject(error)]
+        self.req_phase = Phase.DONE if body_end else Phase.PASSTHROUGH
+        if self.req_mode == FULL_DUPLEX:
+            return [
+                self._routed_headers_response(),
+                *responses.streamed_bodies(body, body_end, response=False),
+            ]
+        return [
+            responses.routed_request_body(self._route_headers(), self._decision_destination())
+        ]
+
+    def _pass_request_chunk(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
+        if self.req_mode == FULL_DUPLEX:
+            return responses.streamed_bodies(body.body, body.end_of_stream, response=False)
+        return [responses.CONTINUE_REQUEST_BODY]
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _model_from_header(self, header_only: bool) -> str:
+        model = self._headers.get(MODEL_HEADER, "").strip()
+        if model:
+            return model
+        if header_only:
+            raise errors.model_required(
+                "the request has no body; send a JSON body naming `model` "
+                f"(or the {MODEL_HEADER} header)"
+            )
+        raise errors.model_required(
+            f"request body mode {MODE_NAMES.get(self.req_mode, self.req_mode)} routes before "
+            f"the body is read; send the {MODEL_HEADER} header"
+        )
+
+    def _route(self, model: str, prompt: str) -> None:
+        self._model = model
+        strategy = self._router.strategy(self._strategy_name)
+        request = RoutingRequest(
+            model=model,
+            request_id=self._request_id,
+            prompt=prompt,
+            session_id=self._headers.get("x-session-id", ""),
+            user=self._headers.get("user", ""),
+        )
+        self._decision = self._router.route(request, strategy, self._subset)
+        self._routed_at = time.monotonic()
+
+    def _decision_destination(self) -> str:
+        assert self._decision is not None
+        return self._decision.destination
+
+    def _route_headers(self) -> list[tuple[str, str]]:
+        assert self._decision is not None
+        destination = self._decision.destination
+        headers = [
+            (responses.DESTINATION_HEADER, destination),
+            (self._cfg.target_pod_header, self._decision.pod.address),
+        ]
+        if self._request_id_generated:
+            headers.append(("x-request-id", self._request_id))
+        return headers
+
+    def _routed_headers_response(self) -> ext.ProcessingResponse:
+        return responses.routed_request_headers(
+            self._route_headers(), self._decision_destination()
+        )
+
+    def _answer_models(self) -> ext.ProcessingResponse:
+        self._model = ""
+        self._status = 200
+        out = responses.json_answer(
+            200, models_list_body(self._router.registry, ModelState.READY), self._request_id
+        )
+        self._finish(Outcome.REJECTED)  # answered by the processor itself
+        return out
+
+    def _reject(self, error: GatewayError) -> ext.ProcessingResponse:
+        self._status = error.status
+        self._error_code = error.code
+        out = responses.rejection(error, self._request_id or uuid.uuid4().hex)
+        log.info(
+            "request_rejected",
+            request_id=self._request_id,
+            model=self._model,
+            status=error.status,
+            code=error.code,
+            reason=error.message,
+        )
+        self._finish(Outcome.REJECTED)
+        return out
+
+    # -- response path ------------------------------------------------------------------
+
+    def _on_response_headers(self, message: ext.HttpHeaders) -> list[ext.ProcessingResponse]:
+        if self.resp_phase is not Phase.HEADERS:
+            return self._noop("response_headers", "duplicate response headers")
+        status = _header_dict(message).get(":status", "0")
+        self._status = int(status) if status.isdigit() else 0
+        if message.end_of_stream:
+            self.resp_phase = Phase.DONE
+            self._finish(Outcome.FINISHED)
+        else:
+            self.resp_phase = Phase.BODY
+        return [responses.CONTINUE_RESPONSE_HEADERS]
+
+    def _on_response_body(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
+        if self.resp_phase is not Phase.BODY:
+            return self._noop("response_body", "response body after end of stream")
+        if not self._first_byte_at and body.body:
+            self._first_byte_at = time.monotonic()
+        if self.resp_mode == FULL_DUPLEX:
+            out = responses.streamed_bodies(body.body, body.end_of_stream, response=True)
+        else:
+            out = [responses.CONTINUE_RESPONSE_BODY]
+        if body.end_of_stream:
+            self.resp_phase = Phase.DONE
+            self._finish(Outcome.FINISHED)
+        return out
+
+    def _on_response_trailers(self) -> list[ext.ProcessingResponse]:
+        if self.resp_phase is Phase.DONE:
+            return self._noop("response_trailers", "response trailers after end of stream")
+        self.resp_phase = Phase.DONE
+        self._finish(Outcome.FINISHED)
+        return [responses.CONTINUE_RESPONSE_TRAILERS]
+
+    # -- shared -------------------------------------------------------------------------
+
+    def _configure(self, frame: ext.ProcessingRequest) -> None:
+        self._configured = True
+        if frame.HasField("protocol_config"):
+            config = frame.protocol_config
+            self.req_mode = config.request_body_mode
+            self.resp_mode = config.response_body_mode
+
+    def _noop(self, kind: str, why: str) -> list[ext.ProcessingResponse]:
+        log.debug("frame_ignored", kind=kind, why=why, request_id=self._request_id)
+        is_request = kind.startswith("request")
+        mode = self.req_mode if is_request else self.resp_mode
+        if mode == FULL_DUPLEX and kind.endswith("_body"):
+            return []
+        return [responses.CONTINUE_BY_FRAME[kind]]
+
+    def _finish(self, outcome: Outcome) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        if self._decision is not None:
+            self._router.release(self._decision)
+        known = self._router.registry.lookup(self._model).state is not ModelState.ABSENT
+        model_label = self._model if known else telemetry.UNKNOWN_MODEL_LABEL
+        code = self._error_code or ("stream_aborted" if outcome is Outcome.ABORTED else "")
+        telemetry.REQUESTS.labels(model_label, str(self._status), code).inc()
+        if outcome is Outcome.REJECTED:
+            return  # logged once in _reject (or an answer of the processor's own)
+        now = time.monotonic()
+        log.info(
+            "request_finished" if outcome is Outcome.FINISHED else "request_aborted",
+            request_id=self._request_id,
+            model=self._model,
+            pod=self._decision.pod.key if self._decision else "",
+            strategy=self._decision.strategy if self._decision else "",
+            status=self._status,
+            duration_ms=round((now - self._started) * 1000, 3),
+            routing_ms=round((self._routed_at - self._started) * 1000, 3)
+            if self._routed_at
+            else None,
+            first_byte_ms=round((self._first_byte_at - self._started) * 1000, 3)
+            if self._first_byte_at
+            else None,
+        )
+
+
+def _header_dict(message: ext.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for header in message.headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        out[header.key.lower()] = value
+    return out
+
+
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+
+
+def _subset_hint(frame: ext.ProcessingRequest) -> frozenset[str] | None:
+    """The endpoint subset Envoy asks us to pick inside, if it sent one."""
+    namespaces = frame.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[SUBSET_NAMESPACE].fields
+    if SUBSET_KEY not in fields:
+        return None
+    value = fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        items = [v.string_value for v in value.list_value.values]
+    elif kind == "string_value":
+        items = value.string_value.split(",")
+    else:
+        items = []
+    return frozenset(item.strip() for item in items if item.strip())

@@ -1,0 +1,174 @@
+"""`gateway-extproc serve`: wires the registry, its source, the router and the gRPC and
+admin servers together, and runs them until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gateway_extproc import telemetry
+from gateway_extproc.admin import build_admin_app
+from gateway_extproc.config import Settings
+from gateway_extproc.extproc.service import ExternalProcessor
+from gateway_extproc.extproc.session import SessionConfig
+from gateway_extproc.models.registry import ModelRegistry, ModelState
+from gateway_extproc.models.static import StaticModelSource
+from gateway_extproc.routing.catalog import StrategyCatalog
+from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.router import Router
+
+log = structlog.get_logger("gateway_extproc.server")
+
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+GRPC_HEADROOM = 1024 * 1024  # headers and framing on top of the largest body
+
+
+@dataclass
+class Gateway:
+    """Everything one running processor owns."""
+
+    settings: Settings
+    registry: ModelRegistry
+    inflight: InFlightCounter
+    router: Router
+    processor: ExternalProcessor
+    source: StaticModelSource
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    admin: web.AppRunner
+    grpc_port: int = 0
+    admin_port: int = 0
+
+    def ready(self) -> bool:
+        return self.registry.synced
+
+
+def _track_model_states(registry: ModelRegistry) -> None:
+    def on_change(_: str, old: ModelState, new: ModelState) -> None:
+        if old is not ModelState.ABSENT:
+            telemetry.MODELS_BY_STATE.labels(old.value).dec()
+        if new is not ModelState.ABSENT:
+            telemetry.MODELS_BY_STATE.labels(new.value).inc()
+
+    registry.on_model_change(on_change)
+
+
+async def start_gateway(settings: Settings) -> Gateway:
+    registry = ModelRegistry()
+    _track_model_states(registry)
+    inflight = InFlightCounter()
+    registry.on_pod_removed(inflight.forget)
+    router = Router(
+        registry,
+        StrategyCatalog(),
+        settings.default_strategy,
+        inflight,
+        fallback_endpoints=settings.fallback_endpoints,
+        retry_after=settings.retry_after_seconds,
+    )
+    processor = ExternalProcessor(
+        router,
+        SessionConfig(
+            max_body_bytes=settings.max_body_bytes,
+            target_pod_header=settings.target_pod_header,
+        ),
+    )
+    if not settings.models_file:
+        log.warning("no_models_file", hint="pass --models-file; every model is unknown (404)")
+    source = StaticModelSource(
+        registry, settings.models_file, interval=settings.models_reload_interval
+    )
+    await source.start()
+    if not settings.models_file:
+        registry.replace_all([])
+
+    max_message = settings.max_body_bytes + GRPC_HEADROOM
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+        ]
+    )
+    ext_grpc.add_ExternalProcessorServicer_to_server(processor, grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    grpc_port = grpc_server.add_insecure_port(f"{settings.listen_host}:{settings.grpc_port}")
+    if grpc_port == 0:
+        raise OSError(f"cannot listen on {settings.listen_host}:{settings.grpc_port}")
+    await grpc_server.start()
+
+    gateway_ref: list[Gateway] = []
+    admin_app = build_admin_app(registry, inflight, lambda: gateway_ref[0].ready())
+    admin = web.AppRunner(admin_app, access_log=None)
+    await admin.setup()
+    site = web.TCPSite(admin, settings.listen_host, settings.admin_port)
+    await site.start()
+    admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    gateway = Gateway(
+        settings=settings, registry=registry, inflight=inflight, router=router,
+        processor=processor, source=source, grpc_server=grpc_server, health=health_servicer,
+        admin=admin, grpc_port=grpc_port, admin_port=admin_port,
+    )
+    gateway_ref.append(gateway)
+    await _set_serving(gateway)
+    log.info("gateway_started", grpc_port=grpc_port, admin_port=admin_port,
+             discovery=settings.discovery, default_strategy=settings.default_strategy)
+    return gateway
+
+
+async def _set_serving(gateway: Gateway) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if gateway.ready()
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for service in ("", EXTPROC_SERVICE):
+        await gateway.health.set(service, status)
+
+
+async def stop_gateway(gateway: Gateway) -> None:
+    """Stop taking new streams, let in-flight ones finish within the grace period."""
+    for service in ("", EXTPROC_SERVICE):
+        await gateway.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await gateway.grpc_server.stop(gateway.settings.grace_period)
+    await gateway.source.stop()
+    await gateway.admin.cleanup()
+
+
+async def serve(settings: Settings) -> None:
+    gateway = await start_gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        await _set_serving(gateway)
+    log.info("gateway_stopping", open_streams=gateway.processor.open_streams)
+    await stop_gateway(gateway)
+
+
+def run(settings: Settings) -> int:
+    telemetry.configure_logging(settings.log_level, settings.log_format)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is optional (not on Windows)
+        runner = asyncio.run
+    try:
+        runner(serve(settings))
+    except OSError as exc:
+        log.error("gateway_failed_to_start", problem=str(exc))
+        return 1
+    return 0
