@@ -54,7 +54,9 @@ def parse_models_file(text: str) -> list[Pod]:
         name = model.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ModelFileError(f"{where}.name must be a non-empty string")
-        model_pods = model.get("pods") or []
+        model_pods = model.get("pods")
+        if model_pods is None:
+            model_pods = []
         if not isinstance(model_pods, list):
             raise ModelFileError(f"{where}.pods must be a list")
         for p_index, raw in enumerate(model_pods):

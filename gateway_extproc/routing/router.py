@@ -95,7 +95,8 @@ class Router:
             still = tuple(p for p in candidates if self.registry.is_routable(p, request.model))
             if not still:
                 raise errors.no_ready_pods(request.model, self._retry_after)
-            live = strategy.rank(still, request, 1 + self._fallbacks)
+            reranked = strategy.rank(still, request, 1 + self._fallbacks)
+            live = [p for p in reranked if p in still] or list(still[: 1 + self._fallbacks])
         decision = RoutingDecision(request.model, tuple(live), strategy.name)
         self.inflight.acquire(request.model, decision.pod)
         telemetry.ROUTING_DECISION.observe(time.perf_counter() - started)

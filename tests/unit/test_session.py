@@ -1,0 +1,390 @@
+"""The per-stream state machine fed frame sequences directly, in every body mode."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
+from gateway_extproc.models.registry import ModelRegistry, Pod
+from gateway_extproc.routing.catalog import StrategyCatalog
+from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.router import Router
+from tests import frames
+from tests.frames import Mode
+
+CHAT = orjson.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+LLAMA_PODS = {"10.0.0.1:8000", "10.0.0.2:8000"}
+
+
+@pytest.fixture
+def registry() -> ModelRegistry:
+    registry = ModelRegistry()
+    registry.replace_all(
+        [
+            Pod("llama-0", "10.0.0.1:8000", ("llama",)),
+            Pod("llama-1", "10.0.0.2:8000", ("llama",)),
+            Pod("old-0", "10.0.0.3:8000", ("old",), terminating=True),
+            Pod("cold-0", "10.0.0.4:8000", ("cold",), ready=False),
+        ]
+    )
+    return registry
+
+
+@pytest.fixture
+def router(registry: ModelRegistry) -> Router:
+    return Router(registry, StrategyCatalog(), "random", InFlightCounter(), retry_after=7)
+
+
+def new_session(router: Router, **config: int) -> Session:
+    return Session(router, SessionConfig(**config))
+
+
+def requests_total(model: str, status: str, code: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "gateway_requests_total", {"model": model, "status": status, "code": code}
+    )
+    return value or 0.0
+
+
+def only(responses: list) -> object:
+    assert len(responses) == 1, responses
+    return responses[0]
+
+
+def error_of(response) -> tuple[int, dict]:
+    assert response.WhichOneof("response") == "immediate_response"
+    immediate = response.immediate_response
+    return immediate.status.code, orjson.loads(immediate.body)["error"]
+
+
+def start_buffered(session: Session, body: bytes = CHAT, **headers: str):
+    assert only(session.handle(frames.request_headers(headers=headers))).HasField(
+        "request_headers"
+    )
+    return only(session.handle(frames.request_body(body)))
+
+
+# -- BUFFERED request body, STREAMED response body (the shipped Envoy config) -----------
+
+
+def test_buffered_request_is_routed_with_headers_metadata_and_route_cache_cleared(router):
+    session = new_session(router)
+    routed = start_buffered(session)
+    assert routed.WhichOneof("response") == "request_body"
+    common = routed.request_body.response
+    assert common.clear_route_cache
+    headers = frames.set_headers(routed)
+    assert headers["x-gateway-destination-endpoint"] in LLAMA_PODS
+    assert headers["target-pod"] == headers["x-gateway-destination-endpoint"]
+    assert len(headers["x-request-id"]) == 32  # generated because the client sent none
+    metadata = routed.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+    assert metadata["x-gateway-destination-endpoint"].string_value == headers["target-pod"]
+    assert router.inflight.total() == 1
+
+
+def test_client_request_id_is_kept_not_replaced(router):
+    routed = start_buffered(new_session(router), **{"x-request-id": "abc-123"})
+    assert "x-request-id" not in frames.set_headers(routed)
+
+
+def test_response_end_of_stream_finishes_once_and_releases_in_flight(router):
+    session = new_session(router)
+    start_buffered(session)
+    before = requests_total("llama", "200", "")
+    assert only(session.handle(frames.response_headers(200))).HasField("response_headers")
+    assert only(session.handle(frames.response_body(b'data: {"a":1}\n\n'))).HasField(
+        "response_body"
+    )
+    assert router.inflight.total() == 1
+    only(session.handle(frames.response_body(b"data: [DONE]\n\n", end_of_stream=True)))
+    assert session.outcome is Outcome.FINISHED
+    assert router.inflight.total() == 0
+    assert requests_total("llama", "200", "") == before + 1
+
+
+def test_duplicate_end_of_stream_and_body_after_it_are_acknowledged_and_ignored(router):
+    session = new_session(router)
+    start_buffered(session)
+    session.handle(frames.response_headers(200))
+    session.handle(frames.response_body(b"{}", end_of_stream=True))
+    counted = requests_total("llama", "200", "")
+    # The AIBrix defect: a second ResponseBody after EndOfStream parsed as empty JSON.
+    for frame in (
+        frames.response_body(b"", end_of_stream=True),
+        frames.response_body(b"not json at all"),
+        frames.response_headers(500),
+        frames.response_trailers(),
+    ):
+        response = only(session.handle(frame))
+        kind = response.WhichOneof("response")
+        assert kind == frame.WhichOneof("request")
+        assert getattr(response, kind).ByteSize() == 0  # empty CONTINUE
+    assert session.outcome is Outcome.FINISHED
+    assert requests_total("llama", "200", "") == counted
+    assert router.inflight.total() == 0
+
+
+def test_request_body_after_request_end_of_stream_is_not_parsed(router):
+    session = new_session(router)
+    start_buffered(session)
+    response = only(session.handle(frames.request_body(b"{broken", end_of_stream=True)))
+    assert response.WhichOneof("response") == "request_body"
+    assert response.request_body.ByteSize() == 0
+    assert session.outcome is None
+
+
+def test_buffered_body_with_trailers_following_routes_then_acknowledges_trailers(router):
+    session = new_session(router)
+    session.handle(frames.request_headers())
+    routed = only(session.handle(frames.request_body(CHAT, end_of_stream=False)))
+    assert frames.set_headers(routed)["target-pod"] in LLAMA_PODS
+    assert only(session.handle(frames.request_trailers())).HasField("request_trailers")
+    assert only(session.handle(frames.request_trailers())).request_trailers.ByteSize() == 0
+
+
+def test_response_trailers_finish_the_session(router):
+    session = new_session(router)
+    start_buffered(session)
+    session.handle(frames.response_headers(200))
+    session.handle(frames.response_body(b"{}"))
+    only(session.handle(frames.response_trailers()))
+    assert session.outcome is Outcome.FINISHED
+    assert router.inflight.total() == 0
+
+
+def test_header_only_response_finishes_the_session(router):
+    session = new_session(router)
+    start_buffered(session)
+    session.handle(frames.response_headers(204, end_of_stream=True))
+    assert session.outcome is Outcome.FINISHED
+
+
+# -- cancelled and broken streams --------------------------------------------------------
+
+
+def test_cancelled_stream_releases_in_flight_exactly_once(router):
+    session = new_session(router)
+    start_buffered(session)
+    session.handle(frames.response_headers(200))
+    before = requests_total("llama", "200", "stream_aborted")
+    session.close()
+    session.close()
+    assert session.outcome is Outcome.ABORTED
+    assert router.inflight.total() == 0
+    assert requests_total("llama", "200", "stream_aborted") == before + 1
+
+
+def test_frames_after_close_are_no_ops(router):
+    session = new_session(router)
+    start_buffered(session)
+    session.close()
+    response = only(session.handle(frames.response_headers(200)))
+    assert response.response_headers.ByteSize() == 0
+    assert router.inflight.total() == 0
+
+
+# -- rejections ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"", 400, "invalid_request_body"),
+        (b"{not json", 400, "invalid_request_body"),
+        (b"[1, 2]", 400, "invalid_request_body"),
+        (b'{"messages": []}', 400, "model_required"),
+        (b'{"model": 7}', 400, "model_required"),
+        (b'{"model": "nope"}', 404, "model_not_found"),
+        (b'{"model": "old"}', 503, "model_terminating"),
+        (b'{"model": "cold"}', 503, "no_ready_pods"),
+    ],
+)
+def test_rejections_are_openai_errors(router, body, status, code):
+    session = new_session(router)
+    got_status, error = error_of(start_buffered(session, body))
+    assert (got_status, error["code"]) == (status, code)
+    assert set(error) == {"message", "type", "param", "code"}
+    assert session.outcome is Outcome.REJECTED
+    assert router.inflight.total() == 0
+    # Envoy has answered the client; anything more it sends changes nothing.
+    assert only(session.handle(frames.response_headers(200))).response_headers.ByteSize() == 0
+
+
+def test_503_answers_carry_retry_after_and_json_content_type(router):
+    response = start_buffered(new_session(router), b'{"model": "old"}')
+    headers = frames.set_headers(response)
+    assert headers["retry-after"] == "7"
+    assert headers["content-type"] == "application/json"
+
+
+def test_unknown_routing_strategy_is_400(router):
+    response = start_buffered(new_session(router), **{"routing-strategy": "fastest-ever"})
+    status, error = error_of(response)
+    assert (status, error["code"]) == (400, "invalid_routing_strategy")
+    assert "fastest-ever" in error["message"]
+
+
+def test_declared_content_length_over_the_limit_is_413_at_headers(router):
+    session = new_session(router, max_body_bytes=100)
+    response = only(session.handle(frames.request_headers(headers={"content-length": "101"})))
+    assert error_of(response)[0] == 413
+
+
+def test_header_only_post_without_model_is_400_model_required(router):
+    response = only(new_session(router).handle(frames.request_headers(end_of_stream=True)))
+    status, error = error_of(response)
+    assert (status, error["code"]) == (400, "model_required")
+
+
+def test_unknown_model_is_counted_under_a_bounded_label(router):
+    before = requests_total("", "404", "model_not_found")
+    start_buffered(new_session(router), b'{"model": "random-name-123"}')
+    assert requests_total("", "404", "model_not_found") == before + 1
+
+
+# -- GET /v1/models ------------------------------------------------------------------------
+
+
+def test_models_list_is_answered_by_the_processor_with_ready_models_only(router):
+    response = only(
+        new_session(router).handle(frames.request_headers("/v1/models", "GET", end_of_stream=True))
+    )
+    assert response.immediate_response.status.code == 200
+    listed = orjson.loads(response.immediate_response.body)
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == ["llama"]
+
+
+# -- FULL_DUPLEX_STREAMED ------------------------------------------------------------------
+
+
+def full_duplex() -> frames.ext.ProtocolConfiguration:
+    return frames.protocol(Mode.FULL_DUPLEX_STREAMED, Mode.FULL_DUPLEX_STREAMED)
+
+
+def test_full_duplex_collects_chunks_then_answers_headers_and_streams_body_back(router):
+    session = new_session(router)
+    assert session.handle(frames.request_headers(config=full_duplex())) == []
+    assert session.handle(frames.request_body(CHAT[:10], end_of_stream=False)) == []
+    out = session.handle(frames.request_body(CHAT[10:], end_of_stream=True))
+    assert out[0].WhichOneof("response") == "request_headers"
+    assert out[0].request_headers.response.clear_route_cache
+    assert frames.set_headers(out[0])["target-pod"] in LLAMA_PODS
+    bodies = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert b"".join(b.body for b in bodies) == CHAT
+    assert [b.end_of_stream for b in bodies] == [False] * (len(bodies) - 1) + [True]
+    # A duplicate final chunk (Envoy 1.35+ can send one) gets nothing back.
+    assert session.handle(frames.request_body(b"", end_of_stream=True)) == []
+
+
+def test_full_duplex_large_body_goes_back_in_chunks_under_64_kib(router):
+    prompt = "x" * 200_000
+    body = orjson.dumps({"model": "llama", "prompt": prompt})
+    session = new_session(router)
+    session.handle(frames.request_headers("/v1/completions", config=full_duplex()))
+    out = session.handle(frames.request_body(body, end_of_stream=True))
+    chunks = [r.request_body.response.body_mutation.streamed_response.body for r in out[1:]]
+    assert len(chunks) > 1
+    assert all(len(c) < 64 * 1024 for c in chunks)
+    assert b"".join(chunks) == body
+
+
+def test_full_duplex_response_chunks_are_passed_on_and_after_eos_ignored(router):
+    session = new_session(router)
+    session.handle(frames.request_headers(config=full_duplex()))
+    session.handle(frames.request_body(CHAT, end_of_stream=True))
+    assert only(session.handle(frames.response_headers(200))).HasField("response_headers")
+    out = only(session.handle(frames.response_body(b"data: 1\n\n")))
+    streamed = out.response_body.response.body_mutation.streamed_response
+    assert (streamed.body, streamed.end_of_stream) == (b"data: 1\n\n", False)
+    out = only(session.handle(frames.response_body(b"data: [DONE]\n\n", end_of_stream=True)))
+    assert out.response_body.response.body_mutation.streamed_response.end_of_stream
+    assert session.outcome is Outcome.FINISHED
+    assert session.handle(frames.response_body(b"", end_of_stream=True)) == []
+
+
+def test_full_duplex_rejection_is_immediate_after_the_body(router):
+    session = new_session(router)
+    session.handle(frames.request_headers(config=full_duplex()))
+    status, error = error_of(only(session.handle(frames.request_body(b'{"model":"nope"}'))))
+    assert (status, error["code"]) == (404, "model_not_found")
+
+
+def test_full_duplex_body_over_the_limit_is_413_without_waiting_for_the_end(router):
+    session = new_session(router, max_body_bytes=64)
+    session.handle(frames.request_headers(config=full_duplex()))
+    response = only(session.handle(frames.request_body(b"x" * 65, end_of_stream=False)))
+    assert error_of(response)[0] == 413
+
+
+# -- BUFFERED_PARTIAL, STREAMED and NONE request bodies -----------------------------------
+
+
+def test_buffered_partial_prefix_that_cannot_be_parsed_is_413(router):
+    session = new_session(router)
+    session.handle(
+        frames.request_headers(config=frames.protocol(Mode.BUFFERED_PARTIAL, Mode.STREAMED))
+    )
+    response = only(session.handle(frames.request_body(CHAT[:20], end_of_stream=False)))
+    assert error_of(response)[0] == 413
+
+
+def test_buffered_partial_complete_body_routes_and_later_chunks_pass(router):
+    session = new_session(router)
+    session.handle(
+        frames.request_headers(config=frames.protocol(Mode.BUFFERED_PARTIAL, Mode.STREAMED))
+    )
+    routed = only(session.handle(frames.request_body(CHAT, end_of_stream=True)))
+    assert frames.set_headers(routed)["target-pod"] in LLAMA_PODS
+
+
+@pytest.mark.parametrize("mode", [Mode.STREAMED, Mode.NONE])
+def test_modes_without_a_body_before_routing_use_the_model_header(router, mode):
+    config = frames.protocol(mode, Mode.STREAMED)
+    session = new_session(router)
+    routed = only(
+        session.handle(frames.request_headers(config=config, headers={"x-gateway-model-name": "llama"}))
+    )
+    assert routed.WhichOneof("response") == "request_headers"
+    assert frames.set_headers(routed)["target-pod"] in LLAMA_PODS
+    # The body streams past untouched.
+    assert only(session.handle(frames.request_body(CHAT, end_of_stream=True))).request_body.ByteSize() == 0
+
+
+def test_streamed_mode_without_the_model_header_explains_what_to_send(router):
+    config = frames.protocol(Mode.STREAMED, Mode.STREAMED)
+    status, error = error_of(only(new_session(router).handle(frames.request_headers(config=config))))
+    assert (status, error["code"]) == (400, "model_required")
+    assert "x-gateway-model-name" in error["message"]
+
+
+def test_response_body_mode_buffered_gets_one_continue(router):
+    session = new_session(router)
+    session.handle(frames.request_headers(config=frames.protocol(Mode.BUFFERED, Mode.BUFFERED)))
+    session.handle(frames.request_body(CHAT))
+    session.handle(frames.response_headers(200))
+    only(session.handle(frames.response_body(b'{"usage": {}}', end_of_stream=True)))
+    assert session.outcome is Outcome.FINISHED
+
+
+# -- subset hint --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subset", [["10.0.0.2:8000"], "10.0.0.9:1, 10.0.0.2:8000"])
+def test_subset_hint_restricts_the_pick(router, subset):
+    for _ in range(10):
+        session = new_session(router)
+        session.handle(frames.request_headers(subset=subset))
+        routed = only(session.handle(frames.request_body(CHAT)))
+        assert frames.set_headers(routed)["target-pod"] == "10.0.0.2:8000"
+        session.close()
+
+
+@pytest.mark.parametrize("subset", [[], "10.9.9.9:1"])
+def test_empty_or_foreign_subset_is_503(router, subset):
+    session = new_session(router)
+    session.handle(frames.request_headers(subset=subset))
+    status, error = error_of(only(session.handle(frames.request_body(CHAT))))
+    assert (status, error["code"]) == (503, "no_ready_pods")
