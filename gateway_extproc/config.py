@@ -96,41 +96,67 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--grpc-port", type=port, default=d.grpc_port, help="ext_proc gRPC port")
     add_flag(parser, "--admin-port", type=port, default=d.admin_port, help="admin HTTP port")
     add_flag(
-        parser, "--discovery", default=d.discovery, choices=["static"],
+        parser,
+        "--discovery",
+        default=d.discovery,
+        choices=["static"],
         help="where the model dictionary comes from",
     )
     add_flag(parser, "--models-file", default=d.models_file, help="YAML model file (static)")
     add_flag(
-        parser, "--models-reload-interval", type=positive_float,
-        default=d.models_reload_interval, help="seconds between checks of the models file",
+        parser,
+        "--models-reload-interval",
+        type=positive_float,
+        default=d.models_reload_interval,
+        help="seconds between checks of the models file",
     )
     add_flag(parser, "--default-strategy", default=d.default_strategy, help="routing strategy")
     add_flag(
-        parser, "--log-level", default=d.log_level,
-        choices=["debug", "info", "warning", "error"], help="log level",
+        parser,
+        "--log-level",
+        default=d.log_level,
+        choices=["debug", "info", "warning", "error"],
+        help="log level",
     )
     add_flag(
-        parser, "--log-format", default=d.log_format, choices=["json", "console"],
+        parser,
+        "--log-format",
+        default=d.log_format,
+        choices=["json", "console"],
         help="log format",
     )
     add_flag(
-        parser, "--max-body-bytes", type=positive_int, default=d.max_body_bytes,
+        parser,
+        "--max-body-bytes",
+        type=positive_int,
+        default=d.max_body_bytes,
         help="largest request body accepted (keep equal to Envoy's buffer limit)",
     )
     add_flag(
-        parser, "--retry-after-seconds", type=positive_int, default=d.retry_after_seconds,
+        parser,
+        "--retry-after-seconds",
+        type=positive_int,
+        default=d.retry_after_seconds,
         help="Retry-After sent with 503 answers",
     )
     add_flag(
-        parser, "--fallback-endpoints", type=non_negative_int, default=d.fallback_endpoints,
+        parser,
+        "--fallback-endpoints",
+        type=non_negative_int,
+        default=d.fallback_endpoints,
         help="extra pods listed after the pick in the destination header",
     )
     add_flag(
-        parser, "--target-pod-header", default=d.target_pod_header,
+        parser,
+        "--target-pod-header",
+        default=d.target_pod_header,
         help="second request header carrying the pick (AIBrix convention)",
     )
     add_flag(
-        parser, "--grace-period", type=positive_float, default=d.grace_period,
+        parser,
+        "--grace-period",
+        type=positive_float,
+        default=d.grace_period,
         help="seconds in-flight streams get to finish on shutdown",
     )
 

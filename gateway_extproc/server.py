@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -114,14 +116,27 @@ async def start_gateway(settings: Settings) -> Gateway:
     admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     gateway = Gateway(
-        settings=settings, registry=registry, inflight=inflight, router=router,
-        processor=processor, source=source, grpc_server=grpc_server, health=health_servicer,
-        admin=admin, grpc_port=grpc_port, admin_port=admin_port,
+        settings=settings,
+        registry=registry,
+        inflight=inflight,
+        router=router,
+        processor=processor,
+        source=source,
+        grpc_server=grpc_server,
+        health=health_servicer,
+        admin=admin,
+        grpc_port=grpc_port,
+        admin_port=admin_port,
     )
     gateway_ref.append(gateway)
     await _set_serving(gateway)
-    log.info("gateway_started", grpc_port=grpc_port, admin_port=admin_port,
-             discovery=settings.discovery, default_strategy=settings.default_strategy)
+    log.info(
+        "gateway_started",
+        grpc_port=grpc_port,
+        admin_port=admin_port,
+        discovery=settings.discovery,
+        default_strategy=settings.default_strategy,
+    )
     return gateway
 
 
@@ -158,16 +173,19 @@ async def serve(settings: Settings) -> None:
     await stop_gateway(gateway)
 
 
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (not on Windows)
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def run(settings: Settings) -> int:
     telemetry.configure_logging(settings.log_level, settings.log_format)
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # uvloop is optional (not on Windows)
-        runner = asyncio.run
-    try:
-        runner(serve(settings))
+        _run_loop(serve(settings))
     except OSError as exc:
         log.error("gateway_failed_to_start", problem=str(exc))
         return 1

@@ -11,7 +11,9 @@ Mode = processing_mode_pb2.ProcessingMode
 
 
 def protocol(request_mode: int = Mode.BUFFERED, response_mode: int = Mode.STREAMED):
-    return ext.ProtocolConfiguration(request_body_mode=request_mode, response_body_mode=response_mode)
+    return ext.ProtocolConfiguration(
+        request_body_mode=request_mode, response_body_mode=response_mode
+    )
 
 
 def request_headers(
@@ -23,12 +25,19 @@ def request_headers(
     config: ext.ProtocolConfiguration | None = None,
     subset: list[str] | str | None = None,
 ) -> ext.ProcessingRequest:
-    values = {":path": path, ":method": method, ":authority": "localhost",
-              "content-type": "application/json", **(headers or {})}
+    values = {
+        ":path": path,
+        ":method": method,
+        ":authority": "localhost",
+        "content-type": "application/json",
+        **(headers or {}),
+    }
     frame = ext.ProcessingRequest(
         request_headers=ext.HttpHeaders(
             headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+                headers=[
+                    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()
+                ]
             ),
             end_of_stream=end_of_stream,
         ),

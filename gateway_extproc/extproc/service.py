@@ -28,7 +28,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         self._config = config
         self.open_streams = 0
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self,
         request_iterator: AsyncIterator[ext.ProcessingRequest],
         context: grpc.aio.ServicerContext,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 
 import structlog
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -43,8 +43,13 @@ BUFFERED = Mode.BUFFERED
 BUFFERED_PARTIAL = Mode.BUFFERED_PARTIAL
 FULL_DUPLEX = Mode.FULL_DUPLEX_STREAMED
 
-MODE_NAMES = {NONE: "NONE", STREAMED: "STREAMED", BUFFERED: "BUFFERED",
-              BUFFERED_PARTIAL: "BUFFERED_PARTIAL", FULL_DUPLEX: "FULL_DUPLEX_STREAMED"}
+MODE_NAMES = {
+    NONE: "NONE",
+    STREAMED: "STREAMED",
+    BUFFERED: "BUFFERED",
+    BUFFERED_PARTIAL: "BUFFERED_PARTIAL",
+    FULL_DUPLEX: "FULL_DUPLEX_STREAMED",
+}
 
 # In body modes where the processor never sees the whole body before the request leaves
 # (NONE, STREAMED), the model must come from a header; this is the name the Gateway API
@@ -59,7 +64,7 @@ class Phase(Enum):
     DONE = "done"
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     FINISHED = "finished"
     REJECTED = "rejected"
     ABORTED = "aborted"
@@ -76,11 +81,30 @@ class SessionConfig:
 
 class Session:
     __slots__ = (
-        "_body", "_body_size", "_cfg", "_decision", "_model", "_request_id",
-        "_request_id_generated", "_router", "_started", "_status", "_strategy_name",
-        "_subset", "_first_byte_at", "_routed_at", "_headers", "_path", "_method",
-        "outcome", "req_mode", "req_phase", "resp_mode", "resp_phase", "_configured",
+        "_body",
+        "_body_size",
+        "_cfg",
+        "_configured",
+        "_decision",
         "_error_code",
+        "_first_byte_at",
+        "_headers",
+        "_method",
+        "_model",
+        "_path",
+        "_request_id",
+        "_request_id_generated",
+        "_routed_at",
+        "_router",
+        "_started",
+        "_status",
+        "_strategy_name",
+        "_subset",
+        "outcome",
+        "req_mode",
+        "req_phase",
+        "resp_mode",
+        "resp_phase",
     )
 
     def __init__(self, router: Router, config: SessionConfig) -> None:
@@ -227,9 +251,7 @@ class Session:
                 self._routed_headers_response(),
                 *responses.streamed_bodies(body, body_end, response=False),
             ]
-        return [
-            responses.routed_request_body(self._route_headers(), self._decision_destination())
-        ]
+        return [responses.routed_request_body(self._route_headers(), self._decision_destination())]
 
     def _pass_request_chunk(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
         if self.req_mode == FULL_DUPLEX:
@@ -281,9 +303,7 @@ class Session:
         return headers
 
     def _routed_headers_response(self) -> ext.ProcessingResponse:
-        return responses.routed_request_headers(
-            self._route_headers(), self._decision_destination()
-        )
+        return responses.routed_request_headers(self._route_headers(), self._decision_destination())
 
     def _answer_models(self) -> ext.ProcessingResponse:
         self._model = ""

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import structlog
 
 log = structlog.get_logger("gateway_extproc.models")
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     READY = "ready"  # at least one routable pod
     UNAVAILABLE = "unavailable"  # pods exist, none routable
     TERMINATING = "terminating"  # every pod is being deleted

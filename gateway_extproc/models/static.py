@@ -15,6 +15,7 @@ rejected with a log line naming the problem and the last good dictionary stays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 from pathlib import Path
@@ -93,8 +94,11 @@ def _add_pod(pods: dict[str, dict[str, Any]], raw: Any, model: str, where: str) 
     seen = pods.get(name)
     if seen is None:
         pods[name] = {
-            "name": name, "address": address, "state": state,
-            "metrics_address": metrics_address, "models": [model],
+            "name": name,
+            "address": address,
+            "state": state,
+            "metrics_address": metrics_address,
+            "models": [model],
         }
         return
     if (seen["address"], seen["state"]) != (address, state):
@@ -145,13 +149,21 @@ class StaticModelSource:
             problem = str(exc)
             if problem != self._problem:  # once per distinct problem, not once per poll
                 self._problem = problem
-                log.error("models_file_rejected", path=str(self._path), problem=problem,
-                          kept="the last good dictionary stays in force")
+                log.error(
+                    "models_file_rejected",
+                    path=str(self._path),
+                    problem=problem,
+                    kept="the last good dictionary stays in force",
+                )
             return False
         self._problem = ""
         self._registry.replace_all(pods)
-        log.info("models_file_loaded", path=str(self._path), pods=len(pods),
-                 models=len(self._registry.models()))
+        log.info(
+            "models_file_loaded",
+            path=str(self._path),
+            pods=len(pods),
+            models=len(self._registry.models()),
+        )
         return True
 
     async def start(self) -> None:
@@ -161,10 +173,8 @@ class StaticModelSource:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _watch(self) -> None:
         while True:

@@ -46,9 +46,7 @@ def parse_body(path: str, body: bytes, max_bytes: int) -> InferenceRequest:
     except orjson.JSONDecodeError as exc:
         raise errors.invalid_body(f"the request body is not valid JSON: {exc.msg}") from None
     if not isinstance(doc, dict):
-        raise errors.invalid_body(
-            f"the request body must be a JSON object, not {_json_type(doc)}"
-        )
+        raise errors.invalid_body(f"the request body must be a JSON object, not {_json_type(doc)}")
     model = doc.get("model")
     if model is None:
         raise errors.model_required()

@@ -30,5 +30,4 @@ class Strategy(Protocol):
 
     name: str
 
-    def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]:
-        ...
+    def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]: ...

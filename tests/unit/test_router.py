@@ -19,8 +19,9 @@ PODS = [Pod(f"p{i}", f"10.0.0.{i}:8000", ("m",)) for i in range(3)]
 def make_router(fallbacks: int = 0, default: str = "random") -> Router:
     registry = ModelRegistry()
     registry.replace_all(PODS)
-    return Router(registry, StrategyCatalog(), default, InFlightCounter(),
-                  fallback_endpoints=fallbacks)
+    return Router(
+        registry, StrategyCatalog(), default, InFlightCounter(), fallback_endpoints=fallbacks
+    )
 
 
 def test_round_robin_cycles_through_every_pod_in_turn():

@@ -60,9 +60,7 @@ def error_of(response) -> tuple[int, dict]:
 
 
 def start_buffered(session: Session, body: bytes = CHAT, **headers: str):
-    assert only(session.handle(frames.request_headers(headers=headers))).HasField(
-        "request_headers"
-    )
+    assert only(session.handle(frames.request_headers(headers=headers))).HasField("request_headers")
     return only(session.handle(frames.request_body(body)))
 
 
@@ -345,17 +343,24 @@ def test_modes_without_a_body_before_routing_use_the_model_header(router, mode):
     config = frames.protocol(mode, Mode.STREAMED)
     session = new_session(router)
     routed = only(
-        session.handle(frames.request_headers(config=config, headers={"x-gateway-model-name": "llama"}))
+        session.handle(
+            frames.request_headers(config=config, headers={"x-gateway-model-name": "llama"})
+        )
     )
     assert routed.WhichOneof("response") == "request_headers"
     assert frames.set_headers(routed)["target-pod"] in LLAMA_PODS
     # The body streams past untouched.
-    assert only(session.handle(frames.request_body(CHAT, end_of_stream=True))).request_body.ByteSize() == 0
+    assert (
+        only(session.handle(frames.request_body(CHAT, end_of_stream=True))).request_body.ByteSize()
+        == 0
+    )
 
 
 def test_streamed_mode_without_the_model_header_explains_what_to_send(router):
     config = frames.protocol(Mode.STREAMED, Mode.STREAMED)
-    status, error = error_of(only(new_session(router).handle(frames.request_headers(config=config))))
+    status, error = error_of(
+        only(new_session(router).handle(frames.request_headers(config=config)))
+    )
     assert (status, error["code"]) == (400, "model_required")
     assert "x-gateway-model-name" in error["message"]
 

@@ -58,12 +58,19 @@ def test_empty_file_is_an_empty_dictionary():
         ("models: [{name: m, pods: [{name: p, address: 'localhost:80'}]}]", "IP address"),
         ("models: [{name: m, pods: [{name: p, address: '10.0.0.1'}]}]", "not `ip:port`"),
         ("models: [{name: m, pods: [{name: p, address: '10.0.0.1:99999'}]}]", "not `ip:port`"),
-        ("models: [{name: m, pods: [{name: p, address: '10.0.0.1:80', state: dead}]}]",
-         "models[0].pods[0].state"),
-        ("models: [{name: m, pods: [{name: p, address: '10.0.0.1:80', colour: red}]}]",
-         "unknown keys: colour"),
-        ("models:\n - {name: a, pods: [{name: p, address: '10.0.0.1:80'}]}\n"
-         " - {name: b, pods: [{name: p, address: '10.0.0.2:80'}]}", "different address"),
+        (
+            "models: [{name: m, pods: [{name: p, address: '10.0.0.1:80', state: dead}]}]",
+            "models[0].pods[0].state",
+        ),
+        (
+            "models: [{name: m, pods: [{name: p, address: '10.0.0.1:80', colour: red}]}]",
+            "unknown keys: colour",
+        ),
+        (
+            "models:\n - {name: a, pods: [{name: p, address: '10.0.0.1:80'}]}\n"
+            " - {name: b, pods: [{name: p, address: '10.0.0.2:80'}]}",
+            "different address",
+        ),
     ],
 )
 def test_bad_files_are_rejected_naming_the_problem(text, named):
@@ -83,9 +90,7 @@ def write(path: Path, text: str) -> None:
     os.utime(path, ns=(stamp, stamp))
 
 
-def test_reload_applies_changes_and_a_bad_file_keeps_the_last_good_dictionary(
-    tmp_path, capsys
-):
+def test_reload_applies_changes_and_a_bad_file_keeps_the_last_good_dictionary(tmp_path, capsys):
     path = tmp_path / "models.yaml"
     write(path, GOOD)
     registry = ModelRegistry()
@@ -94,8 +99,13 @@ def test_reload_applies_changes_and_a_bad_file_keeps_the_last_good_dictionary(
     assert registry.lookup("llama-3-8b").state is ModelState.READY
     assert not source.load()  # unchanged file: nothing to do
 
-    write(path, GOOD.replace("{name: llama-0, address: 127.0.0.1:8001}",
-                             "{name: llama-0, address: 127.0.0.1:8001, state: terminating}"))
+    write(
+        path,
+        GOOD.replace(
+            "{name: llama-0, address: 127.0.0.1:8001}",
+            "{name: llama-0, address: 127.0.0.1:8001, state: terminating}",
+        ),
+    )
     assert source.load()
     assert registry.lookup("llama-3-8b").state is ModelState.TERMINATING
 

@@ -1,0 +1,46 @@
+"""Flags and their GATEWAY_* variables."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gateway_extproc.config import add_serve_arguments, env_name, settings_from_args
+
+
+def parse(argv: list[str]):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return settings_from_args(parser.parse_args(argv))
+
+
+def test_env_name_follows_the_flag():
+    assert env_name("--max-body-bytes") == "GATEWAY_MAX_BODY_BYTES"
+
+
+def test_environment_sets_defaults_and_flags_win(monkeypatch):
+    monkeypatch.setenv("GATEWAY_GRPC_PORT", "9100")
+    monkeypatch.setenv("GATEWAY_DEFAULT_STRATEGY", "round-robin")
+    settings = parse(["--grpc-port", "9200"])
+    assert settings.grpc_port == 9200
+    assert settings.default_strategy == "round-robin"
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("GATEWAY_GRPC_PORT", "ninety"),
+        ("GATEWAY_GRPC_PORT", "70000"),
+        ("GATEWAY_LOG_FORMAT", "xml"),
+        ("GATEWAY_MAX_BODY_BYTES", "0"),
+    ],
+)
+def test_bad_environment_values_stop_start_up_with_the_variable_named(
+    monkeypatch, capsys, var, value
+):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit) as caught:
+        parse([])
+    assert caught.value.code == 2
+    assert var in capsys.readouterr().err
