@@ -32,6 +32,7 @@ class Settings:
     fallback_endpoints: int = 0
     target_pod_header: str = "target-pod"
     grace_period: float = 10.0
+    inject_include_usage: bool = False
 
 
 def env_name(flag: str) -> str:
@@ -59,6 +60,29 @@ def add_flag(
             parser.error(f"{env}={raw!r} is not one of {', '.join(choices)}")
     parser.add_argument(
         flag, type=type, default=default, choices=choices, help=f"{help} [env {env}]"
+    )
+
+
+def boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def add_switch(parser: argparse.ArgumentParser, flag: str, *, default: bool, help: str) -> None:
+    """A boolean `--flag` / `--no-flag` whose default comes from its GATEWAY_* variable."""
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    if raw is not None:
+        try:
+            default = boolean(raw)
+        except ValueError as exc:
+            parser.error(f"{env}={raw!r} is not valid for {flag}: {exc}")
+    parser.add_argument(
+        flag, action=argparse.BooleanOptionalAction, default=default, help=f"{help} [env {env}]"
     )
 
 
@@ -158,6 +182,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=d.grace_period,
         help="seconds in-flight streams get to finish on shutdown",
+    )
+
+    add_switch(
+        parser,
+        "--inject-include-usage",
+        default=d.inject_include_usage,
+        help="ask engines for the usage chunk of streamed responses so tokens are counted",
     )
 
 

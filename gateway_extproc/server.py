@@ -68,6 +68,7 @@ async def start_gateway(settings: Settings) -> Gateway:
     _track_model_states(registry)
     inflight = InFlightCounter()
     registry.on_pod_removed(inflight.forget)
+    registry.on_pod_removed(lambda pod: telemetry.forget_pod_series(pod.key))
     router = Router(
         registry,
         StrategyCatalog(),
@@ -81,6 +82,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         SessionConfig(
             max_body_bytes=settings.max_body_bytes,
             target_pod_header=settings.target_pod_header,
+            inject_include_usage=settings.inject_include_usage,
         ),
     )
     if not settings.models_file:

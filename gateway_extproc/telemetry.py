@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -34,6 +35,55 @@ FILTER_ERRORS = Counter(
     "ext_proc streams that ended in an internal error (answered with a 500).",
 )
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+TOKENS = Counter(
+    "gateway_tokens_total",
+    "Tokens reported in responses' usage, by model, pod and kind (prompt, completion).",
+    ["model", "pod", "kind"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "gateway_time_to_first_token_seconds",
+    "From the request reaching the processor to the first streamed event of the response.",
+    ["model", "pod"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "gateway_inter_token_latency_seconds",
+    "Mean time between output tokens of one streamed response, as the processor saw it.",
+    ["model", "pod"],
+    buckets=ITL_BUCKETS,
+)
+REQUEST_DURATION = Histogram(
+    "gateway_request_duration_seconds",
+    "From the request reaching the processor to the end of the response.",
+    ["model", "pod"],
+    buckets=LATENCY_BUCKETS,
+)
+RESPONSES_UNPARSED = Counter(
+    "gateway_responses_unparsed_total",
+    "Responses passed through untouched whose body could not be read for usage.",
+    ["model", "reason"],
+)
+
+# Series labelled by pod, so that a deleted pod's series can all be dropped.
+_POD_SERIES: dict[str, set[str]] = {}
+
+
+def note_pod_series(model: str, pod: str) -> None:
+    _POD_SERIES.setdefault(pod, set()).add(model)
+
+
+def forget_pod_series(pod: str) -> None:
+    """Drop every Prometheus series of a deleted pod (DESIGN §3)."""
+    for model in _POD_SERIES.pop(pod, ()):
+        remove_series(IN_FLIGHT, model, pod)
+        for metric in (TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, REQUEST_DURATION):
+            remove_series(metric, model, pod)
+        for kind in ("prompt", "completion"):
+            remove_series(TOKENS, model, pod, kind)
+
+
 # Unknown model names come from clients; labelling them would let anyone grow the series
 # set without bound, so every model the dictionary does not know shares this label.
 UNKNOWN_MODEL_LABEL = ""
@@ -41,10 +91,8 @@ UNKNOWN_MODEL_LABEL = ""
 
 def remove_series(metric: Any, *labels: str) -> None:
     """Forget one label series; a series that was never created is not an error."""
-    try:
+    with contextlib.suppress(KeyError):
         metric.remove(*labels)
-    except KeyError:
-        pass
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
@@ -70,3 +118,27 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+# -- engine metrics and metrics-driven routing (gateway_extproc.metrics, .routing) ---------
+
+METRICS_SCRAPE_FAILURES = Counter(
+    "gateway_metrics_scrape_failures_total",
+    "Failed scrapes of a pod's engine /metrics, by pod and reason.",
+    ["pod", "reason"],
+)
+METRICS_SCRAPE_DURATION = Histogram(
+    "gateway_metrics_scrape_duration_seconds",
+    "Time to fetch and parse one pod's engine /metrics (successful scrapes).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+POD_COLDSTART = Histogram(
+    "pod_coldstart_duration_seconds",
+    "From a pod first seen routable to its first successfully scraped engine metrics.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+ROUTING_FALLBACK = Counter(
+    "gateway_routing_fallback_total",
+    "Routing decisions whose pick was made without the data the strategy needed.",
+    ["strategy", "reason"],
+)

@@ -74,10 +74,13 @@ def routed_request_headers(
 
 
 def routed_request_body(
-    headers: Iterable[tuple[str, str]], destination: str
+    headers: Iterable[tuple[str, str]], destination: str, new_body: bytes | None = None
 ) -> ext.ProcessingResponse:
+    common = routed_common(headers)
+    if new_body is not None:
+        common.body_mutation.body = new_body
     return ext.ProcessingResponse(
-        request_body=ext.BodyResponse(response=routed_common(headers)),
+        request_body=ext.BodyResponse(response=common),
         dynamic_metadata=destination_metadata(destination),
     )
 

@@ -26,11 +26,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
 from gateway_extproc import telemetry
 from gateway_extproc.extproc import responses
+from gateway_extproc.extproc.accounting import ResponseAccounting
 from gateway_extproc.models.registry import ModelState
 from gateway_extproc.openai import errors
 from gateway_extproc.openai.errors import GatewayError
 from gateway_extproc.openai.models_list import models_list_body
-from gateway_extproc.openai.requests import MODELS_PATH, parse_body, strip_query
+from gateway_extproc.openai.requests import (
+    MODELS_PATH,
+    parse_body,
+    strip_query,
+    with_include_usage,
+)
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.router import Router, RoutingDecision
 
@@ -74,6 +80,7 @@ class Outcome(StrEnum):
 class SessionConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     target_pod_header: str = "target-pod"
+    inject_include_usage: bool = False
     # Used when Envoy does not send protocol_config (older Envoy): the shipped config.
     default_request_body_mode: int = BUFFERED
     default_response_body_mode: int = STREAMED
@@ -81,13 +88,13 @@ class SessionConfig:
 
 class Session:
     __slots__ = (
+        "_accounting",
         "_body",
         "_body_size",
         "_cfg",
         "_configured",
         "_decision",
         "_error_code",
-        "_first_byte_at",
         "_headers",
         "_method",
         "_model",
@@ -96,6 +103,7 @@ class Session:
         "_request_id_generated",
         "_routed_at",
         "_router",
+        "_served",
         "_started",
         "_status",
         "_strategy_name",
@@ -118,7 +126,8 @@ class Session:
         self.outcome: Outcome | None = None
         self._started = time.monotonic()
         self._routed_at = 0.0
-        self._first_byte_at = 0.0
+        self._accounting: ResponseAccounting | None = None
+        self._served = ""  # the pod that served the response, if Envoy says so
         self._headers: dict[str, str] = {}
         self._path = ""
         self._method = ""
@@ -152,7 +161,7 @@ class Session:
         if kind == "request_trailers":
             return self._on_request_trailers()
         if kind == "response_headers":
-            return self._on_response_headers(frame.response_headers)
+            return self._on_response_headers(frame)
         if kind == "response_body":
             return self._on_response_body(frame.response_body)
         return self._on_response_trailers()
@@ -246,12 +255,20 @@ class Session:
         except GatewayError as error:
             return [self._reject(error)]
         self.req_phase = Phase.DONE if body_end else Phase.PASSTHROUGH
+        headers = self._route_headers()
+        # Ask the engine for the streamed usage chunk so tokens can be counted (only a
+        # whole body can be rewritten).
+        new_body = None
+        wants_usage = parsed.stream and not parsed.include_usage
+        if complete and wants_usage and self._cfg.inject_include_usage:
+            new_body = with_include_usage(body)
+            headers.append(("content-length", str(len(new_body))))
         if self.req_mode == FULL_DUPLEX:
             return [
-                self._routed_headers_response(),
-                *responses.streamed_bodies(body, body_end, response=False),
+                responses.routed_request_headers(headers, self._decision_destination()),
+                *responses.streamed_bodies(new_body or body, body_end, response=False),
             ]
-        return [responses.routed_request_body(self._route_headers(), self._decision_destination())]
+        return [responses.routed_request_body(headers, self._decision_destination(), new_body)]
 
     def _pass_request_chunk(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
         if self.req_mode == FULL_DUPLEX:
@@ -331,14 +348,19 @@ class Session:
 
     # -- response path ------------------------------------------------------------------
 
-    def _on_response_headers(self, message: ext.HttpHeaders) -> list[ext.ProcessingResponse]:
+    def _on_response_headers(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:
         if self.resp_phase is not Phase.HEADERS:
             return self._noop("response_headers", "duplicate response headers")
-        status = _header_dict(message).get(":status", "0")
+        message = frame.response_headers
+        headers = _header_dict(message)
+        status = headers.get(":status", "0")
         self._status = int(status) if status.isdigit() else 0
+        if self._decision is not None:
+            self._served = _served_endpoint(frame)
+            self._accounting = ResponseAccounting(self._started)
+            self._accounting.on_headers(headers.get("content-type", ""))
         if message.end_of_stream:
-            self.resp_phase = Phase.DONE
-            self._finish(Outcome.FINISHED)
+            self._end_response(time.monotonic())
         else:
             self.resp_phase = Phase.BODY
         return [responses.CONTINUE_RESPONSE_HEADERS]
@@ -346,23 +368,37 @@ class Session:
     def _on_response_body(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
         if self.resp_phase is not Phase.BODY:
             return self._noop("response_body", "response body after end of stream")
-        if not self._first_byte_at and body.body:
-            self._first_byte_at = time.monotonic()
+        now = time.monotonic()
+        if self._accounting is not None and body.body:
+            self._accounting.on_chunk(body.body, now)
         if self.resp_mode == FULL_DUPLEX:
             out = responses.streamed_bodies(body.body, body.end_of_stream, response=True)
         else:
             out = [responses.CONTINUE_RESPONSE_BODY]
         if body.end_of_stream:
-            self.resp_phase = Phase.DONE
-            self._finish(Outcome.FINISHED)
+            self._end_response(now)
         return out
 
     def _on_response_trailers(self) -> list[ext.ProcessingResponse]:
         if self.resp_phase is Phase.DONE:
             return self._noop("response_trailers", "response trailers after end of stream")
-        self.resp_phase = Phase.DONE
-        self._finish(Outcome.FINISHED)
+        self._end_response(time.monotonic())
         return [responses.CONTINUE_RESPONSE_TRAILERS]
+
+    def _end_response(self, now: float) -> None:
+        self.resp_phase = Phase.DONE
+        if self._accounting is not None:
+            self._accounting.on_end(now)
+        self._finish(Outcome.FINISHED)
+
+    def _served_pod_key(self) -> str:
+        """The pod that gets the accounting: the one Envoy says served, else the pick."""
+        assert self._decision is not None
+        if self._served and self._served != self._decision.pod.address:
+            for pod in self._router.registry.lookup(self._model).pods:
+                if pod.address == self._served:
+                    return pod.key
+        return self._decision.pod.key
 
     # -- shared -------------------------------------------------------------------------
 
@@ -394,20 +430,26 @@ class Session:
         if outcome is Outcome.REJECTED:
             return  # logged once in _reject (or an answer of the processor's own)
         now = time.monotonic()
+        pod = self._served_pod_key() if self._decision is not None else ""
+        accounting = self._accounting
+        if accounting is not None and outcome is Outcome.FINISHED:
+            accounting.record(model_label, pod, now)
+        ttft = accounting.ttft() if accounting is not None else None
+        usage = accounting.usage if accounting is not None else None
         log.info(
             "request_finished" if outcome is Outcome.FINISHED else "request_aborted",
             request_id=self._request_id,
             model=self._model,
-            pod=self._decision.pod.key if self._decision else "",
+            pod=pod,
             strategy=self._decision.strategy if self._decision else "",
             status=self._status,
             duration_ms=round((now - self._started) * 1000, 3),
             routing_ms=round((self._routed_at - self._started) * 1000, 3)
             if self._routed_at
             else None,
-            first_byte_ms=round((self._first_byte_at - self._started) * 1000, 3)
-            if self._first_byte_at
-            else None,
+            first_token_ms=round(ttft * 1000, 3) if ttft is not None else None,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
         )
 
 
@@ -419,6 +461,8 @@ def _header_dict(message: ext.HttpHeaders) -> dict[str, str]:
     return out
 
 
+SERVED_NAMESPACE = "envoy.lb"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 
@@ -440,3 +484,12 @@ def _subset_hint(frame: ext.ProcessingRequest) -> frozenset[str] | None:
     else:
         items = []
     return frozenset(item.strip() for item in items if item.strip())
+
+
+def _served_endpoint(frame: ext.ProcessingRequest) -> str:
+    """`envoy.lb/x-gateway-destination-endpoint-served`, when Envoy forwards it."""
+    namespaces = frame.metadata_context.filter_metadata
+    if SERVED_NAMESPACE not in namespaces:
+        return ""
+    value = namespaces[SERVED_NAMESPACE].fields.get(SERVED_KEY)
+    return value.string_value.strip() if value is not None else ""

@@ -118,3 +118,14 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
+
+
+def with_include_usage(body: bytes) -> bytes:
+    """`body` (already validated) asking for the streamed usage chunk."""
+    doc = orjson.loads(body)
+    options = doc.get("stream_options")
+    doc["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return orjson.dumps(doc)

@@ -15,14 +15,15 @@ from gateway_extproc.models.registry import Pod
 class InFlightCounter:
     def __init__(self) -> None:
         self._by_pod: dict[str, int] = defaultdict(int)
-        self._models_by_pod: dict[str, set[str]] = defaultdict(set)
+        self._live_pods: set[str] = set()
 
     def count(self, pod_key: str) -> int:
         return self._by_pod.get(pod_key, 0)
 
     def acquire(self, model: str, pod: Pod) -> None:
         self._by_pod[pod.key] += 1
-        self._models_by_pod[pod.key].add(model)
+        self._live_pods.add(pod.key)
+        telemetry.note_pod_series(model, pod.key)
         telemetry.IN_FLIGHT.labels(model, pod.key).inc()
 
     def release(self, model: str, pod: Pod) -> None:
@@ -31,14 +32,14 @@ class InFlightCounter:
             self._by_pod[pod.key] = left
         else:
             self._by_pod.pop(pod.key, None)
-        if pod.key in self._models_by_pod:
+        if pod.key in self._live_pods:  # not once the pod was deleted: its series is gone
             telemetry.IN_FLIGHT.labels(model, pod.key).dec()
 
     def forget(self, pod: Pod) -> None:
-        """Drop every trace of a deleted pod, its Prometheus series included."""
+        """Drop every trace of a deleted pod (its Prometheus series go with
+        telemetry.forget_pod_series)."""
         self._by_pod.pop(pod.key, None)
-        for model in self._models_by_pod.pop(pod.key, ()):
-            telemetry.remove_series(telemetry.IN_FLIGHT, model, pod.key)
+        self._live_pods.discard(pod.key)
 
     def total(self) -> int:
         return sum(self._by_pod.values())

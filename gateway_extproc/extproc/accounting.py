@@ -1,0 +1,112 @@
+"""Response accounting: tokens, time to first token, inter-token latency, duration.
+
+Fed the response as Envoy forwards it. A JSON body is reassembled and parsed once at the
+end; an SSE stream is parsed incrementally. Nothing here changes what the client gets:
+a body that cannot be read (an engine's plain-text error, say) is only counted.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from gateway_extproc import telemetry
+from gateway_extproc.openai.sse import DONE, SSEParser
+from gateway_extproc.openai.usage import Usage, usage_of, usage_of_event
+
+# Past this a JSON response is not kept for usage (it is still passed on untouched).
+MAX_ACCOUNTED_BODY = 8 * 1024 * 1024
+
+
+class ResponseAccounting:
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_events",
+        "_first_event_at",
+        "_last_event_at",
+        "_sse",
+        "_started",
+        "_unparsed",
+        "usage",
+    )
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._sse: SSEParser | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._events = 0
+        self._first_event_at = 0.0
+        self._last_event_at = 0.0
+        self._unparsed = ""
+        self.usage: Usage | None = None
+
+    def on_headers(self, content_type: str) -> None:
+        if content_type.startswith("text/event-stream"):
+            self._sse = SSEParser()
+
+    def on_chunk(self, chunk: bytes, now: float) -> None:
+        if self._sse is not None:
+            self._on_events(self._sse.feed(chunk), now)
+        elif self._body_size <= MAX_ACCOUNTED_BODY:
+            self._body.append(chunk)
+            self._body_size += len(chunk)
+
+    def on_end(self, now: float) -> None:
+        if self._sse is not None:
+            self._on_events(self._sse.close(), now)
+            return
+        if not self._body_size:
+            return
+        if self._body_size > MAX_ACCOUNTED_BODY:
+            self._unparsed = "too_large"
+            return
+        try:
+            self.usage = usage_of(orjson.loads(b"".join(self._body)))
+        except orjson.JSONDecodeError:
+            self._unparsed = "not_json"
+        self._body = []
+
+    def _on_events(self, events: list[bytes], now: float) -> None:
+        for data in events:
+            if data == DONE:
+                continue
+            usage = usage_of_event(data)
+            if usage is not None:
+                self.usage = usage
+                continue  # the usage chunk carries no token
+            if not self._first_event_at:
+                self._first_event_at = now
+            self._last_event_at = now
+            self._events += 1
+
+    def ttft(self) -> float | None:
+        return self._first_event_at - self._started if self._first_event_at else None
+
+    def inter_token_latency(self) -> float | None:
+        """Mean gap between tokens: per completion token when usage says how many,
+        else per streamed event."""
+        if self._events < 2:
+            return None
+        gaps = self._events - 1
+        if self.usage is not None and self.usage.completion_tokens > 1:
+            gaps = self.usage.completion_tokens - 1
+        return (self._last_event_at - self._first_event_at) / gaps
+
+    def record(self, model: str, pod: str, finished_at: float) -> None:
+        """Observe this response in Prometheus, once, under `model` and `pod`."""
+        if self._unparsed:
+            telemetry.RESPONSES_UNPARSED.labels(model, self._unparsed).inc()
+        if not pod:
+            return
+        telemetry.note_pod_series(model, pod)
+        telemetry.REQUEST_DURATION.labels(model, pod).observe(finished_at - self._started)
+        ttft = self.ttft()
+        if ttft is not None:
+            telemetry.TIME_TO_FIRST_TOKEN.labels(model, pod).observe(ttft)
+        itl = self.inter_token_latency()
+        if itl is not None:
+            telemetry.INTER_TOKEN_LATENCY.labels(model, pod).observe(itl)
+        if self.usage is not None:
+            telemetry.TOKENS.labels(model, pod, "prompt").inc(self.usage.prompt_tokens)
+            telemetry.TOKENS.labels(model, pod, "completion").inc(self.usage.completion_tokens)
