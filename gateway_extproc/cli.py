@@ -1,4 +1,4 @@
-"""The `gateway-extproc` command: serve, simulate, demo."""
+"""The `gateway-extproc` command: serve, simulate, replay, demo."""
 
 from __future__ import annotations
 
@@ -24,6 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="run a simulated vLLM-compatible engine")
     simulator_app.add_arguments(simulate)
 
+    replay = commands.add_parser(
+        "replay", help="replay conformance recordings against an ext_proc server"
+    )
+    replay.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="recordings (*.json)")
+    replay.add_argument("--target", required=True, help="the ext_proc server, HOST:PORT")
+    replay.add_argument(
+        "--models-file",
+        default=None,
+        help="the target's model dictionary, to check that picked pods serve the model",
+    )
+
     from gateway_extproc import demo
 
     demo_parser = commands.add_parser(
@@ -43,11 +54,26 @@ def main(argv: list[str] | None = None) -> int:
         from gateway_extproc.simulator import app as simulator_app
 
         return simulator_app.run(args)
+    if args.command == "replay":
+        return run_replay(args)
     if args.command == "demo":
         from gateway_extproc import demo
 
         return demo.run(args)
     return 2
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway_extproc.conformance.replay import replay_paths
+
+    results = asyncio.run(replay_paths(args.paths, args.target, args.models_file))
+    for result in results:
+        print(result.line())
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed or not results else 0
 
 
 if __name__ == "__main__":

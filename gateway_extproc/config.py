@@ -33,6 +33,7 @@ class Settings:
     target_pod_header: str = "target-pod"
     grace_period: float = 10.0
     inject_include_usage: bool = False
+    record_dir: str = ""
 
 
 def env_name(flag: str) -> str:
@@ -189,6 +190,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--inject-include-usage",
         default=d.inject_include_usage,
         help="ask engines for the usage chunk of streamed responses so tokens are counted",
+    )
+    add_flag(
+        parser,
+        "--record-dir",
+        default=d.record_dir,
+        help="write every stream handled as a conformance recording into this folder",
     )
 
 

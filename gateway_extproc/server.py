@@ -8,6 +8,7 @@ import contextlib
 import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -84,7 +85,10 @@ async def start_gateway(settings: Settings) -> Gateway:
             target_pod_header=settings.target_pod_header,
             inject_include_usage=settings.inject_include_usage,
         ),
+        record_dir=settings.record_dir,
     )
+    if settings.record_dir:
+        Path(settings.record_dir).mkdir(parents=True, exist_ok=True)
     if not settings.models_file:
         log.warning("no_models_file", hint="pass --models-file; every model is unknown (404)")
     source = StaticModelSource(

@@ -142,6 +142,10 @@ class Session:
         self._status = 0
         self._error_code = ""
 
+    @property
+    def model(self) -> str:
+        return self._model
+
     # -- entry points -------------------------------------------------------------------
 
     def handle(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:

@@ -1,0 +1,1 @@
+"""Recorded-frame conformance: capture ext_proc streams and replay them against a server."""
