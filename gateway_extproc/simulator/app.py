@@ -1,0 +1,468 @@
+"""The simulator's HTTP layer and command: routes, handlers, start-up and shutdown.
+
+Each response names the pod that served it (`x-simulator-pod: host:port` and a reply
+starting `sim-<port>:`), taken from the socket the request arrived on, so it is right
+for ephemeral ports and for any address the gateway used to reach the pod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway_extproc.simulator import protocol, text
+from gateway_extproc.simulator.config import SimulatorConfig
+from gateway_extproc.simulator.engine import Engine, EngineRequest
+from gateway_extproc.simulator.faults import Faults
+from gateway_extproc.simulator.metrics import CONTENT_TYPE
+from gateway_extproc.simulator.protocol import ApiError
+
+__all__ = [
+    "SimulatorConfig",
+    "add_arguments",
+    "config_from_args",
+    "create_app",
+    "run",
+    "running_simulator",
+    "start_simulator",
+]
+
+log = structlog.get_logger(__name__)
+
+POD_HEADER = "x-simulator-pod"
+# Long prompts are the point of prefix-cache tests; aiohttp's default cap is 1 MiB.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# On shutdown, requests in flight get this long to finish before they are cancelled.
+SHUTDOWN_GRACE_S = 1.0
+MAX_REQUEST_ID = 128
+GARBAGE_METRICS = b"<html><body><h1>502 Bad Gateway</h1>{{ not prometheus }}</body></html>\n"
+JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Simulator:
+    """The state one app serves from."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.faults = Faults(config.seed)
+        self.engine = Engine(config, self.faults)
+        self.created = int(time.time())
+        self.stopping = asyncio.Event()  # releases hung /metrics scrapes at shutdown
+
+    def adapter_for(self, model: str) -> str | None:
+        """The LoRA adapter `model` names (None for a base model name); 404 if unknown."""
+        if model in self.config.models:
+            return None
+        if model in self.config.loras:
+            return model
+        raise protocol.model_not_found(model)
+
+
+SIMULATOR = web.AppKey("simulator", Simulator)
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on (0: any)")
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="served model name (repeatable; the first is the base model)",
+    )
+    parser.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="LoRA adapter name served on the base model (repeatable)",
+    )
+    parser.add_argument("--ttft-ms", type=float, default=20.0, help="base time to first token")
+    parser.add_argument("--itl-ms", type=float, default=5.0, help="inter-token latency")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=256, help="requests running at once; others queue"
+    )
+    parser.add_argument(
+        "--prefill-us-per-token",
+        type=float,
+        default=50.0,
+        help="prefill time per prompt token missing from the prefix cache (microseconds)",
+    )
+    parser.add_argument("--kv-blocks", type=int, default=2048, help="KV cache size in blocks")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--max-tokens-default", type=int, default=16, help="reply length when max_tokens is unset"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for replies and faults")
+
+
+def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
+    return SimulatorConfig(
+        models=tuple(args.models),
+        loras=tuple(args.loras or ()),
+        host=args.host,
+        port=args.port,
+        ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms,
+        max_num_seqs=args.max_num_seqs,
+        prefill_us_per_token=args.prefill_us_per_token,
+        kv_blocks=args.kv_blocks,
+        block_size=args.block_size,
+        max_tokens_default=args.max_tokens_default,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; 0 on a clean stop, 2 for bad flags, 1 if it cannot bind."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"gateway-extproc simulate: error: {exc}", file=sys.stderr)
+        return 2
+    from gateway_extproc import telemetry
+
+    telemetry.configure_logging("info", "console")
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_serve(config))
+    except KeyboardInterrupt:  # a signal that arrived before our handlers were installed
+        pass
+    except OSError as exc:
+        where = _host_port(config.host, config.port)
+        print(f"gateway-extproc simulate: cannot listen on {where}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+async def _serve(config: SimulatorConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        runner, port = await start_simulator(config)
+        log.info(
+            "simulator_started",
+            url=f"http://{_host_port(config.host, port)}",
+            models=list(config.models),
+            loras=list(config.loras),
+        )
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+        log.info("simulator_stopped", port=port)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+# --- app -------------------------------------------------------------------------------
+
+
+def create_app(config: SimulatorConfig) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app[SIMULATOR] = Simulator(config)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/faults", _get_faults)
+    app.router.add_post("/admin/faults", _update_faults)
+    app.router.add_post("/admin/faults/reset", _reset_faults)
+    app.on_response_prepare.append(_name_pod)
+    app.on_shutdown.append(_release_hung)
+    return app
+
+
+async def start_simulator(config: SimulatorConfig) -> tuple[web.AppRunner, int]:
+    """Start serving `config` on this loop; returns the runner (call `cleanup()` to
+    stop) and the bound port, which is the ephemeral one when `config.port` is 0."""
+    runner = web.AppRunner(
+        create_app(config),
+        access_log=None,  # a line per request would dominate benchmark CPU time
+        handler_cancellation=True,  # a client that hangs up frees its engine slot
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = int(runner.addresses[0][1])
+    return runner, port
+
+
+@contextlib.asynccontextmanager
+async def running_simulator(config: SimulatorConfig) -> AsyncIterator[int]:
+    """`async with running_simulator(config) as port:` serves for the block's duration."""
+    runner, port = await start_simulator(config)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes an OpenAI-style JSON error; no traceback reaches a client."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return _error_response(ApiError(exc.status, exc.reason, code=code))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("simulator_request_failed", path=request.path)
+        return _error_response(
+            ApiError(500, "internal simulator error", code="internal_error", type="server_error")
+        )
+
+
+def _error_response(exc: ApiError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(), content_type=JSON)
+
+
+async def _name_pod(request: web.Request, response: web.StreamResponse) -> None:
+    host, port = _pod(request)
+    response.headers[POD_HEADER] = _host_port(host, port)
+
+
+async def _release_hung(app: web.Application) -> None:
+    app[SIMULATOR].stopping.set()
+
+
+def _pod(request: web.Request) -> tuple[str, int]:
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return str(sockname[0]), int(sockname[1])
+    config = request.app[SIMULATOR].config
+    return config.host, config.port
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _request_id(request: web.Request) -> str:
+    # vLLM reuses the caller's X-Request-Id, which lets tests and logs line up.
+    given = request.headers.get("x-request-id", "")
+    if given and len(given) <= MAX_REQUEST_ID and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+# --- inference -------------------------------------------------------------------------
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    config = sim.config
+    doc = protocol.load_object(await request.read())
+    params = protocol.parse_chat(doc) if chat else protocol.parse_completion(doc)
+    adapter = sim.adapter_for(params.model)
+    if sim.faults.should_fail():
+        raise protocol.simulated_failure()
+    prompt = params.prompt
+    prompt_ids = text.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    room = sim.engine.max_new_tokens(len(prompt_ids))
+    if params.max_tokens is None:
+        max_tokens = min(config.max_tokens_default, room)
+    else:
+        max_tokens = params.max_tokens
+    if not 1 <= max_tokens <= room:
+        raise protocol.context_too_long(
+            config.max_model_len,
+            len(prompt_ids),
+            params.max_tokens or config.max_tokens_default,
+            params.prompt_param,
+        )
+    _, port = _pod(request)
+    output = text.reply_tokens(f"sim-{port}:", prompt_ids, max_tokens, config.seed)
+    engine_request = EngineRequest(adapter=adapter, prompt_ids=prompt_ids, output=output)
+    request_id = ("chatcmpl-" if chat else "cmpl-") + _request_id(request)
+    created = int(time.time())
+    if params.stream:
+        return await _stream(request, sim, engine_request, params, request_id, created, chat)
+
+    tokens: list[str] = []
+    async with contextlib.aclosing(sim.engine.generate(engine_request)) as generated:
+        async for token in generated:
+            tokens.append(token)
+    build = protocol.chat_response if chat else protocol.completion_response
+    body = build(
+        request_id,
+        created,
+        params.model,
+        "".join(tokens),
+        "length",
+        protocol.usage(len(prompt_ids), len(tokens)),
+    )
+    return web.Response(body=body, content_type=JSON)
+
+
+async def _stream(
+    request: web.Request,
+    sim: Simulator,
+    engine_request: EngineRequest,
+    params: protocol.GenerationRequest,
+    request_id: str,
+    created: int,
+    chat: bool,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    chunks = protocol.ChunkWriter(request_id, created, params.model, chat)
+    last = len(engine_request.output) - 1
+    sent = 0
+    try:
+        async with contextlib.aclosing(sim.engine.generate(engine_request)) as generated:
+            async for token in generated:
+                event = chunks.token(token, "length" if sent == last else None)
+                if sent == 0 and chat:
+                    event = chunks.role() + event
+                await response.write(event)
+                sent += 1
+        tail = protocol.SSE_DONE
+        if params.include_usage:
+            use = protocol.usage(len(engine_request.prompt_ids), sent)
+            tail = chunks.usage(use) + tail
+        await response.write(tail)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client hung up; leaving the generator already freed the engine slot
+    except Exception:
+        # Headers are gone, so the status cannot change: log and cut the stream short.
+        log.exception("simulator_stream_failed", path=request.path)
+    return response
+
+
+async def _embeddings(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    config = sim.config
+    params = protocol.parse_embedding(protocol.load_object(await request.read()))
+    adapter = sim.adapter_for(params.model)
+    if sim.faults.should_fail():
+        raise protocol.simulated_failure()
+    inputs = [text.encode(item) if isinstance(item, str) else list(item) for item in params.inputs]
+    for prompt_ids in inputs:
+        if sim.engine.max_new_tokens(len(prompt_ids)) < 0:
+            raise protocol.context_too_long(config.max_model_len, len(prompt_ids), 0, "input")
+
+    async def embed(prompt_ids: list[int]) -> list[float]:
+        # Pooling runs a prefill and nothing else; it still takes a slot and KV blocks.
+        pooling = EngineRequest(adapter=adapter, prompt_ids=prompt_ids, output=(), cacheable=False)
+        async with contextlib.aclosing(sim.engine.generate(pooling)) as generated:
+            async for _ in generated:
+                pass
+        return text.embedding(prompt_ids, params.dimensions, config.seed)
+
+    vectors = await asyncio.gather(*(embed(prompt_ids) for prompt_ids in inputs))
+    body = protocol.embedding_response(
+        "embd-" + _request_id(request),
+        int(time.time()),
+        params.model,
+        vectors,
+        params.base64,
+        sum(len(prompt_ids) for prompt_ids in inputs),
+    )
+    return web.Response(body=body, content_type=JSON)
+
+
+# --- models, health, metrics, faults ---------------------------------------------------
+
+
+async def _models(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    config = sim.config
+    body = protocol.models_response(config.models, config.loras, sim.created, config.max_model_len)
+    return web.Response(body=body, content_type=JSON)
+
+
+async def _health(request: web.Request) -> web.StreamResponse:
+    return web.Response()
+
+
+async def _metrics(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    mode = sim.faults.settings.metrics
+    if mode == "error":
+        return web.Response(status=500, text="simulated metrics failure\n")
+    if mode == "garbage":
+        return web.Response(body=GARBAGE_METRICS, headers={"Content-Type": CONTENT_TYPE})
+    if mode == "hang":
+        # Never answer while the fault holds; only shutdown lets the handler go.
+        await sim.stopping.wait()
+        return web.Response(status=503)
+    return web.Response(body=sim.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _get_faults(request: web.Request) -> web.StreamResponse:
+    return _faults_response(request.app[SIMULATOR].faults.settings.to_json())
+
+
+async def _update_faults(request: web.Request) -> web.StreamResponse:
+    faults = request.app[SIMULATOR].faults
+    doc = protocol.load_object(await request.read())
+    try:
+        settings = faults.update(doc)
+    except ValueError as exc:
+        raise protocol.invalid(str(exc)) from None
+    return _faults_response(settings.to_json())
+
+
+async def _reset_faults(request: web.Request) -> web.StreamResponse:
+    return _faults_response(request.app[SIMULATOR].faults.reset().to_json())
+
+
+def _faults_response(settings: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(settings), content_type=JSON)
