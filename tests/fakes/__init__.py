@@ -1,0 +1,1 @@
+"""Protocol-faithful fakes for parts that cannot run on a test machine."""
