@@ -34,6 +34,21 @@ class Settings:
     grace_period: float = 10.0
     inject_include_usage: bool = False
     record_dir: str = ""
+    # Kubernetes discovery
+    kubeconfig: str = ""
+    kube_context: str = ""
+    namespace: tuple[str, ...] = ()
+    model_label: str = "model.aibrix.ai/name"
+    port_label: str = "model.aibrix.ai/port"
+    metric_port_label: str = "model.aibrix.ai/metric-port"
+    default_model_port: int = 8000
+    kube_resync_period: float = 300.0
+    adapter_discovery_interval: float = 0.0
+
+
+def default_discovery() -> str:
+    """Kubernetes inside a cluster (the service host variable is set), else the file."""
+    return "kubernetes" if os.environ.get("KUBERNETES_SERVICE_HOST") else "static"
 
 
 def env_name(flag: str) -> str:
@@ -108,6 +123,13 @@ def port(raw: str) -> int:
     return value
 
 
+def non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 def positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
@@ -123,9 +145,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(
         parser,
         "--discovery",
-        default=d.discovery,
-        choices=["static"],
-        help="where the model dictionary comes from",
+        default=default_discovery(),
+        choices=["static", "kubernetes"],
+        help="where the model dictionary comes from (default: kubernetes inside a cluster)",
     )
     add_flag(parser, "--models-file", default=d.models_file, help="YAML model file (static)")
     add_flag(
@@ -197,8 +219,78 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.record_dir,
         help="write every stream handled as a conformance recording into this folder",
     )
+    add_kubernetes_arguments(parser, d)
+
+
+def add_kubernetes_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
+    group = parser
+    add_flag(
+        group,
+        "--kubeconfig",
+        default=d.kubeconfig,
+        help="kubeconfig file (default: in-cluster config, else KUBECONFIG)",
+    )
+    add_flag(group, "--kube-context", default=d.kube_context, help="kubeconfig context")
+    env = env_name("--namespace")
+    group.add_argument(
+        "--namespace",
+        action="append",
+        type=_namespace,
+        default=None,
+        help=f"namespace to watch, repeatable (default: all) [env {env}, comma-separated]",
+    )
+    add_flag(
+        group,
+        "--model-label",
+        default=d.model_label,
+        help="pod label naming the model a pod serves",
+    )
+    add_flag(group, "--port-label", default=d.port_label, help="pod label with the serving port")
+    add_flag(
+        group,
+        "--metric-port-label",
+        default=d.metric_port_label,
+        help="pod label with the metrics port (default: the serving port)",
+    )
+    add_flag(
+        group,
+        "--default-model-port",
+        type=port,
+        default=d.default_model_port,
+        help="serving port when the pod has no port label",
+    )
+    add_flag(
+        group,
+        "--kube-resync-period",
+        type=non_negative_float,
+        default=d.kube_resync_period,
+        help="seconds between full relists (0: never)",
+    )
+    add_flag(
+        group,
+        "--adapter-discovery-interval",
+        type=non_negative_float,
+        default=d.adapter_discovery_interval,
+        help="seconds between polls of pods' /v1/models for LoRA adapters (0: off)",
+    )
+
+
+def _namespace(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def namespaces_from(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.namespace:
+        return tuple(args.namespace)
+    raw = os.environ.get(env_name("--namespace"), "")
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     names = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["namespace"] = namespaces_from(args)
+    return Settings(**values)

@@ -22,6 +22,7 @@ from gateway_extproc.admin import build_admin_app
 from gateway_extproc.config import Settings
 from gateway_extproc.extproc.service import ExternalProcessor
 from gateway_extproc.extproc.session import SessionConfig
+from gateway_extproc.models.kubernetes import KubernetesOptions, KubernetesSource
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.static import StaticModelSource
 from gateway_extproc.routing.catalog import StrategyCatalog
@@ -43,7 +44,7 @@ class Gateway:
     inflight: InFlightCounter
     router: Router
     processor: ExternalProcessor
-    source: StaticModelSource
+    source: StaticModelSource | KubernetesSource
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
     admin: web.AppRunner
@@ -89,14 +90,7 @@ async def start_gateway(settings: Settings) -> Gateway:
     )
     if settings.record_dir:
         Path(settings.record_dir).mkdir(parents=True, exist_ok=True)
-    if not settings.models_file:
-        log.warning("no_models_file", hint="pass --models-file; every model is unknown (404)")
-    source = StaticModelSource(
-        registry, settings.models_file, interval=settings.models_reload_interval
-    )
-    await source.start()
-    if not settings.models_file:
-        registry.replace_all([])
+    source = await _start_source(settings, registry)
 
     max_message = settings.max_body_bytes + GRPC_HEADROOM
     grpc_server = grpc.aio.server(
@@ -146,6 +140,46 @@ async def start_gateway(settings: Settings) -> Gateway:
     return gateway
 
 
+async def _start_source(
+    settings: Settings, registry: ModelRegistry
+) -> StaticModelSource | KubernetesSource:
+    if settings.discovery == "kubernetes":
+        kube = KubernetesSource(registry, asyncio.get_running_loop(), kubernetes_options(settings))
+        kube.start()
+        return kube
+    if not settings.models_file:
+        log.warning("no_models_file", hint="pass --models-file; every model is unknown (404)")
+        registry.replace_all([])
+    static = StaticModelSource(
+        registry, settings.models_file, interval=settings.models_reload_interval
+    )
+    if settings.models_file:
+        await static.start()
+    return static
+
+
+def kubernetes_options(settings: Settings) -> KubernetesOptions:
+    return KubernetesOptions(
+        kubeconfig=settings.kubeconfig or None,
+        context=settings.kube_context or None,
+        namespaces=settings.namespace,
+        model_label=settings.model_label,
+        port_label=settings.port_label,
+        metric_port_label=settings.metric_port_label,
+        default_port=settings.default_model_port,
+        resync_period=settings.kube_resync_period,
+        adapter_discovery_interval=settings.adapter_discovery_interval,
+    )
+
+
+async def _stop_source(source: StaticModelSource | KubernetesSource) -> None:
+    if isinstance(source, KubernetesSource):
+        source.stop()
+        await source.wait_closed()
+    else:
+        await source.stop()
+
+
 async def _set_serving(gateway: Gateway) -> None:
     status = (
         health_pb2.HealthCheckResponse.SERVING
@@ -161,7 +195,7 @@ async def stop_gateway(gateway: Gateway) -> None:
     for service in ("", EXTPROC_SERVICE):
         await gateway.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await gateway.grpc_server.stop(gateway.settings.grace_period)
-    await gateway.source.stop()
+    await _stop_source(gateway.source)
     await gateway.admin.cleanup()
 
 
