@@ -1,0 +1,342 @@
+"""MetricsStore: the latest engine metrics per pod, what they imply, and when they expire.
+
+The scraper writes one `EngineSample` per successful scrape; the store keeps a short
+history per pod so that counters and histogram sums become rates and recent means
+without a Prometheus server, and publishes one immutable `PodMetrics` per pod for the
+routing hot path. Readers never see values older than `staleness`: they count as missing.
+
+The store also remembers when each pod was first seen routable, which the slow-start ramp
+and the cold-start histogram (`pod_coldstart_duration_seconds`) are measured from, and
+forgets everything about a pod when it is deleted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from gateway_extproc import telemetry
+from gateway_extproc.metrics.parser import EngineSample
+from gateway_extproc.models.registry import Pod
+
+# The reasons a scrape can fail with; fixed so a deleted pod's series can all be removed.
+SCRAPE_FAILURE_REASONS = (
+    "connect",
+    "timeout",
+    "http_4xx",
+    "http_5xx",
+    "http_other",
+    "parse",
+    "error",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PodMetrics:
+    """What routing knows of one pod's engine at `scraped_at` (the store's clock).
+
+    None means unknown (not exposed, not enough samples yet, or an unusable value such as
+    NaN or a negative number); it is never replaced by a made-up zero. Recent means and
+    rates cover the store's `rate_window`; a recent mean keeps its last value while no new
+    request completes, since an idle pod's last latency is still the best estimate.
+    """
+
+    pod_key: str
+    scraped_at: float
+    running: int | None = None
+    waiting: int | None = None
+    kv_cache_usage: float | None = None  # 0..1
+    prefix_cache_hit_rate: float | None = None  # 0..1, hits / queried tokens, recent
+    ttft_mean_recent: float | None = None  # seconds
+    itl_mean_recent: float | None = None  # seconds per output token
+    e2e_mean_recent: float | None = None  # seconds
+    tokens_per_second: float | None = None  # prompt + generation
+    prompt_tokens_per_second: float | None = None
+    generation_tokens_per_second: float | None = None
+    running_lora_adapters: tuple[str, ...] | None = None
+    waiting_lora_adapters: tuple[str, ...] | None = None
+    max_lora: int | None = None
+
+
+class _PodState:
+    """Everything the store keeps about one pod."""
+
+    __slots__ = ("coldstart_observed", "failures", "history", "metrics", "routable_since")
+
+    def __init__(self) -> None:
+        self.routable_since: float | None = None
+        self.coldstart_observed = False
+        self.metrics: PodMetrics | None = None
+        # (time, sample); history[0] is the base the deltas are taken from.
+        self.history: deque[tuple[float, EngineSample]] = deque()
+        self.failures: dict[str, int] = {}
+
+
+_COUNTERS = (
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "prompt_tokens",
+    "generation_tokens",
+    "ttft_sum",
+    "ttft_count",
+    "itl_sum",
+    "itl_count",
+    "e2e_sum",
+    "e2e_count",
+)
+
+
+class MetricsStore:
+    """Per-pod engine metrics with staleness, derived rates and cold-start bookkeeping.
+
+    Not thread-safe by design: the scraper and the strategies run on the event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        staleness: float = 2.0,
+        rate_window: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if staleness <= 0 or rate_window <= 0:
+            raise ValueError("staleness and rate_window must be positive")
+        self.staleness = staleness
+        self.rate_window = rate_window
+        self.clock = clock
+        self._pods: dict[str, _PodState] = {}
+        # Fresh metrics in scrape order (oldest first) so expiry only looks at the front;
+        # `_waiting` mirrors it for the one value the least-request hot path sums.
+        self._fresh: dict[str, PodMetrics] = {}
+        self._waiting: dict[str, int] = {}
+        # Pods routable and never scraped yet, in the order they were first seen routable.
+        self._cold: dict[str, float] = {}
+        self._seen_routable: set[str] = set()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, pod_key: str, now: float | None = None) -> PodMetrics | None:
+        """The pod's metrics, or None when there are none or they are stale."""
+        state = self._pods.get(pod_key)
+        if state is None or state.metrics is None:
+            return None
+        if (self.clock() if now is None else now) - state.metrics.scraped_at > self.staleness:
+            return None
+        return state.metrics
+
+    def latest(self, pod_key: str) -> PodMetrics | None:
+        """The last good metrics even when stale (for /debug and fallback reasons)."""
+        state = self._pods.get(pod_key)
+        return state.metrics if state is not None else None
+
+    def fresh(self, now: float | None = None) -> Mapping[str, PodMetrics]:
+        """Pod key -> metrics for every pod whose metrics are not stale.
+
+        A live view: valid until the next write; read it, do not keep it.
+        """
+        self._expire(self.clock() if now is None else now)
+        return self._fresh
+
+    def waiting(self, now: float | None = None) -> Mapping[str, int]:
+        """Pod key -> the engine's waiting queue, for pods with fresh metrics that show it."""
+        self._expire(self.clock() if now is None else now)
+        return self._waiting
+
+    def first_routable_at(self, pod_key: str) -> float | None:
+        state = self._pods.get(pod_key)
+        return state.routable_since if state is not None else None
+
+    def cold(self) -> dict[str, float]:
+        """Pod key -> first_routable_at for routable pods never scraped successfully,
+        oldest first. The live dict (a dict so readers can walk it newest first): read
+        it, never change it."""
+        return self._cold
+
+    def failures(self, pod_key: str) -> dict[str, int]:
+        state = self._pods.get(pod_key)
+        return dict(state.failures) if state is not None else {}
+
+    def snapshot(self) -> dict[str, PodMetrics | None]:
+        """Latest metrics (stale included) of every pod the store knows, for /debug."""
+        return {key: state.metrics for key, state in self._pods.items()}
+
+    # -- writing ------------------------------------------------------------------------
+
+    def mark_routable(self, pod_key: str, now: float | None = None) -> None:
+        """Note that the pod is routable; only the first call for a pod counts."""
+        state = self._pods.get(pod_key)
+        if state is None:
+            state = self._pods[pod_key] = _PodState()
+        if state.routable_since is not None:
+            return
+        state.routable_since = self.clock() if now is None else now
+        self._seen_routable.add(pod_key)
+        if state.metrics is None:
+            self._cold[pod_key] = state.routable_since
+
+    def mark_routable_all(self, pod_keys: Iterable[str], now: float | None = None) -> None:
+        """mark_routable for many pods at once; cheap when all were seen before."""
+        keys = pod_keys if isinstance(pod_keys, list | tuple) else list(pod_keys)
+        new = set(keys).difference(self._seen_routable)
+        if new:
+            now = self.clock() if now is None else now
+            for key in keys:
+                if key in new:
+                    self.mark_routable(key, now)
+
+    def record(self, pod_key: str, sample: EngineSample, now: float | None = None) -> PodMetrics:
+        """Take one successful scrape; returns what routing will now see for the pod."""
+        now = self.clock() if now is None else now
+        state = self._pods.get(pod_key)
+        if state is None:
+            state = self._pods[pod_key] = _PodState()
+        history = state.history
+        if history and _went_backwards(history[-1][1], sample):
+            # The engine restarted (counters reset): deltas across it mean nothing.
+            history.clear()
+        history.append((now, sample))
+        while len(history) > 2 and now - history[1][0] >= self.rate_window:
+            history.popleft()
+        metrics = _derive(pod_key, now, sample, history[0], state.metrics)
+        state.metrics = metrics
+
+        if not state.coldstart_observed:
+            state.coldstart_observed = True
+            if state.routable_since is not None:
+                telemetry.POD_COLDSTART.observe(max(0.0, now - state.routable_since))
+        self._cold.pop(pod_key, None)
+
+        # Move to the back: `_fresh` stays ordered by scrape time.
+        self._fresh.pop(pod_key, None)
+        self._fresh[pod_key] = metrics
+        self._waiting.pop(pod_key, None)
+        if metrics.waiting is not None:
+            self._waiting[pod_key] = metrics.waiting
+        return metrics
+
+    def record_failure(self, pod_key: str, reason: str) -> None:
+        """Count a failed scrape; the last good metrics stay until they are stale."""
+        state = self._pods.get(pod_key)
+        if state is None:
+            state = self._pods[pod_key] = _PodState()
+        state.failures[reason] = state.failures.get(reason, 0) + 1
+        telemetry.METRICS_SCRAPE_FAILURES.labels(pod_key, reason).inc()
+
+    def forget(self, pod: Pod | str) -> None:
+        """Drop everything kept about a deleted pod, its Prometheus series included."""
+        key = pod if isinstance(pod, str) else pod.key
+        self._pods.pop(key, None)
+        self._fresh.pop(key, None)
+        self._waiting.pop(key, None)
+        self._cold.pop(key, None)
+        self._seen_routable.discard(key)
+        for reason in SCRAPE_FAILURE_REASONS:
+            telemetry.remove_series(telemetry.METRICS_SCRAPE_FAILURES, key, reason)
+
+    def _expire(self, now: float) -> None:
+        fresh = self._fresh
+        if not fresh:
+            return
+        cutoff = now - self.staleness
+        while fresh:
+            key = next(iter(fresh))
+            if fresh[key].scraped_at >= cutoff:
+                return
+            del fresh[key]
+            self._waiting.pop(key, None)
+
+
+def _usable(value: float | None) -> float | None:
+    """A finite, non-negative value, or None: NaN, infinities and negatives mean unknown."""
+    if value is None or not (0.0 <= value < math.inf):
+        return None
+    return value
+
+
+def _went_backwards(before: EngineSample, after: EngineSample) -> bool:
+    for name in _COUNTERS:
+        old = getattr(before, name)
+        new = getattr(after, name)
+        if old is not None and new is not None and new < old:
+            return True
+    return False
+
+
+def _delta(base: EngineSample, sample: EngineSample, name: str) -> float | None:
+    old = _usable(getattr(base, name))
+    new = _usable(getattr(sample, name))
+    if old is None or new is None or new < old:
+        return None
+    return new - old
+
+
+def _ratio(
+    base: EngineSample, sample: EngineSample, num: str, den: str, previous: float | None
+) -> float | None:
+    d_num = _delta(base, sample, num)
+    d_den = _delta(base, sample, den)
+    if d_num is None or d_den is None:
+        return None
+    if d_den <= 0:
+        return previous  # nothing new happened in the window: keep the last estimate
+    return d_num / d_den
+
+
+def _derive(
+    pod_key: str,
+    now: float,
+    sample: EngineSample,
+    base_entry: tuple[float, EngineSample],
+    previous: PodMetrics | None,
+) -> PodMetrics:
+    base_time, base = base_entry
+    elapsed = now - base_time
+
+    def rate(*names: str) -> float | None:
+        if elapsed <= 0:
+            return None
+        total = 0.0
+        for name in names:
+            d = _delta(base, sample, name)
+            if d is None:
+                return None
+            total += d
+        return total / elapsed
+
+    prev = previous
+    hit_rate = _ratio(
+        base,
+        sample,
+        "prefix_cache_hits",
+        "prefix_cache_queries",
+        prev.prefix_cache_hit_rate if prev else None,
+    )
+    kv = _usable(sample.kv_cache_usage)
+    running = _usable(sample.running)
+    waiting = _usable(sample.waiting)
+    return PodMetrics(
+        pod_key=pod_key,
+        scraped_at=now,
+        running=round(running) if running is not None else None,
+        waiting=round(waiting) if waiting is not None else None,
+        kv_cache_usage=min(kv, 1.0) if kv is not None else None,
+        prefix_cache_hit_rate=min(hit_rate, 1.0) if hit_rate is not None else None,
+        ttft_mean_recent=_ratio(
+            base, sample, "ttft_sum", "ttft_count", prev.ttft_mean_recent if prev else None
+        ),
+        itl_mean_recent=_ratio(
+            base, sample, "itl_sum", "itl_count", prev.itl_mean_recent if prev else None
+        ),
+        e2e_mean_recent=_ratio(
+            base, sample, "e2e_sum", "e2e_count", prev.e2e_mean_recent if prev else None
+        ),
+        tokens_per_second=rate("prompt_tokens", "generation_tokens"),
+        prompt_tokens_per_second=rate("prompt_tokens"),
+        generation_tokens_per_second=rate("generation_tokens"),
+        running_lora_adapters=sample.running_lora_adapters,
+        waiting_lora_adapters=sample.waiting_lora_adapters,
+        max_lora=sample.max_lora,
+    )

@@ -1,0 +1,120 @@
+"""Prefix-cache affinity: which pods have recently been sent which prompt prefixes.
+
+The prompt is cut into fixed-size character blocks and each block's hash covers every
+block before it (and the model), so one hash stands for a whole prefix and a match on
+block i means the pod saw blocks 0..i. Each pod keeps an LRU of the block hashes routed to
+it (roughly what its engine's prefix cache still holds); a reverse map finds the pods
+holding a hash in one lookup. Entries of a deleted pod are dropped with it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from gateway_extproc.routing.scorers import Scores, ScoringContext
+
+
+class PrefixIndex:
+    def __init__(
+        self, *, block_chars: int = 128, max_blocks: int = 512, blocks_per_pod: int = 8192
+    ) -> None:
+        if block_chars <= 0 or max_blocks <= 0 or blocks_per_pod <= 0:
+            raise ValueError("block_chars, max_blocks and blocks_per_pod must be positive")
+        self.block_chars = block_chars
+        self.max_blocks = max_blocks
+        self.blocks_per_pod = blocks_per_pod
+        self._by_pod: dict[str, OrderedDict[int, None]] = {}
+        self._pods_by_hash: dict[int, set[str]] = {}
+
+    def hashes(self, model: str, prompt: str) -> list[int]:
+        """Cumulative hashes of the prompt's full blocks (a partial tail block is not
+        cached by engines either); at most `max_blocks`, since only a prefix matters."""
+        size = self.block_chars
+        end = min(len(prompt) - len(prompt) % size, size * self.max_blocks)
+        h = hash(model)
+        out: list[int] = []
+        for start in range(0, end, size):
+            h = hash((h, prompt[start : start + size]))
+            out.append(h)
+        return out
+
+    def matches(self, hashes: list[int]) -> dict[str, int]:
+        """Pod key -> number of leading blocks that pod was sent (pods with none omitted)."""
+        found: dict[str, int] = {}
+        pods_by_hash = self._pods_by_hash
+        for depth, h in enumerate(hashes, start=1):
+            pods = pods_by_hash.get(h)
+            if not pods:
+                break
+            for key in pods:
+                found[key] = depth
+        return found
+
+    def record(self, pod_key: str, hashes: list[int]) -> None:
+        if not hashes:
+            return
+        lru = self._by_pod.get(pod_key)
+        if lru is None:
+            lru = self._by_pod[pod_key] = OrderedDict()
+        pods_by_hash = self._pods_by_hash
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                pods_by_hash.setdefault(h, set()).add(pod_key)
+        while len(lru) > self.blocks_per_pod:
+            old, _ = lru.popitem(last=False)
+            self._unlink(old, pod_key)
+
+    def forget(self, pod_key: str) -> None:
+        for h in self._by_pod.pop(pod_key, ()):
+            self._unlink(h, pod_key)
+
+    def blocks(self, pod_key: str) -> int:
+        lru = self._by_pod.get(pod_key)
+        return len(lru) if lru is not None else 0
+
+    def _unlink(self, h: int, pod_key: str) -> None:
+        pods = self._pods_by_hash.get(h)
+        if pods is not None:
+            pods.discard(pod_key)
+            if not pods:
+                del self._pods_by_hash[h]
+
+
+class PrefixCacheScorer:
+    """Share of the prompt's blocks a pod was already sent, guarded by load: a pod busier
+    than the least busy candidate by more than `max_load_gap` requests gets no credit for
+    its cache, so a popular prefix cannot pile every request onto one pod."""
+
+    name = "prefix-cache"
+
+    def __init__(self, index: PrefixIndex, *, max_load_gap: int = 8) -> None:
+        self.index = index
+        self.max_load_gap = max_load_gap
+
+    def score(self, ctx: ScoringContext) -> Scores:
+        n = len(ctx.candidates.keys)
+        hashes = self._hashes(ctx)
+        matches = self.index.matches(hashes) if hashes else None
+        if not matches:
+            return [0.0] * n
+        loads = ctx.loads()
+        limit = min(loads) + self.max_load_gap
+        total = len(hashes)
+        index = ctx.candidates.index
+        out: Scores = [0.0] * n
+        for key, depth in matches.items():
+            i = index.get(key)
+            if i is not None and loads[i] <= limit:
+                out[i] = depth / total
+        return out
+
+    def picked(self, position: int, ctx: ScoringContext) -> None:
+        self.index.record(ctx.candidates.keys[position], self._hashes(ctx))
+
+    def _hashes(self, ctx: ScoringContext) -> list[int]:
+        if ctx.prefix_hashes is None:
+            ctx.prefix_hashes = self.index.hashes(ctx.request.model, ctx.request.prompt)
+        return ctx.prefix_hashes

@@ -1,0 +1,219 @@
+"""PodSignals: what metrics-driven strategies know about candidate pods, built once and
+shared by all of them.
+
+It owns the pieces every such strategy needs and none should rebuild per request:
+
+- `CandidateSet`: the pod keys of a candidate tuple, cached by the tuple's identity (the
+  registry hands out the same tuple until the model changes), so a decision over 1,000
+  pods does not rebuild 1,000 key strings;
+- load per pod: our own in-flight count (moved at the moment of the pick, so a burst
+  spreads before any engine metric moves) plus the engine's waiting queue when fresh;
+- slow start: pods routable without metrics yet take a weight that ramps from
+  `min_weight` to 1 over `slow_start_window` (or until their metrics arrive);
+- fallback accounting: `gateway_routing_fallback_total{strategy,reason}` and a warning at
+  most once per pod per `warn_every` seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from itertools import repeat
+from operator import add
+from typing import Any
+
+import structlog
+
+from gateway_extproc import telemetry
+from gateway_extproc.metrics.store import MetricsStore, PodMetrics
+from gateway_extproc.models.registry import Pod
+from gateway_extproc.routing.inflight import InFlightCounter
+
+log = structlog.get_logger("gateway_extproc.routing")
+
+FALLBACK_REASONS = ("no_metrics", "stale_metrics", "no_data")
+_NO_METRICS: Mapping[str, Any] = {}
+
+
+class CandidateSet:
+    """One candidate tuple with its pod keys and (built on first use) key -> position."""
+
+    __slots__ = ("_index", "keys", "pods")
+
+    def __init__(self, pods: Sequence[Pod]) -> None:
+        self.pods = pods
+        self.keys = [p.key for p in pods]
+        self._index: dict[str, int] | None = None
+
+    @property
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {key: i for i, key in enumerate(self.keys)}
+        return self._index
+
+
+class PodSignals:
+    def __init__(
+        self,
+        store: MetricsStore | None,
+        inflight: InFlightCounter,
+        *,
+        slow_start_window: float = 30.0,
+        min_weight: float = 0.1,
+        warn_every: float = 60.0,
+        clock: Callable[[], float] | None = None,
+        cache_size: int = 128,
+    ) -> None:
+        if not 0.0 < min_weight <= 1.0:
+            raise ValueError("min_weight must be in (0, 1]")
+        self.store = store
+        self.slow_start_window = slow_start_window
+        self.min_weight = min_weight
+        self.warn_every = warn_every
+        self.now: Callable[[], float] = clock or (store.clock if store else time.monotonic)
+        self._inflight_of = _inflight_reader(inflight)
+        self._sets: dict[int, CandidateSet] = {}
+        self._cache_size = cache_size
+        self._warned_at: dict[str, float] = {}
+        self._fallback_counters: dict[tuple[str, str], Any] = {}
+
+    # -- candidates ---------------------------------------------------------------------
+
+    def candidates(self, pods: Sequence[Pod]) -> CandidateSet:
+        if not isinstance(pods, tuple):
+            return self._new_set(pods)
+        sets = self._sets
+        found = sets.get(id(pods))
+        if found is not None and found.pods is pods:
+            # Least recently used goes first: per-request subset tuples must not push
+            # out a model's long-lived candidate tuple.
+            sets[id(pods)] = sets.pop(id(pods))
+            return found
+        found = self._new_set(pods)
+        # The entry holds the tuple, so its id cannot be reused while cached.
+        if len(sets) >= self._cache_size:
+            del sets[next(iter(sets))]
+        sets[id(pods)] = found
+        return found
+
+    def _new_set(self, pods: Sequence[Pod]) -> CandidateSet:
+        found = CandidateSet(pods)
+        store = self.store
+        if store is not None:
+            # A pod may reach a request before the scraper's next round has seen it; its
+            # slow start must begin now, or it would look idle and take the whole burst.
+            store.mark_routable_all(found.keys, self.now())
+        return found
+
+    # -- signals ------------------------------------------------------------------------
+
+    def loads(self, candidates: CandidateSet, now: float) -> list[int]:
+        """In-flight requests plus the engine's waiting queue (when fresh), per candidate."""
+        keys = candidates.keys
+        inflight = self._inflight_of(keys)
+        waiting = self.store.waiting(now) if self.store is not None else _NO_METRICS
+        if not waiting:
+            return list(inflight)
+        return list(map(add, inflight, map(waiting.get, keys, repeat(0))))
+
+    def fresh(self, now: float) -> Mapping[str, PodMetrics]:
+        return self.store.fresh(now) if self.store is not None else _NO_METRICS
+
+    def ramping(self, candidates: CandidateSet, now: float) -> list[tuple[int, float]]:
+        """(position, weight < 1) of candidates in slow start: routable, no metrics yet,
+        first seen less than `slow_start_window` ago."""
+        store = self.store
+        window = self.slow_start_window
+        if store is None or window <= 0:
+            return []
+        cold = store.cold()
+        if not cold:
+            return []
+        index = candidates.index
+        floor = self.min_weight
+        found: list[tuple[int, float]] = []
+        # Newest first; stop at the first pod whose window is over (the rest are older).
+        for key in reversed(cold):
+            age = now - cold[key]
+            if age >= window:
+                break
+            i = index.get(key)
+            if i is not None:
+                found.append((i, floor + (1.0 - floor) * max(age, 0.0) / window))
+        return found
+
+    def missing_reason(self, pod_key: str, now: float) -> str:
+        """Why a pod could not be scored: no metrics ever, stale metrics, or a field the
+        scorer needs is unknown."""
+        store = self.store
+        if store is None:
+            return "no_metrics"
+        latest = store.latest(pod_key)
+        if latest is None:
+            return "no_metrics"
+        if now - latest.scraped_at > store.staleness:
+            return "stale_metrics"
+        return "no_data"
+
+    # -- fallback accounting -------------------------------------------------------------
+
+    def fallback(self, strategy: str, pod_key: str, reason: str, now: float) -> None:
+        counter = self._fallback_counters.get((strategy, reason))
+        if counter is None:
+            counter = telemetry.ROUTING_FALLBACK.labels(strategy, reason)
+            self._fallback_counters[(strategy, reason)] = counter
+        counter.inc()
+        last = self._warned_at.get(pod_key)
+        if last is None or now - last >= self.warn_every:
+            self._warned_at[pod_key] = now
+            log.warning("routing_fallback", strategy=strategy, pod=pod_key, reason=reason)
+
+    def forget_strategy(self, strategy: str) -> None:
+        """Drop the fallback series of a strategy that no longer exists (an evicted
+        weighted combination)."""
+        for reason in FALLBACK_REASONS:
+            self._fallback_counters.pop((strategy, reason), None)
+            telemetry.remove_series(telemetry.ROUTING_FALLBACK, strategy, reason)
+
+    def forget(self, pod_key: str) -> None:
+        self._warned_at.pop(pod_key, None)
+        for cache_id in [i for i, s in self._sets.items() if pod_key in s.keys]:
+            del self._sets[cache_id]
+
+
+def probation_pick(
+    rng: random.Random, weights: Collection[tuple[int, float]], candidates: int
+) -> int:
+    """Give each pod on probation its share of the traffic, weight / candidates: the
+    position drawn, or -1 when this request is not one of theirs."""
+    draw = rng.random() * candidates
+    for i, weight in weights:
+        draw -= weight
+        if draw < 0.0:
+            return i
+    return -1
+
+
+def weighted_choice(rng: random.Random, weights: Collection[tuple[int, float]]) -> int:
+    """A position drawn in proportion to its weight (weights need not sum to 1)."""
+    draw = rng.random() * sum(w for _, w in weights)
+    last = -1
+    for i, weight in weights:
+        last = i
+        draw -= weight
+        if draw < 0.0:
+            return i
+    return last
+
+
+def _inflight_reader(inflight: InFlightCounter) -> Callable[[list[str]], Iterator[int]]:
+    """Bulk in-flight counts for a key list.
+
+    A live `by_pod()` mapping lets `map(dict.get, ...)` run in C (about 2.5x faster over
+    1,000 pods than a Python call per pod); `count()` is the fallback.
+    """
+    by_pod: Callable[[], Mapping[str, int]] | None = getattr(inflight, "by_pod", None)
+    if by_pod is not None:
+        return lambda keys: map(by_pod().get, keys, repeat(0))
+    return lambda keys: map(inflight.count, keys)
