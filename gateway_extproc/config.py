@@ -34,6 +34,12 @@ class Settings:
     grace_period: float = 10.0
     inject_include_usage: bool = False
     record_dir: str = ""
+    # engine metrics and metric-driven routing
+    metrics_interval: float = 0.2
+    metrics_timeout: float = 1.0
+    metrics_staleness: float = 2.0
+    metrics_concurrency: int = 64
+    slow_start_window: float = 30.0
     # Kubernetes discovery
     kubeconfig: str = ""
     kube_context: str = ""
@@ -218,6 +224,41 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--record-dir",
         default=d.record_dir,
         help="write every stream handled as a conformance recording into this folder",
+    )
+    add_flag(
+        parser,
+        "--metrics-interval",
+        type=positive_float,
+        default=d.metrics_interval,
+        help="seconds between scrapes of each pod's /metrics",
+    )
+    add_flag(
+        parser,
+        "--metrics-timeout",
+        type=positive_float,
+        default=d.metrics_timeout,
+        help="seconds one scrape may take",
+    )
+    add_flag(
+        parser,
+        "--metrics-staleness",
+        type=positive_float,
+        default=d.metrics_staleness,
+        help="seconds after which a pod's metrics count as missing",
+    )
+    add_flag(
+        parser,
+        "--metrics-concurrency",
+        type=positive_int,
+        default=d.metrics_concurrency,
+        help="scrapes in flight at once",
+    )
+    add_flag(
+        parser,
+        "--slow-start-window",
+        type=non_negative_float,
+        default=d.slow_start_window,
+        help="seconds over which a new pod without metrics ramps up to a full share",
     )
     add_kubernetes_arguments(parser, d)
 

@@ -22,10 +22,11 @@ from gateway_extproc.admin import build_admin_app
 from gateway_extproc.config import Settings
 from gateway_extproc.extproc.service import ExternalProcessor
 from gateway_extproc.extproc.session import SessionConfig
+from gateway_extproc.metrics import MetricsScraper, MetricsStore
 from gateway_extproc.models.kubernetes import KubernetesOptions, KubernetesSource
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.static import StaticModelSource
-from gateway_extproc.routing.catalog import StrategyCatalog
+from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.router import Router
 
@@ -45,6 +46,7 @@ class Gateway:
     router: Router
     processor: ExternalProcessor
     source: StaticModelSource | KubernetesSource
+    scraper: MetricsScraper
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
     admin: web.AppRunner
@@ -71,9 +73,20 @@ async def start_gateway(settings: Settings) -> Gateway:
     inflight = InFlightCounter()
     registry.on_pod_removed(inflight.forget)
     registry.on_pod_removed(lambda pod: telemetry.forget_pod_series(pod.key))
+    store = MetricsStore(staleness=settings.metrics_staleness)
+    scraper = MetricsScraper(
+        registry,
+        store,
+        interval=settings.metrics_interval,
+        timeout=settings.metrics_timeout,
+        concurrency=settings.metrics_concurrency,
+    )
+    catalog = build_catalog(
+        store, inflight, slow_start_window=settings.slow_start_window, registry=registry
+    )
     router = Router(
         registry,
-        StrategyCatalog(),
+        catalog,
         settings.default_strategy,
         inflight,
         fallback_endpoints=settings.fallback_endpoints,
@@ -91,6 +104,7 @@ async def start_gateway(settings: Settings) -> Gateway:
     if settings.record_dir:
         Path(settings.record_dir).mkdir(parents=True, exist_ok=True)
     source = await _start_source(settings, registry)
+    await scraper.start()
 
     max_message = settings.max_body_bytes + GRPC_HEADROOM
     grpc_server = grpc.aio.server(
@@ -122,6 +136,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         router=router,
         processor=processor,
         source=source,
+        scraper=scraper,
         grpc_server=grpc_server,
         health=health_servicer,
         admin=admin,
@@ -196,6 +211,7 @@ async def stop_gateway(gateway: Gateway) -> None:
         await gateway.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await gateway.grpc_server.stop(gateway.settings.grace_period)
     await _stop_source(gateway.source)
+    await gateway.scraper.stop()
     await gateway.admin.cleanup()
 
 

@@ -7,6 +7,7 @@ engine metric moves) and released exactly once by the session that took it.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from gateway_extproc import telemetry
 from gateway_extproc.models.registry import Pod
@@ -19,6 +20,10 @@ class InFlightCounter:
 
     def count(self, pod_key: str) -> int:
         return self._by_pod.get(pod_key, 0)
+
+    def by_pod(self) -> Mapping[str, int]:
+        """The live counts by pod key (read-only): strategies read it once per pick."""
+        return self._by_pod
 
     def acquire(self, model: str, pod: Pod) -> None:
         self._by_pod[pod.key] += 1
