@@ -1,0 +1,101 @@
+"""The processor's Prometheus metrics agree with what clients saw: rejections are
+counted, and a request stops being in flight once it is over, however it ended."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.stack import (
+    CHAT_MODEL,
+    LOCALHOST,
+    Gateway,
+    Processor,
+    chat,
+    poll,
+)
+
+
+def samples(processor: Processor, metric: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample of `metric` by its sorted labels."""
+    out = {}
+    for family in text_string_to_metric_families(processor.metrics()):
+        for sample in family.samples:
+            if sample.name == metric:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def rejected_unknown_models(processor: Processor) -> float:
+    # Unknown model names share the empty model label (clients cannot grow the series).
+    labels = (("code", "model_not_found"), ("model", ""), ("status", "404"))
+    return samples(processor, "gateway_requests_total").get(labels, 0.0)
+
+
+def in_flight(processor: Processor) -> dict[tuple[tuple[str, str], ...], float]:
+    return samples(processor, "gateway_in_flight_requests")
+
+
+def test_a_404_is_counted_once(gateway: Gateway, processor: Processor) -> None:
+    before = rejected_unknown_models(processor)
+
+    assert chat(gateway.port, "no-such-model").status == 404
+
+    after = poll(
+        "the 404 is counted",
+        lambda: rejected_unknown_models(processor),
+        lambda value: value >= before + 1,
+    )
+    assert after == before + 1
+
+
+def test_nothing_is_in_flight_after_requests_finish(gateway: Gateway, processor: Processor) -> None:
+    assert chat(gateway.port, CHAT_MODEL).status == 200
+    assert chat(gateway.port, CHAT_MODEL, stream=True).status == 200
+
+    gauges = poll(
+        "no request in flight",
+        lambda: in_flight(processor),
+        lambda seen: bool(seen) and sum(seen.values()) == 0,
+    )
+    # The routed requests were tracked per pod while they ran.
+    assert {dict(labels)["model"] for labels in gauges} >= {CHAT_MODEL}
+
+
+def test_a_stream_the_client_abandons_is_no_longer_in_flight(
+    gateway: Gateway, processor: Processor
+) -> None:
+    # Long enough (thousands of tokens at 2 ms) to still be running when the client
+    # hangs up after the first event.
+    doc = {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "stream": True,
+        "max_tokens": 5000,
+    }
+    body = json.dumps(doc).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {LOCALHOST}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((LOCALHOST, gateway.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"data: " not in received:
+            data = sock.recv(65536)
+            assert data, f"connection closed before the first event: {received!r}"
+            received += data
+        assert received.startswith(b"HTTP/1.1 200")
+        poll(
+            "the stream is in flight",
+            lambda: sum(in_flight(processor).values()),
+            lambda total: total == 1,
+        )
+    # The client is gone: Envoy resets the upstream and ends the ext_proc stream.
+    poll(
+        "the abandoned stream is released",
+        lambda: sum(in_flight(processor).values()),
+        lambda total: total == 0,
+    )

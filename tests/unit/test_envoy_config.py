@@ -1,0 +1,148 @@
+"""The shipped Envoy bootstraps: Envoy itself accepts them (`envoy --mode validate`),
+they agree with the processor's defaults, and `render_envoy_config` moves only ports."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway_extproc import localstack
+from gateway_extproc.config import Settings
+
+CONFIGS = [localstack.ENVOY_CONFIG, localstack.ENVOY_FULL_DUPLEX_CONFIG]
+
+
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [localstack.find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ext_proc_filter(doc: dict[str, Any]) -> dict[str, Any]:
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (ext_proc,) = [
+        f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"
+    ]
+    return ext_proc["typed_config"]  # type: ignore[no-any-return]
+
+
+def cluster(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == name]
+    return found  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_envoy_accepts_the_shipped_config(path: Path) -> None:
+    result = validate(path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
+    # The check above means something only if validate can fail.
+    doc = yaml.safe_load(localstack.ENVOY_FULL_DUPLEX_CONFIG.read_text())
+    ext_proc_filter(doc)["processing_mode"]["request_trailer_mode"] = "SKIP"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(doc))
+
+    result = validate(broken)
+
+    assert result.returncode != 0
+    assert "request_trailer_mode" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_rendered_config_is_valid_and_differs_only_in_ports(path: Path, tmp_path: Path) -> None:
+    rendered_text = localstack.render_envoy_config(
+        path, listen_port=20001, admin_port=20002, extproc_port=20003
+    )
+    rendered_path = tmp_path / "rendered.yaml"
+    rendered_path.write_text(rendered_text)
+
+    result = validate(rendered_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    rendered = yaml.safe_load(rendered_text)
+    original = yaml.safe_load(path.read_text())
+    assert rendered["admin"]["address"]["socket_address"]["port_value"] == 20002
+    listener = rendered["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"]["port_value"] == 20001
+    endpoint = cluster(rendered, localstack.EXTPROC_CLUSTER)["load_assignment"]["endpoints"][0]
+    assert endpoint["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 20003,
+    }
+    # Put the shipped ports back: nothing else may have changed.
+    rendered["admin"]["address"]["socket_address"]["port_value"] = 9901
+    listener["address"]["socket_address"]["port_value"] = 10000
+    endpoint["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = 9002
+    assert rendered == original
+
+
+def test_render_names_what_is_missing(tmp_path: Path) -> None:
+    doc = yaml.safe_load(localstack.ENVOY_CONFIG.read_text())
+    doc["static_resources"]["clusters"] = [
+        c for c in doc["static_resources"]["clusters"] if c["name"] != localstack.EXTPROC_CLUSTER
+    ]
+    path = tmp_path / "no-processor.yaml"
+    path.write_text(yaml.safe_dump(doc))
+
+    with pytest.raises(ValueError, match=localstack.EXTPROC_CLUSTER):
+        localstack.render_envoy_config(path, listen_port=1, admin_port=2, extproc_port=3)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_buffer_limits_agree_with_the_processor_body_limit(path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    limit = Settings().max_body_bytes
+
+    listener = doc["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == limit
+    assert cluster(doc, "inference_pods")["per_connection_buffer_limit_bytes"] == limit
+    # The processor's cluster carries the whole body in one gRPC message, plus framing.
+    assert cluster(doc, localstack.EXTPROC_CLUSTER)["per_connection_buffer_limit_bytes"] > limit
+
+
+def test_processing_modes_are_the_documented_ones() -> None:
+    buffered = ext_proc_filter(yaml.safe_load(localstack.ENVOY_CONFIG.read_text()))
+    duplex = ext_proc_filter(yaml.safe_load(localstack.ENVOY_FULL_DUPLEX_CONFIG.read_text()))
+
+    assert buffered["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "request_body_mode": "BUFFERED",
+        "request_trailer_mode": "SKIP",
+        "response_header_mode": "SEND",
+        "response_body_mode": "STREAMED",
+        "response_trailer_mode": "SKIP",
+    }
+    assert duplex["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "request_trailer_mode": "SEND",
+        "response_header_mode": "SEND",
+        "response_body_mode": "FULL_DUPLEX_STREAMED",
+        "response_trailer_mode": "SEND",
+    }
+    for config in (buffered, duplex):
+        assert config["failure_mode_allow"] is False  # fail closed
+        assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == localstack.EXTPROC_CLUSTER
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_pods_are_reached_through_the_destination_header(path: Path) -> None:
+    pods = cluster(yaml.safe_load(path.read_text()), "inference_pods")
+
+    assert pods["type"] == "ORIGINAL_DST"
+    assert pods["lb_policy"] == "CLUSTER_PROVIDED"
+    assert pods["original_dst_lb_config"] == {
+        "use_http_header": True,
+        "http_header_name": "x-gateway-destination-endpoint",
+    }
