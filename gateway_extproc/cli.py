@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C before a command set up its own handling
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from gateway_extproc import server
 

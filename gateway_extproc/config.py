@@ -33,6 +33,7 @@ class Settings:
     target_pod_header: str = "target-pod"
     grace_period: float = 10.0
     inject_include_usage: bool = False
+    access_log: bool = True
     record_dir: str = ""
     # engine metrics and metric-driven routing
     metrics_interval: float = 0.2
@@ -218,6 +219,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--inject-include-usage",
         default=d.inject_include_usage,
         help="ask engines for the usage chunk of streamed responses so tokens are counted",
+    )
+    add_switch(
+        parser,
+        "--access-log",
+        default=d.access_log,
+        help="log one line per finished request at info level",
     )
     add_flag(
         parser,

@@ -98,11 +98,18 @@ async def start_gateway(settings: Settings) -> Gateway:
             max_body_bytes=settings.max_body_bytes,
             target_pod_header=settings.target_pod_header,
             inject_include_usage=settings.inject_include_usage,
+            access_log=settings.access_log,
         ),
         record_dir=settings.record_dir,
     )
     if settings.record_dir:
         Path(settings.record_dir).mkdir(parents=True, exist_ok=True)
+    if settings.fallback_endpoints:
+        log.warning(
+            "fallback_endpoints_need_a_list_aware_data_plane",
+            hint="x-gateway-destination-endpoint now lists several pods; an Envoy ORIGINAL_DST "
+            f"cluster takes one host: read it from {settings.target_pod_header} instead",
+        )
     source = await _start_source(settings, registry)
     await scraper.start()
 

@@ -81,6 +81,7 @@ class SessionConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     target_pod_header: str = "target-pod"
     inject_include_usage: bool = False
+    access_log: bool = True
     # Used when Envoy does not send protocol_config (older Envoy): the shipped config.
     default_request_body_mode: int = BUFFERED
     default_response_body_mode: int = STREAMED
@@ -438,6 +439,8 @@ class Session:
         accounting = self._accounting
         if accounting is not None and outcome is Outcome.FINISHED:
             accounting.record(model_label, pod, now)
+        if not self._cfg.access_log:
+            return
         ttft = accounting.ttft() if accounting is not None else None
         usage = accounting.usage if accounting is not None else None
         log.info(

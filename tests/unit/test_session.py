@@ -393,3 +393,23 @@ def test_empty_or_foreign_subset_is_503(router, subset):
     session.handle(frames.request_headers(subset=subset))
     status, error = error_of(only(session.handle(frames.request_body(CHAT))))
     assert (status, error["code"]) == (503, "no_ready_pods")
+
+
+def test_fallback_endpoints_are_listed_equally_in_header_and_metadata(registry):
+    router = Router(registry, StrategyCatalog(), "random", InFlightCounter(), fallback_endpoints=1)
+    routed = start_buffered(new_session(router))
+    headers = frames.set_headers(routed)
+    listed = headers["x-gateway-destination-endpoint"].split(",")
+    assert set(listed) == LLAMA_PODS
+    assert headers["target-pod"] == listed[0]  # the pick alone
+    metadata = routed.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+    assert metadata["x-gateway-destination-endpoint"].string_value == ",".join(listed)
+
+
+def test_access_log_line_can_be_switched_off(router, capsys):
+    for access_log in (True, False):
+        session = Session(router, SessionConfig(access_log=access_log))
+        start_buffered(session)
+        session.handle(frames.response_headers(200, end_of_stream=True))
+        captured = capsys.readouterr()
+        assert ("request_finished" in captured.out + captured.err) is access_log
