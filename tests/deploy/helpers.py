@@ -1,0 +1,244 @@
+"""Shared pieces of the deployment tests: rendering the chart with the real Helm engine
+(helm-python-sdk embeds Helm's Go library), reading manifests, and validating objects
+against the Kubernetes schemas (kubernetes-validate, offline) or the CRD schemas kept in
+tests/deploy/schemas.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "gateway-extproc"
+PLAIN = ROOT / "envoy" / "gateway"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+DATA = Path(__file__).resolve().parent / "data"
+
+RELEASE = "gw"
+NAMESPACE = "inference"
+
+# The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest the
+# installed kubernetes-validate knows: an object must be valid on both.
+KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
+
+# Every optional part of the chart switched on, the Gateway in another namespace (so
+# the cross-namespace pieces render too) and cluster-wide RBAC.
+ALL_ON: dict[str, Any] = {
+    "replicaCount": 3,
+    "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
+    "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
+    "rbac": {"scope": "cluster"},
+    "kubernetes": {"watchNamespaces": ["models-a", "models-b"]},
+    "config": {
+        "recordDir": "/var/lib/gateway-extproc/recordings",
+        "injectIncludeUsage": True,
+        "defaultStrategy": "least-request",
+        "extraEnv": {"GATEWAY_LOG_FORMAT": "console"},
+    },
+    "extraArgs": ["--log-level", "debug"],
+    "extraEnv": [{"name": "PYTHONFAULTHANDLER", "value": "1"}],
+    "podAnnotations": {"example.com/team": "inference"},
+    "podLabels": {"example.com/tier": "routing"},
+    "priorityClassName": "system-cluster-critical",
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+        }
+    ],
+    "serviceAccount": {"annotations": {"example.com/owner": "platform"}},
+    "envoyGateway": {
+        "enabled": True,
+        "gateway": {"name": "eg", "namespace": "envoy-gateway-system", "listenerName": "http"},
+        "attachTo": "Gateway",
+        "httpRoute": {"hostnames": ["llm.example.com"]},
+    },
+}
+
+STATIC: dict[str, Any] = {
+    "config": {"discovery": "static"},
+    "staticModels": {
+        "models": [
+            {
+                "name": "llama-3-8b",
+                "pods": [
+                    {"name": "llama-0", "address": "10.0.0.10:8000"},
+                    {"name": "llama-1", "address": "10.0.0.11:8000", "state": "not-ready"},
+                ],
+            }
+        ]
+    },
+}
+
+ENVOY_GATEWAY: dict[str, Any] = {"envoyGateway": {"enabled": True}}
+
+FULL_DUPLEX: dict[str, Any] = {
+    "envoyGateway": {"enabled": True, "extProc": {"fullDuplexStreamed": True}}
+}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "all-on": ALL_ON,
+    "static": STATIC,
+    "envoy-gateway": ENVOY_GATEWAY,
+    "full-duplex": FULL_DUPLEX,
+}
+
+
+@cache
+def _render(values_json: str, release: str, namespace: str) -> tuple[tuple[str, str], ...]:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(
+            json.loads(values_json), name=release, namespace=namespace, is_install=True
+        )
+    return tuple(sorted(rendered.items()))
+
+
+def render(
+    values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+) -> list[dict[str, Any]]:
+    """The chart's Kubernetes objects for these values, in template order."""
+    objects: list[dict[str, Any]] = []
+    for template, text in _render(json.dumps(values or {}, sort_keys=True), release, namespace):
+        if template.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def rendered_texts(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path -> the YAML text Helm produced, before any parsing."""
+    return dict(_render(json.dumps(values or {}, sort_keys=True), RELEASE, NAMESPACE))
+
+
+def render_error(values: dict[str, Any]) -> str:
+    """The message of the Helm error these values cause; fails if they render."""
+    try:
+        render(values)
+    except helm.HelmError as exc:
+        return str(exc)
+    raise AssertionError(f"the chart rendered with {values!r}, expected it to refuse")
+
+
+def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def all_of(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def container(objects: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    containers = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def settings(objects: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """The GATEWAY_* variables the container gets from its settings ConfigMap."""
+    objects = list(objects)
+    env: dict[str, str] = {}
+    for source in container(objects).get("envFrom", []):
+        env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    return env
+
+
+def plain_manifests() -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    for path in sorted(PLAIN.glob("*.yaml")):
+        objects.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return objects
+
+
+# -- schema validation ---------------------------------------------------------------------
+
+
+@cache
+def _crds() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> JSON Schema, from the CRDs in tests/deploy/schemas."""
+    schemas: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(SCHEMAS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schema = _strict(version["schema"]["openAPIV3Schema"])
+            schemas[(f"{group}/{version['name']}", kind)] = schema
+    return schemas
+
+
+def crd_documents() -> list[dict[str, Any]]:
+    return [yaml.safe_load(p.read_text()) for p in sorted(SCHEMAS.glob("*.yaml"))]
+
+
+def _strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """A CRD's structural schema as JSON Schema that rejects fields it does not name.
+
+    The API server would drop (prune) such a field, and `kubectl apply`'s strict field
+    validation refuses it; either way the setting is lost, so here it is an error.
+    """
+    schema = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in schema:
+        schema["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
+        schema.setdefault("additionalProperties", False)
+    elif isinstance(schema.get("additionalProperties"), dict):
+        schema["additionalProperties"] = _strict(schema["additionalProperties"])
+    if "items" in schema:
+        schema["items"] = _strict(schema["items"])
+    if "anyOf" in schema:
+        schema["anyOf"] = [_strict(s) for s in schema["anyOf"]]
+    return schema
+
+
+def is_custom(obj: dict[str, Any]) -> bool:
+    return (obj["apiVersion"], obj["kind"]) in _crds()
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Raise if `obj` is not a valid object of its kind.
+
+    Built-in kinds are checked with kubernetes-validate's strict schemas (unknown fields
+    are errors) for every version in KUBE_VERSIONS; custom resources with the CRD schema
+    from tests/deploy/schemas, plus their metadata as Kubernetes ObjectMeta. A kind with
+    neither is an error, so nothing the chart creates goes unchecked.
+    """
+    where = f"{obj.get('kind')} {obj.get('metadata', {}).get('name')}"
+    key = (obj["apiVersion"], obj["kind"])
+    if key in _crds():
+        try:
+            jsonschema.validate(obj, _crds()[key])
+        except jsonschema.ValidationError as exc:
+            path = "/".join(str(p) for p in exc.absolute_path)
+            raise AssertionError(f"{where}: {path}: {exc.message}") from None
+        # Any built-in kind checks ObjectMeta the same way; a ConfigMap carries nothing else.
+        validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})
+        return
+    for version in KUBE_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            raise AssertionError(f"{where}: no schema: {exc.message}") from None
+        except kubernetes_validate.ValidationError as exc:
+            path = "/".join(str(p) for p in exc.path)
+            raise AssertionError(f"{where} (Kubernetes {version}): {path}: {exc.message}") from None
+
+
+def walk(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every (key path, value) of nested mappings, parents before children."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield (*path, str(key)), child
+            yield from walk(child, (*path, str(key)))
