@@ -55,7 +55,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from gateway_extproc import server
 
-        return server.run(config.settings_from_args(args))
+        return server.run(config.settings_from_args(args), config.unknown_environment(args))
     if args.command == "simulate":
         from gateway_extproc.simulator import app as simulator_app
 

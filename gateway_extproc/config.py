@@ -337,6 +337,12 @@ def namespaces_from(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(n.strip() for n in raw.split(",") if n.strip())
 
 
+def unknown_environment(args: argparse.Namespace) -> list[str]:
+    """GATEWAY_* variables that no flag reads: most likely typos, worth a warning."""
+    known = {ENV_PREFIX + dest.upper() for dest in vars(args)}
+    return sorted(name for name in os.environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     names = {f.name for f in fields(Settings)}
     values = {k: v for k, v in vars(args).items() if k in names}

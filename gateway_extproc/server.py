@@ -245,8 +245,14 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, unknown_environment: list[str] | None = None) -> int:
     telemetry.configure_logging(settings.log_level, settings.log_format)
+    if unknown_environment:
+        log.warning(
+            "unknown_environment_variables",
+            names=unknown_environment,
+            hint="no flag reads these; see docs/configuration.md",
+        )
     try:
         _run_loop(serve(settings))
     except OSError as exc:

@@ -6,7 +6,12 @@ import argparse
 
 import pytest
 
-from gateway_extproc.config import add_serve_arguments, env_name, settings_from_args
+from gateway_extproc.config import (
+    add_serve_arguments,
+    env_name,
+    settings_from_args,
+    unknown_environment,
+)
 
 
 def parse(argv: list[str]):
@@ -44,3 +49,11 @@ def test_bad_environment_values_stop_start_up_with_the_variable_named(
         parse([])
     assert caught.value.code == 2
     assert var in capsys.readouterr().err
+
+
+def test_unknown_gateway_variables_are_named(monkeypatch):
+    monkeypatch.setenv("GATEWAY_GRPC_PROT", "9100")  # a typo
+    monkeypatch.setenv("GATEWAY_GRPC_PORT", "9100")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert unknown_environment(parser.parse_args([])) == ["GATEWAY_GRPC_PROT"]
