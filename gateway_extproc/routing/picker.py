@@ -29,6 +29,10 @@ from gateway_extproc.routing.signals import PodSignals, probation_pick, weighted
 
 # Scores this close are equal: float noise must not decide between equal pods.
 TIE = 1e-9
+# Scores within this much of the best (scores run 0..1) compete as equals and the
+# tie-break (least load) decides: metric estimates are only this good, and without it a
+# pod whose recent TTFT is 1% lower would win every pick until the next scrape.
+SCORE_TOLERANCE = 0.02
 # Below every real score (0..1): marks pods that do not compete on score.
 _OUT = -1.0
 
@@ -113,7 +117,7 @@ class ScoredStrategy:
         return out
 
     def _best(self, values: list[float], best: float, ctx: ScoringContext) -> int:
-        cut = best - TIE
+        cut = best - SCORE_TOLERANCE
         tied = [i for i, v in enumerate(values) if v >= cut]
         if len(tied) > 1 and self._tiebreak is not None:
             extra = self._tiebreak.score(ctx)

@@ -421,3 +421,36 @@ def test_candidates_may_be_any_sequence(name: str) -> None:
     for _ in range(20):
         ranked = setup.strategy(name).rank(subset, request, 2)
         assert sorted(p.name for p in ranked) == ["p0", "p2"]
+
+
+def test_least_latency_spreads_over_pods_whose_latency_differs_by_noise():
+    setup = Setup(3, slow_start_window=0)
+    for pod in setup.pods:
+        setup.store.mark_routable(pod.key)
+    # Two scrapes so recent means exist; TTFT 20.0, 20.2 and 20.4 ms: noise. The engines
+    # report as running what is in flight, as they do between scrapes.
+    for k in (1, 2):
+        for i, pod in enumerate(setup.pods):
+            ttft = 0.020 + 0.0002 * i
+            setup.store.record(
+                pod.key,
+                EngineSample(
+                    running=6,
+                    waiting=0,
+                    ttft_sum=ttft * 10 * k,
+                    ttft_count=10.0 * k,
+                    e2e_sum=0.1 * k,
+                    e2e_count=1.0 * k,
+                ),
+            )
+        setup.clock.now += 0.5
+    counts: Counter[str] = Counter()
+    held: list[Pod] = []
+    for _ in range(300):  # a steady 6 requests in flight
+        pod = setup.route("least-latency")
+        counts[pod.name] += 1
+        held.append(pod)
+        if len(held) > 6:
+            setup.inflight.release("m", held.pop(0))
+    assert set(counts) == {"p0", "p1", "p2"}, counts
+    assert min(counts.values()) >= 80, counts
