@@ -3,6 +3,17 @@
 Each response names the pod that served it (`x-simulator-pod: host:port` and a reply
 starting `sim-<port>:`), taken from the socket the request arrived on, so it is right
 for ephemeral ports and for any address the gateway used to reach the pod.
+
+Two request headers shape how a streamed (SSE) response is written, so that tests can
+make a proxy in front see particular chunkings (vLLM has nothing like them; without
+them the stream is written one event per write, as vLLM does):
+
+- `x-simulator-stream-pieces: N` writes the stream in pieces of exactly N bytes (the
+  last may be shorter), cut wherever N falls, so events are split mid-event;
+- `x-simulator-stream-pause-ms: MS` pauses MS milliseconds after every write, so each
+  write reaches the client as a read of its own instead of merged with the next. The
+  usage chunk and `data: [DONE]` are always one write, so with a pause they arrive
+  together in one chunk of their own.
 """
 
 from __future__ import annotations
@@ -48,6 +59,10 @@ SHUTDOWN_GRACE_S = 1.0
 MAX_REQUEST_ID = 128
 GARBAGE_METRICS = b"<html><body><h1>502 Bad Gateway</h1>{{ not prometheus }}</body></html>\n"
 JSON = "application/json"
+# Request headers that shape a streamed response's writes (see the module docstring).
+STREAM_PIECES_HEADER = "x-simulator-stream-pieces"
+STREAM_PAUSE_HEADER = "x-simulator-stream-pause-ms"
+MAX_STREAM_PAUSE_MS = 10_000.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -357,6 +372,8 @@ async def _stream(
     created: int,
     chat: bool,
 ) -> web.StreamResponse:
+    # Checked before the headers go out, so a bad knob is still a 400.
+    shaper = _StreamShaper.from_headers(request)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
@@ -370,13 +387,14 @@ async def _stream(
                 event = chunks.token(token, "length" if sent == last else None)
                 if sent == 0 and chat:
                     event = chunks.role() + event
-                await response.write(event)
+                await shaper.write(response, event)
                 sent += 1
         tail = protocol.SSE_DONE
         if params.include_usage:
             use = protocol.usage(len(engine_request.prompt_ids), sent)
             tail = chunks.usage(use) + tail
-        await response.write(tail)
+        await shaper.write(response, tail)
+        await shaper.flush(response)
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client hung up; leaving the generator already freed the engine slot
@@ -384,6 +402,58 @@ async def _stream(
         # Headers are gone, so the status cannot change: log and cut the stream short.
         log.exception("simulator_stream_failed", path=request.path)
     return response
+
+
+class _StreamShaper:
+    """Writes a streamed body as the `x-simulator-stream-*` request headers ask."""
+
+    __slots__ = ("_pause_s", "_pending", "_piece")
+
+    def __init__(self, piece: int, pause_ms: float) -> None:
+        self._piece = piece  # 0: every write goes out as it is
+        self._pause_s = pause_ms / 1000.0
+        self._pending = b""
+
+    @classmethod
+    def from_headers(cls, request: web.Request) -> _StreamShaper:
+        raw_piece = request.headers.get(STREAM_PIECES_HEADER, "").strip()
+        raw_pause = request.headers.get(STREAM_PAUSE_HEADER, "").strip()
+        piece = 0
+        if raw_piece:
+            if not raw_piece.isdigit() or not 1 <= int(raw_piece) <= MAX_BODY_BYTES:
+                raise protocol.invalid(f"{STREAM_PIECES_HEADER} must be a positive byte count")
+            piece = int(raw_piece)
+        pause_ms = 0.0
+        if raw_pause:
+            try:
+                pause_ms = float(raw_pause)
+            except ValueError:
+                pause_ms = -1.0
+            if not 0.0 <= pause_ms <= MAX_STREAM_PAUSE_MS:
+                raise protocol.invalid(
+                    f"{STREAM_PAUSE_HEADER} must be milliseconds from 0 to {MAX_STREAM_PAUSE_MS:g}"
+                )
+        return cls(piece, pause_ms)
+
+    async def write(self, response: web.StreamResponse, data: bytes) -> None:
+        if not self._piece:
+            await self._send(response, data)
+            return
+        self._pending += data
+        while len(self._pending) >= self._piece:
+            piece, self._pending = self._pending[: self._piece], self._pending[self._piece :]
+            await self._send(response, piece)
+
+    async def flush(self, response: web.StreamResponse) -> None:
+        """Send what is left of the last piece."""
+        if self._pending:
+            piece, self._pending = self._pending, b""
+            await self._send(response, piece)
+
+    async def _send(self, response: web.StreamResponse, data: bytes) -> None:
+        await response.write(data)
+        if self._pause_s:
+            await asyncio.sleep(self._pause_s)
 
 
 async def _embeddings(request: web.Request) -> web.StreamResponse:

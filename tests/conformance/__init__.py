@@ -1,0 +1,1 @@
+"""Recorded-frame conformance: real Envoy traffic recorded once, replayed on every run."""
