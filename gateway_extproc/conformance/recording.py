@@ -33,7 +33,8 @@ def load(path: Path) -> rec.Recording:
 
 
 def dumps(recording: rec.Recording) -> str:
-    return json_format.MessageToJson(recording, indent=2) + "\n"
+    # Sorted keys: two captures of the same exchange diff cleanly.
+    return json_format.MessageToJson(recording, indent=2, sort_keys=True) + "\n"
 
 
 def save(recording: rec.Recording, path: Path) -> None:

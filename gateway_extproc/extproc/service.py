@@ -42,7 +42,6 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         session = Session(self._router, self._config)
         recorder = self._recorder()
         self.open_streams += 1
-        cancelled = True
         try:
             async for frame in request_iterator:
                 responses = session.handle(frame)
@@ -52,7 +51,6 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                     continue  # Envoy expects no answer in observability mode
                 for response in responses:
                     yield response
-            cancelled = False
         except asyncio.CancelledError:
             raise  # Envoy cancelled the stream; the session is closed as aborted below
         except Exception:
@@ -61,10 +59,12 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in gateway-extproc")
         finally:
             self.open_streams -= 1
-            # A stream that ends before the response is complete was cut short.
+            # A stream that ends before the response is complete was cut short. (How it
+            # ends is no guide: Envoy half-closes and resets every stream at once.)
+            cut_short = session.outcome is None
             session.close(Outcome.ABORTED)
             if recorder is not None:
-                self._write(recorder, cancelled)
+                self._write(recorder, cut_short)
 
     def _recorder(self) -> StreamRecorder | None:
         if self._record_dir is None:
