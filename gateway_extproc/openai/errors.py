@@ -21,16 +21,12 @@ class GatewayError(Exception):
     retry_after: int | None = None
 
     def body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            }
-        )
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None, code: str) -> bytes:
+    """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
 def invalid_body(message: str) -> GatewayError:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway_extproc.openai.errors import error_body
 from gateway_extproc.simulator import text
 
 
@@ -35,16 +36,7 @@ class ApiError(Exception):
         self.type = type
 
     def body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            }
-        )
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 def invalid(message: str, param: str | None = None) -> ApiError:
