@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -95,6 +96,12 @@ def remove_series(metric: Any, *labels: str) -> None:
         metric.remove(*labels)
 
 
+def _orjson_text(event: Any, **_: Any) -> str:
+    # orjson renders a log line several times faster than json.dumps; the access log
+    # writes one per request.
+    return orjson.dumps(event, default=str).decode()
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Structured logs to stderr: JSON for machines, `console` for people."""
     level_no = logging.getLevelName(level.upper())
@@ -104,7 +111,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_orjson_text)
     )
     structlog.configure(
         processors=[
