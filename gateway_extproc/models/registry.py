@@ -79,7 +79,9 @@ class ModelRegistry:
 
     _pods: dict[str, Pod] = field(default_factory=dict)
     _views: dict[str, ModelView] = field(default_factory=dict)
-    _keys_by_model: dict[str, set[str]] = field(default_factory=dict)
+    # model -> its pods' keys, in insertion order (a dict used as an ordered set), so a
+    # view is rebuilt without sorting.
+    _keys_by_model: dict[str, dict[str, None]] = field(default_factory=dict)
     _model_listeners: list[ModelChangeListener] = field(default_factory=list)
     _pod_listeners: list[PodRemovedListener] = field(default_factory=list)
     synced: bool = False
@@ -114,31 +116,55 @@ class ModelRegistry:
     # -- writing (sources) --------------------------------------------------------------
 
     def upsert_pod(self, pod: Pod) -> None:
-        old = self._pods.get(pod.key)
-        if old == pod:
-            return
-        self._pods[pod.key] = pod
-        self._index(old, remove=True)
-        self._index(pod, remove=False)
-        self._refresh(_models_of(old, pod))
+        self._refresh(self._store(pod))
 
     def delete_pod(self, key: str) -> None:
-        old = self._pods.pop(key, None)
-        if old is None:
-            return
-        self._index(old, remove=True)
-        self._refresh(set(old.models))
-        for listener in self._pod_listeners:
-            listener(old)
+        touched, removed = self._remove(key)
+        self._refresh(touched)
+        if removed is not None:
+            self._tell_removed(removed)
 
     def replace_all(self, pods: Iterable[Pod]) -> None:
-        """Make the registry hold exactly `pods` (a full list or a static file reload)."""
+        """Make the registry hold exactly `pods` (a full list or a static file reload).
+
+        Each model's view is rebuilt once at the end, not once per pod: a relist of
+        thousands of pods stays linear."""
         wanted = {p.key: p for p in pods}
+        touched: set[str] = set()
+        removed: list[Pod] = []
         for key in [k for k in self._pods if k not in wanted]:
-            self.delete_pod(key)
+            models, pod = self._remove(key)
+            touched |= models
+            if pod is not None:
+                removed.append(pod)
         for pod in wanted.values():
-            self.upsert_pod(pod)
+            touched |= self._store(pod)
+        self._refresh(touched)
+        for pod in removed:
+            self._tell_removed(pod)
         self.synced = True
+
+    def _store(self, pod: Pod) -> set[str]:
+        """Write `pod`; the models whose views must be rebuilt."""
+        old = self._pods.get(pod.key)
+        if old == pod:
+            return set()
+        self._pods[pod.key] = pod
+        if old is None or old.models != pod.models:
+            self._index(old, remove=True)
+            self._index(pod, remove=False)
+        return _models_of(old, pod)
+
+    def _remove(self, key: str) -> tuple[set[str], Pod | None]:
+        old = self._pods.pop(key, None)
+        if old is None:
+            return set(), None
+        self._index(old, remove=True)
+        return set(old.models), old
+
+    def _tell_removed(self, pod: Pod) -> None:
+        for listener in self._pod_listeners:
+            listener(pod)
 
     # -- derivation ---------------------------------------------------------------------
 
@@ -146,19 +172,18 @@ class ModelRegistry:
         if pod is None:
             return
         for name in pod.models:
-            keys = self._keys_by_model.setdefault(name, set())
+            keys = self._keys_by_model.setdefault(name, {})
             if remove:
-                keys.discard(pod.key)
+                keys.pop(pod.key, None)
                 if not keys:
                     del self._keys_by_model[name]
             else:
-                keys.add(pod.key)
+                keys[pod.key] = None
 
     def _refresh(self, model_names: set[str]) -> None:
         for name in model_names:
             before = self._views.get(name)
-            keys = sorted(self._keys_by_model.get(name, ()))
-            pods = tuple(self._pods[k] for k in keys)
+            pods = tuple(self._pods[k] for k in self._keys_by_model.get(name, ()))
             after = _derive_view(name, pods)
             if after.state is ModelState.ABSENT:
                 self._views.pop(name, None)
