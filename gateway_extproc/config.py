@@ -41,6 +41,7 @@ class Settings:
     metrics_staleness: float = 2.0
     metrics_concurrency: int = 64
     slow_start_window: float = 30.0
+    routing_seed: int | None = None
     # Kubernetes discovery
     kubeconfig: str = ""
     kube_context: str = ""
@@ -266,6 +267,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         default=d.slow_start_window,
         help="seconds over which a new pod without metrics ramps up to a full share",
+    )
+    add_flag(
+        parser,
+        "--routing-seed",
+        type=int,
+        default=d.routing_seed,
+        help="seed the strategies' random choices (reproducible benchmarks); default: unseeded",
     )
     add_kubernetes_arguments(parser, d)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -82,7 +83,11 @@ async def start_gateway(settings: Settings) -> Gateway:
         concurrency=settings.metrics_concurrency,
     )
     catalog = build_catalog(
-        store, inflight, slow_start_window=settings.slow_start_window, registry=registry
+        store,
+        inflight,
+        slow_start_window=settings.slow_start_window,
+        registry=registry,
+        rng=random.Random(settings.routing_seed),
     )
     router = Router(
         registry,
