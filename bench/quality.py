@@ -180,7 +180,9 @@ def start_fleet(log_dir: Path, simulator_args: tuple[str, ...]) -> Fleet:
                 log_dir,
                 grpc_port=grpc_port,
                 admin_port=admin,
-                extra_args=["--log-format", "json", "--log-level", "info"],
+                # A fixed seed: the same workload routes the same way on every run
+                # (random's figures drifted between runs without it).
+                extra_args=["--log-format", "json", "--log-level", "info", "--routing-seed", "1"],
                 env=env,
             )
         )
