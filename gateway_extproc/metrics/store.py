@@ -115,6 +115,10 @@ class MetricsStore:
         # Pods routable and never scraped yet, in the order they were first seen routable.
         self._cold: dict[str, float] = {}
         self._seen_routable: set[str] = set()
+        # Moves whenever `fresh()` / `waiting()` may answer differently (a scrape recorded,
+        # a pod forgotten, metrics expired), so the router can keep per-pod vectors
+        # derived from them until the next change instead of rebuilding them per request.
+        self.version = 0
 
     # -- reading ------------------------------------------------------------------------
 
@@ -144,6 +148,12 @@ class MetricsStore:
         """Pod key -> the engine's waiting queue, for pods with fresh metrics that show it."""
         self._expire(self.clock() if now is None else now)
         return self._waiting
+
+    def fresh_version(self, now: float | None = None) -> int:
+        """`version` once metrics older than `staleness` at `now` have expired: equal
+        answers mean `fresh()` and `waiting()` have not changed in between."""
+        self._expire(self.clock() if now is None else now)
+        return self.version
 
     def first_routable_at(self, pod_key: str) -> float | None:
         state = self._pods.get(pod_key)
@@ -210,6 +220,7 @@ class MetricsStore:
         self._cold.pop(pod_key, None)
 
         # Move to the back: `_fresh` stays ordered by scrape time.
+        self.version += 1
         self._fresh.pop(pod_key, None)
         self._fresh[pod_key] = metrics
         self._waiting.pop(pod_key, None)
@@ -228,6 +239,7 @@ class MetricsStore:
     def forget(self, pod: Pod | str) -> None:
         """Drop everything kept about a deleted pod, its Prometheus series included."""
         key = pod if isinstance(pod, str) else pod.key
+        self.version += 1
         self._pods.pop(key, None)
         self._fresh.pop(key, None)
         self._waiting.pop(key, None)
@@ -245,6 +257,7 @@ class MetricsStore:
             key = next(iter(fresh))
             if fresh[key].scraped_at >= cutoff:
                 return
+            self.version += 1
             del fresh[key]
             self._waiting.pop(key, None)
 

@@ -12,6 +12,14 @@ Per decision:
    request), then to chance, so equal pods share the load;
 4. when no pod has a score, the pick is random, weighted by slow start.
 
+Two shortcuts give the same pick, with the same random draws, for a single pick (no
+fallback endpoints) when every pod has data and none is in slow start: when some scorers
+change only with a scrape (KV cache, throughput), bounds computed once per scrape rule
+out the pods that cannot come within SCORE_TOLERANCE of the best, and only the rest are
+scored (`_shortlisted`); when the last scorer is the load term and the others are
+per-scrape or sparse (prefix cache), a per-scrape partial sum plus that term is one pass
+(`_fused`).
+
 A pick made without the data the strategy needed is counted in
 `gateway_routing_fallback_total{strategy,reason}` and warned about once per pod per minute.
 """
@@ -21,10 +29,22 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import add, ge
+from typing import cast
 
 from gateway_extproc.models.registry import Pod
 from gateway_extproc.routing.base import RoutingRequest
-from gateway_extproc.routing.scorers import Scorer, Scores, ScoringContext
+from gateway_extproc.routing.scorers import (
+    AffineScorer,
+    LoweringScorer,
+    PartialScorer,
+    PerScrapeScorer,
+    Scorer,
+    Scores,
+    ScoringContext,
+    SparseScorer,
+)
 from gateway_extproc.routing.signals import PodSignals, probation_pick, weighted_choice
 
 # Scores this close are equal: float noise must not decide between equal pods.
@@ -35,6 +55,21 @@ TIE = 1e-9
 SCORE_TOLERANCE = 0.02
 # Below every real score (0..1): marks pods that do not compete on score.
 _OUT = -1.0
+# Above every score a scorer can return (1, give or take rounding): the upper bound used
+# to rule pods out before scoring them.
+_ABOVE_ONE = 1.0 + 1e-9
+
+
+class _Shortlist:
+    """Per scrape: the pods that can still come within SCORE_TOLERANCE of the best,
+    whatever the live scorers say (None when some pod has no data: full ranking then),
+    and the per-scrape scorers' columns at those positions."""
+
+    __slots__ = ("columns", "positions")
+
+    def __init__(self, positions: list[int] | None, columns: list[Scores | None]) -> None:
+        self.positions = positions
+        self.columns = columns
 
 
 class ScoredStrategy:
@@ -56,6 +91,57 @@ class ScoredStrategy:
         self._signals = signals
         self._rng = rng
         self._tiebreak = tiebreak
+        # Scorers whose columns only change with a scrape, and the others when they can
+        # score a few positions: then most pods can be ruled out once per scrape.
+        self._per_scrape: tuple[PerScrapeScorer | None, ...] = tuple(
+            cast("PerScrapeScorer", s) if hasattr(s, "column") else None for s, _ in self.scorers
+        )
+        self._partial: tuple[PartialScorer | None, ...] = tuple(
+            cast("PartialScorer", s) if hasattr(s, "score_at") else None for s, _ in self.scorers
+        )
+        self._sparse: tuple[SparseScorer | None, ...] = tuple(
+            cast("SparseScorer", s) if hasattr(s, "sparse") else None for s, _ in self.scorers
+        )
+        # Or, when the last scorer is an affine function of load and the others are
+        # per-scrape or sparse, the combined score is a per-scrape sum plus that term:
+        # one pass per decision.
+        last = self.scorers[-1][0]
+        self._affine = (
+            cast("AffineScorer", last)
+            if hasattr(last, "affine")
+            and len(self.scorers) > 1
+            and all(
+                a is not None or b is not None
+                for a, b in zip(self._per_scrape[:-1], self._sparse[:-1], strict=True)
+            )
+            else None
+        )
+        self._fused_key = object()
+        # Or, for a single sparse scorer (prefix cache), only the pods it scores above 0.
+        self._only_sparse = self._sparse[0] if len(self.scorers) == 1 else None
+        # Or, for a single scorer that live inputs can only lower (latency), the pods
+        # within tolerance of the best per scrape, minus those this decision lowered.
+        only = self.scorers[0][0]
+        self._lowering = (
+            cast("LoweringScorer", only)
+            if len(self.scorers) == 1 and hasattr(only, "moved")
+            else None
+        )
+        self._prunable = any(self._per_scrape) and all(
+            a is not None or b is not None
+            for a, b in zip(self._per_scrape, self._partial, strict=True)
+        )
+        # When the tie-breaker is also one of several scorers, its column from the same
+        # decision is reused rather than computed twice (a single column is the one the
+        # ranking edits, so it cannot serve).
+        self._tiebreak_column = next(
+            (
+                j
+                for j, (scorer, _) in enumerate(self.scorers)
+                if scorer is tiebreak and len(self.scorers) > 1
+            ),
+            -1,
+        )
 
     def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]:
         n = len(candidates)
@@ -67,9 +153,22 @@ class ScoredStrategy:
         if n == 1:
             self._picked(0, ctx)
             return [candidates[0]]
+        if count == 1 and (self._prunable or self._affine or self._lowering or self._only_sparse):
+            if self._prunable:
+                chosen = self._shortlisted(ctx)
+            elif self._affine is not None:
+                chosen = self._fused(ctx)
+            elif self._lowering is not None:
+                chosen = self._lowered(ctx)
+            else:
+                chosen = self._sparse_pick(ctx)
+            if chosen >= 0:
+                self._picked(chosen, ctx)
+                return [candidates[chosen]]
 
         # Combined score per pod; _OUT marks pods that do not compete on score.
-        scores = self._combine([scorer.score(ctx) for scorer, _ in self.scorers])
+        columns = [scorer.score(ctx) for scorer, _ in self.scorers]
+        scores = self._combine(columns)
         # position -> traffic weight of pods on probation
         probation: dict[int, float] = {}
         if None in scores:
@@ -89,7 +188,7 @@ class ScoredStrategy:
             if best == _OUT:
                 chosen = weighted_choice(rng, probation.items())
             else:
-                chosen = self._best(values, best, ctx)
+                chosen = self._best(values, best, ctx, columns)
 
         ranked = [candidates[chosen]]
         if count > 1:
@@ -101,31 +200,209 @@ class ScoredStrategy:
         return ranked
 
     def _combine(self, columns: list[Scores]) -> Scores:
-        """Weighted mean per pod, None when any scorer has no data for it; one list pass
-        per scorer rather than a Python loop over scorers per pod."""
+        """Weighted mean per pod, None when any scorer has no data for it: one fused pass
+        for two or three scorers (the sums are evaluated in the same order as the
+        general loop, so the floats are the same), else one list pass per scorer."""
         if len(columns) == 1:
             return columns[0]
         total = self._total_weight
-        first = self._weights[0] / total
+        w = [weight / total for weight in self._weights]
+        if len(columns) == 2:
+            w1, w2 = w
+            return [
+                None if a is None or b is None else w1 * a + w2 * b
+                for a, b in zip(columns[0], columns[1], strict=True)
+            ]
+        if len(columns) == 3:
+            w1, w2, w3 = w
+            return [
+                None if a is None or b is None or c is None else w1 * a + w2 * b + w3 * c
+                for a, b, c in zip(columns[0], columns[1], columns[2], strict=True)
+            ]
+        first = w[0]
         out: Scores = [None if s is None else first * s for s in columns[0]]
-        for column, weight in zip(columns[1:], self._weights[1:], strict=True):
-            w = weight / total
+        for column, wk in zip(columns[1:], w[1:], strict=True):
             out = [
-                None if a is None or b is None else a + w * b
+                None if a is None or b is None else a + wk * b
                 for a, b in zip(out, column, strict=True)
             ]
         return out
 
-    def _best(self, values: list[float], best: float, ctx: ScoringContext) -> int:
+    def _best(
+        self, values: list[float], best: float, ctx: ScoringContext, columns: list[Scores]
+    ) -> int:
+        # Positions within the tolerance of the best, found by C-level passes.
         cut = best - SCORE_TOLERANCE
-        tied = [i for i, v in enumerate(values) if v >= cut]
+        tied = list(compress(range(len(values)), map(ge, values, repeat(cut))))
+        j = self._tiebreak_column
+        if j >= 0 and len(tied) > 1:
+            return self._break_tie(tied, ctx, list(map(columns[j].__getitem__, tied)))
+        return self._break_tie(tied, ctx, None)
+
+    def _break_tie(self, tied: list[int], ctx: ScoringContext, found: Scores | None) -> int:
+        """Among positions tied on score: the best by the tie-breaker (its scores at
+        `tied` are `found` when the caller has them), then one at random."""
         if len(tied) > 1 and self._tiebreak is not None:
-            extra = self._tiebreak.score(ctx)
-            known = [i for i in tied if extra[i] is not None]
+            if found is None:
+                score_at = getattr(self._tiebreak, "score_at", None)
+                if score_at is not None:
+                    found = score_at(ctx, tied)
+                else:
+                    found = list(map(self._tiebreak.score(ctx).__getitem__, tied))
+            known = tied
+            if None in found:
+                known = [i for i, e in zip(tied, found, strict=True) if e is not None]
+                found = [e for e in found if e is not None]
             if known:
-                top = max(extra[i] for i in known)  # type: ignore[type-var]
-                tied = [i for i in known if extra[i] >= top - TIE]  # type: ignore[operator]
+                top: float = max(found)  # type: ignore[type-var,assignment]
+                tied = list(compress(known, map(ge, found, repeat(top - TIE))))
         return tied[self._rng.randrange(len(tied))] if len(tied) > 1 else tied[0]
+
+    def _shortlisted(self, ctx: ScoringContext) -> int:
+        """The pick `rank` would make, scoring only the shortlist (-1: rank in full).
+
+        Same scores, same tie-break, same draws from the RNG as the full ranking: every
+        score is in 0..1, so a pod whose combined score with every live scorer at 1
+        stays below (another pod's score with them at 0) - tolerance can neither be the
+        best nor tie with it.
+        """
+        shortlist: _Shortlist = ctx.per_scrape(self, lambda _: self._shortlist(ctx))
+        positions = shortlist.positions
+        if positions is None or self._signals.ramping(ctx.candidates, ctx.now):
+            return -1  # pods without data or on probation: the full ranking draws for them
+        columns: list[Scores] = [
+            column if column is not None else partial.score_at(ctx, positions)  # type: ignore[union-attr,misc]
+            for column, partial in zip(shortlist.columns, self._partial, strict=True)
+        ]
+        values: list[float] = self._combine(columns)  # type: ignore[assignment]
+        cut = max(values) - SCORE_TOLERANCE
+        tied = [positions[k] for k in compress(range(len(values)), map(ge, values, repeat(cut)))]
+        found: Scores | None = None
+        j = self._tiebreak_column
+        if j >= 0 and len(tied) > 1:
+            per_scrape = self._per_scrape[j]
+            if per_scrape is not None:
+                found = list(map(per_scrape.column(ctx).__getitem__, tied))
+            else:
+                found = self._partial[j].score_at(ctx, tied)  # type: ignore[union-attr,assignment]
+        return self._break_tie(tied, ctx, found)
+
+    def _fused(self, ctx: ScoringContext) -> int:
+        """The pick `rank` would make, in one pass over the candidates (-1: rank in full).
+
+        Same floats as `_combine`: a pod's combined score is (its weighted sum of the
+        other scorers, left to right) + w * ((hi - load) * inv), and that sum is
+        per-scrape for every pod but the few the sparse scorers score above 0.
+        """
+        base: list[float] | None = ctx.per_scrape(self._fused_key, lambda _: self._fused_base(ctx))
+        if base is None or self._signals.ramping(ctx.candidates, ctx.now):
+            return -1  # pods without data or on probation: the full ranking draws for them
+        w = self._weights[-1] / self._total_weight
+        loads = ctx.loads()
+        affine = self._affine.affine(ctx)  # type: ignore[union-attr]
+        by_load = self._affine.by_load(ctx)  # type: ignore[union-attr]
+        if by_load is not None:
+            # w * score for each load value, then a C-level lookup and add per pod.
+            term = [w * q for q in by_load]
+            values = list(map(add, base, map(term.__getitem__, loads)))
+        elif affine is None:
+            values = [a + w * 1.0 for a in base]
+        else:
+            hi, inv = affine
+            values = [a + w * ((hi - x) * inv) for a, x in zip(base, loads, strict=True)]
+        touched: dict[int, None] = {}
+        found: list[dict[int, float] | None] = []
+        for sparse in self._sparse[:-1]:
+            column = sparse.sparse(ctx) if sparse is not None else None
+            found.append(column)
+            if column:
+                touched.update(dict.fromkeys(column))
+        for i in touched:
+            terms = [
+                column.get(i, 0.0) if column is not None else per_scrape.column(ctx)[i]  # type: ignore[union-attr]
+                for column, per_scrape in zip(found, self._per_scrape, strict=False)
+            ]
+            q = 1.0 if affine is None else (affine[0] - loads[i]) * affine[1]
+            values[i] = self._weighted_sum([*terms, q])  # type: ignore[list-item]
+        cut = max(values) - SCORE_TOLERANCE
+        tied = list(compress(range(len(values)), map(ge, values, repeat(cut))))
+        return self._break_tie(tied, ctx, None)
+
+    def _lowered(self, ctx: ScoringContext) -> int:
+        """The pick `rank` would make when scores can only have dropped below the
+        per-scrape column and its best stands (-1: rank in full): the pods within
+        tolerance of that best, minus those that dropped out of it."""
+        moved = self._lowering.moved(ctx)  # type: ignore[union-attr]
+        if moved is None or self._signals.ramping(ctx.candidates, ctx.now):
+            return -1
+        column, lowered = moved
+        near: tuple[list[int], float] | None = ctx.per_scrape(
+            self._fused_key, lambda _: self._near_best(column)
+        )
+        if near is None:
+            return -1  # pods without data: the full ranking draws for them
+        positions, cut = near
+        tied = [i for i in positions if lowered.get(i, column[i]) >= cut]  # type: ignore[operator]
+        return self._break_tie(tied, ctx, None)
+
+    def _sparse_pick(self, ctx: ScoringContext) -> int:
+        """The pick `rank` would make when one sparse scorer scores every pod 0.0 but
+        a few (-1: rank in full): only those few can beat the rest."""
+        if self._signals.ramping(ctx.candidates, ctx.now):
+            return -1
+        scored = self._only_sparse.sparse(ctx)  # type: ignore[union-attr]
+        cut = max(scored.values(), default=0.0) - SCORE_TOLERANCE
+        if cut <= 0.0:  # 0.0 is within tolerance: every pod is tied
+            tied = list(range(len(ctx.candidates.keys)))
+        else:
+            tied = sorted(i for i, score in scored.items() if score >= cut)
+        return self._break_tie(tied, ctx, None)
+
+    @staticmethod
+    def _near_best(column: Scores) -> tuple[list[int], float] | None:
+        if None in column:
+            return None
+        cut = max(column) - SCORE_TOLERANCE  # type: ignore[type-var,operator]
+        return list(compress(range(len(column)), map(ge, column, repeat(cut)))), cut  # type: ignore[arg-type]
+
+    def _fused_base(self, ctx: ScoringContext) -> list[float] | None:
+        """Per pod, the weighted sum of all scorers but the last, sparse ones at 0."""
+        n = len(ctx.candidates.keys)
+        zeros: Scores = [0.0] * n
+        columns = [zeros if s is None else s.column(ctx) for s in self._per_scrape[:-1]]
+        if any(None in c for c in columns):
+            return None
+        weights = [w / self._total_weight for w in self._weights]
+        out: list[float] = [weights[0] * a for a in columns[0]]  # type: ignore[operator]
+        for column, wk in zip(columns[1:], weights[1:], strict=False):
+            out = [a + wk * b for a, b in zip(out, column, strict=True)]  # type: ignore[operator]
+        return out
+
+    def _weighted_sum(self, terms: list[float]) -> float:
+        """One pod's combined score, with `_combine`'s order of operations."""
+        total = self._total_weight
+        out = self._weights[0] / total * terms[0]
+        for term, weight in zip(terms[1:], self._weights[1:], strict=True):
+            out = out + weight / total * term
+        return out
+
+    def _shortlist(self, ctx: ScoringContext) -> _Shortlist:
+        columns = [s.column(ctx) if s is not None else None for s in self._per_scrape]
+        if any(None in c for c in columns if c is not None):
+            return _Shortlist(None, [])
+        n = len(ctx.candidates.keys)
+        # Bounds on each pod's combined score, computed as `_combine` computes it (same
+        # order of operations, so rounding cannot break them).
+        zeros: Scores = [0.0] * n
+        ones: Scores = [_ABOVE_ONE] * n
+        lower: list[float] = self._combine([zeros if c is None else c for c in columns])  # type: ignore[assignment]
+        upper: list[float] = self._combine([ones if c is None else c for c in columns])  # type: ignore[assignment]
+        cut = max(lower) - SCORE_TOLERANCE
+        positions = list(compress(range(n), map(ge, upper, repeat(cut))))
+        return _Shortlist(
+            positions,
+            [None if c is None else [c[i] for i in positions] for c in columns],
+        )
 
     def _rest(
         self, chosen: int, values: list[float], candidates: Sequence[Pod], count: int

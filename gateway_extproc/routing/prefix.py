@@ -46,8 +46,7 @@ class PrefixIndex:
             pods = pods_by_hash.get(h)
             if not pods:
                 break
-            for key in pods:
-                found[key] = depth
+            found.update(dict.fromkeys(pods, depth))  # in C: popular prefixes reach many pods
         return found
 
     def record(self, pod_key: str, hashes: list[int]) -> None:
@@ -95,16 +94,22 @@ class PrefixCacheScorer:
         self.max_load_gap = max_load_gap
 
     def score(self, ctx: ScoringContext) -> Scores:
-        n = len(ctx.candidates.keys)
+        out: Scores = [0.0] * len(ctx.candidates.keys)
+        for i, score in self.sparse(ctx).items():
+            out[i] = score
+        return out
+
+    def sparse(self, ctx: ScoringContext) -> dict[int, float]:
+        """Position -> score of the candidates that score above 0 (those it matched)."""
         hashes = self._hashes(ctx)
         matches = self.index.matches(hashes) if hashes else None
         if not matches:
-            return [0.0] * n
+            return {}
         loads = ctx.loads()
-        limit = min(loads) + self.max_load_gap
+        limit = ctx.spread()[0] + self.max_load_gap
         total = len(hashes)
         index = ctx.candidates.index
-        out: Scores = [0.0] * n
+        out: dict[int, float] = {}
         for key, depth in matches.items():
             i = index.get(key)
             if i is not None and loads[i] <= limit:

@@ -6,6 +6,10 @@ It owns the pieces every such strategy needs and none should rebuild per request
 - `CandidateSet`: the pod keys of a candidate tuple, cached by the tuple's identity (the
   registry hands out the same tuple until the model changes), so a decision over 1,000
   pods does not rebuild 1,000 key strings;
+- `ScrapeView`: the candidates' fresh metrics and waiting queues as vectors, rebuilt only
+  when the store's version moves (a scrape recorded, metrics expired, a pod forgotten),
+  with room for what scorers derive from them, since metrics change once per scrape
+  while decisions come per request;
 - load per pod: our own in-flight count (moved at the moment of the pick, so a burst
   spreads before any engine metric moves) plus the engine's waiting queue when fresh;
 - slow start: pods routable without metrics yet take a weight that ramps from
@@ -36,15 +40,37 @@ FALLBACK_REASONS = ("no_metrics", "stale_metrics", "no_data")
 _NO_METRICS: Mapping[str, Any] = {}
 
 
+class ScrapeView:
+    """What the store says of one candidate set at one store version, in candidate order.
+
+    Engine metrics only change when a scrape is recorded (or expires), while decisions
+    come far more often: vectors built here, and whatever scorers derive from them
+    (`derived`, keyed by scorer), serve every decision until the store's version moves.
+    """
+
+    __slots__ = ("derived", "metrics", "version", "waiting")
+
+    def __init__(
+        self, version: int, metrics: list[PodMetrics | None], waiting: list[int] | None
+    ) -> None:
+        self.version = version
+        self.metrics = metrics
+        # The engine's waiting queue per candidate (0 when unknown); None when no
+        # candidate shows one, so loads can skip the addition.
+        self.waiting = waiting
+        self.derived: dict[object, Any] = {}
+
+
 class CandidateSet:
     """One candidate tuple with its pod keys and (built on first use) key -> position."""
 
-    __slots__ = ("_index", "keys", "pods")
+    __slots__ = ("_index", "keys", "pods", "view")
 
     def __init__(self, pods: Sequence[Pod]) -> None:
         self.pods = pods
         self.keys = [p.key for p in pods]
         self._index: dict[str, int] | None = None
+        self.view: ScrapeView | None = None
 
     @property
     def index(self) -> dict[str, int]:
@@ -108,14 +134,32 @@ class PodSignals:
 
     # -- signals ------------------------------------------------------------------------
 
+    def view(self, candidates: CandidateSet, now: float) -> ScrapeView:
+        """The candidates' metrics as of the store's current version (rebuilt only when
+        a scrape was recorded or metrics expired since the last call)."""
+        store = self.store
+        version = store.fresh_version(now) if store is not None else 0
+        view = candidates.view
+        if view is not None and view.version == version:
+            return view
+        keys = candidates.keys
+        if store is None:
+            view = ScrapeView(version, [None] * len(keys), None)
+        else:
+            waiting = list(map(store.waiting(now).get, keys, repeat(0)))
+            view = ScrapeView(
+                version, list(map(store.fresh(now).get, keys)), waiting if any(waiting) else None
+            )
+        candidates.view = view
+        return view
+
     def loads(self, candidates: CandidateSet, now: float) -> list[int]:
         """In-flight requests plus the engine's waiting queue (when fresh), per candidate."""
-        keys = candidates.keys
-        inflight = self._inflight_of(keys)
-        waiting = self.store.waiting(now) if self.store is not None else _NO_METRICS
-        if not waiting:
+        inflight = self._inflight_of(candidates.keys)
+        waiting = self.view(candidates, now).waiting
+        if waiting is None:
             return list(inflight)
-        return list(map(add, inflight, map(waiting.get, keys, repeat(0))))
+        return list(map(add, inflight, waiting))
 
     def fresh(self, now: float) -> Mapping[str, PodMetrics]:
         return self.store.fresh(now) if self.store is not None else _NO_METRICS

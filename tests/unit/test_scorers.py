@@ -15,6 +15,7 @@ from gateway_extproc.models.registry import Pod
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.picker import ScoredStrategy
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
@@ -292,3 +293,153 @@ def test_a_pod_with_bad_values_is_neither_preferred_nor_skipped(name: str) -> No
     # Unscorable, it takes a fair random share (1/4) rather than all or nothing.
     assert 50 < picks["p0"] < 160, picks
     assert fallbacks(name, "no_data") == before + picks["p0"]
+
+
+# -- fast paths: the same decisions as the full ranking ------------------------------------
+
+
+def varied_fleet(seed: int, n: int = 40, running: int = 6) -> Fleet:
+    """A fleet whose pods differ in every metric and in what is in flight."""
+    fleet = Fleet(n, seed=seed)
+    fleet.warm()
+    rng = random.Random(seed)
+    for pod in fleet.pods:
+        fleet.set(
+            pod,
+            kv=rng.uniform(0.0, 1.0),
+            ttft=rng.uniform(0.01, 0.5),
+            e2e=rng.uniform(0.5, 5.0),
+            running=rng.randint(0, running),
+            waiting=rng.randint(0, 3),
+            tps=rng.uniform(10.0, 500.0),
+        )
+        for _ in range(rng.randint(0, 3)):
+            fleet.inflight.acquire("m", pod)
+    return fleet
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "least-kv-cache",
+        "throughput",
+        "least-latency",
+        "prefix-cache",
+        "prefix-cache:3,least-kv-cache:2,least-request:2",
+        "least-kv-cache:1,prefix-cache:1,least-request:3",
+        "throughput:1,least-kv-cache:1,least-request:1",
+        "least-kv-cache:1",
+    ],
+)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fast_paths_pick_as_the_full_ranking(name: str, seed: int) -> None:
+    """The shortlist and single-pass picks (taken once per decision when they apply)
+    choose the same pods, drawing the same random numbers, as scoring every pod."""
+    fast, full = varied_fleet(seed), varied_fleet(seed)
+    fast_strategy = fast.catalog.resolve(name)
+    full_strategy = full.catalog.resolve(name)
+    assert isinstance(full_strategy, ScoredStrategy)
+    full_strategy._prunable = False
+    full_strategy._affine = None
+    full_strategy._lowering = None
+    full_strategy._only_sparse = None
+    prompts = [f"system prompt {k % 3} " * 20 + f"user {k}" for k in range(12)]
+    rng = random.Random(seed)
+    for i in range(300):
+        request = RoutingRequest(model="m", prompt=prompts[i % len(prompts)])
+        picked = [
+            s.rank(f.pods, request, 1)[0]  # type: ignore[union-attr]
+            for s, f in ((fast_strategy, fast), (full_strategy, full))
+        ]
+        assert picked[0].name == picked[1].name, i
+        for f in (fast, full):
+            f.inflight.acquire("m", picked[0])
+        if rng.random() < 0.4:  # some finish, so loads go down as well as up
+            pod = fast.pods[rng.randrange(len(fast.pods))]
+            for f in (fast, full):
+                f.inflight.release("m", pod)
+        if i % 100 == 99:  # a scrape: the per-scrape vectors must be rebuilt
+            pod = fast.pods[i % len(fast.pods)]
+            for f in (fast, full):
+                f.set(pod, kv=0.01, ttft=0.02, tps=5.0)
+
+
+def reference_latency(fleet: Fleet) -> list[float | None]:
+    """LatencyScorer's formula, written out per pod."""
+    expected: list[float | None] = []
+    for pod in fleet.pods:
+        m = fleet.store.get(pod.key)
+        if m is None or m.ttft_mean_recent is None:
+            expected.append(None)
+            continue
+        running, waiting = m.running or 0, m.waiting or 0
+        load = fleet.inflight.count(pod.key) + waiting
+        ahead = max(waiting, load - waiting - running, 0)
+        per_slot = m.e2e_mean_recent / max(running, 1) if m.e2e_mean_recent else m.ttft_mean_recent
+        expected.append(m.ttft_mean_recent + ahead * per_slot + LatencyScorer.FLOOR_SECONDS)
+    best = min(v for v in expected if v is not None)
+    return [None if v is None else best / v for v in expected]
+
+
+def test_latency_scorer_matches_its_formula_as_loads_move() -> None:
+    fleet = varied_fleet(5)
+    fleet.set(fleet.pods[3], ttft=math.nan)  # one pod without data
+    scorer = LatencyScorer()
+    rng = random.Random(5)
+    for _ in range(200):
+        assert scorer.score(fleet.context()) == reference_latency(fleet)
+        pod = fleet.pods[rng.randrange(len(fleet.pods))]
+        if rng.random() < 0.6:
+            fleet.inflight.acquire("m", pod)
+        else:
+            fleet.inflight.release("m", pod)
+
+
+def test_per_scrape_vectors_follow_scrapes_and_expiry() -> None:
+    fleet = Fleet(2)
+    fleet.warm(kv=0.5)
+    version = fleet.store.version
+    assert KVCacheScorer().score(fleet.context()) == [0.5, 0.5]
+    fleet.set(fleet.pods[0], kv=0.25)
+    assert fleet.store.version > version
+    assert KVCacheScorer().score(fleet.context()) == [0.75, 0.5]
+    fleet.clock.now += 10  # both stale
+    assert KVCacheScorer().score(fleet.context()) == [None, None]
+    fleet.store.forget(fleet.pods[0].key)
+    fleet.clock.now -= 10
+    assert KVCacheScorer().score(fleet.context())[0] is None
+
+
+def test_latency_fast_path_is_taken_and_agrees() -> None:
+    """With engines running more than we have in flight, most decisions only lower a
+    few scores: the fast path decides them, as the full ranking would."""
+    fast, full = varied_fleet(9, running=30), varied_fleet(9, running=30)
+    fast_strategy = fast.catalog.resolve("least-latency")
+    full_strategy = full.catalog.resolve("least-latency")
+    assert isinstance(fast_strategy, ScoredStrategy)
+    assert isinstance(full_strategy, ScoredStrategy)
+    full_strategy._lowering = None
+    full_strategy._only_sparse = None
+    taken = 0
+    lowered = fast_strategy._lowered
+
+    def counting(ctx: ScoringContext) -> int:
+        nonlocal taken
+        chosen = lowered(ctx)
+        taken += chosen >= 0
+        return chosen
+
+    fast_strategy._lowered = counting  # type: ignore[method-assign]
+    request = RoutingRequest(model="m")
+    previous: Pod | None = None
+    for i in range(300):
+        picked = [
+            s.rank(f.pods, request, 1)[0] for s, f in ((fast_strategy, fast), (full_strategy, full))
+        ]
+        assert picked[0].name == picked[1].name, i
+        for f in (fast, full):  # one more in flight, the previous one done
+            f.inflight.acquire("m", picked[0])
+            if previous is not None:
+                f.inflight.release("m", previous)
+        previous = picked[0]
+    assert taken > 150
