@@ -30,6 +30,7 @@ from tests.integration.stack import (
     ModelsFile,
     Pod,
     Processor,
+    add_processor,
     dictionary,
     poll,
     running_gateway,
@@ -66,19 +67,11 @@ def stack(
                     name=f"simulator-{name}",
                 )
             )
-        grpc_port, admin_port = localstack.free_port(), localstack.free_port()
-        process = group.add(
-            localstack.start_processor(
-                models_path,
-                log_dir,
-                grpc_port=grpc_port,
-                admin_port=admin_port,
-                extra_args=PROCESSOR_ARGS,
-                env=child_env,
-            )
+        processor = add_processor(
+            group, models_path, log_dir, extra_args=PROCESSOR_ARGS, env=child_env
         )
         localstack.wait_ready(group, timeout=30.0)
-        yield pods, Processor(process, grpc_port, admin_port), models_path
+        yield pods, processor, models_path
 
 
 @pytest.fixture(scope="session")

@@ -177,6 +177,31 @@ class Processor:
         return response.body.decode()
 
 
+def add_processor(
+    group: localstack.ProcessGroup,
+    models_path: Path,
+    log_dir: Path,
+    *,
+    extra_args: Iterable[str],
+    env: dict[str, str],
+    name: str = "processor",
+) -> Processor:
+    """Start `gateway-extproc serve` on free ports as part of `group` (not yet ready)."""
+    grpc_port, admin_port = localstack.free_port(), localstack.free_port()
+    process = group.add(
+        localstack.start_processor(
+            models_path,
+            log_dir,
+            grpc_port=grpc_port,
+            admin_port=admin_port,
+            extra_args=list(extra_args),
+            env=env,
+            name=name,
+        )
+    )
+    return Processor(process, grpc_port, admin_port)
+
+
 @dataclass
 class Gateway:
     """An Envoy in front of the shared processor."""

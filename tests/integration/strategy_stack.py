@@ -38,6 +38,7 @@ from tests.integration.stack import (
     Pod,
     Processor,
     Response,
+    add_processor,
     http_request,
     post_json,
     running_gateway,
@@ -148,22 +149,17 @@ def running_fleet(log_dir: Path, env: Mapping[str, str]) -> Iterator[Fleet]:
                     name=f"simulator-strategies-{name}",
                 )
             )
-        grpc_port, admin_port = localstack.free_port(), localstack.free_port()
-        process = group.add(
-            localstack.start_processor(
-                models_path,
-                log_dir,
-                grpc_port=grpc_port,
-                admin_port=admin_port,
-                extra_args=PROCESSOR_ARGS,
-                env=env,
-                name="processor-strategies",
-            )
+        processor = add_processor(
+            group,
+            models_path,
+            log_dir,
+            extra_args=PROCESSOR_ARGS,
+            env=env,
+            name="processor-strategies",
         )
         localstack.wait_ready(group, timeout=30.0)
-        processor = Processor(process, grpc_port, admin_port)
         with running_gateway(
-            localstack.ENVOY_CONFIG, grpc_port, log_dir, "envoy-strategies"
+            localstack.ENVOY_CONFIG, processor.grpc_port, log_dir, "envoy-strategies"
         ) as gateway:
             yield Fleet(engines, processor, gateway, ModelsFile(models_path))
 

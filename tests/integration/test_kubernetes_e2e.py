@@ -17,6 +17,7 @@ from tests.integration.stack import (
     Gateway,
     Pod,
     Processor,
+    add_processor,
     chat,
     poll,
     running_gateway,
@@ -48,20 +49,16 @@ def cluster(
                     name=engine.name,
                 )
             )
-        grpc_port, admin_port = localstack.free_port(), localstack.free_port()
-        process = group.add(
-            localstack.start_processor(
-                log_dir / "unused-models.yaml",
-                log_dir,
-                grpc_port=grpc_port,
-                admin_port=admin_port,
-                extra_args=["--discovery", "kubernetes", "--kubeconfig", str(kubeconfig)],
-                env=child_env,
-                name="processor-kubernetes",
-            )
+        processor = add_processor(
+            group,
+            log_dir / "unused-models.yaml",
+            log_dir,
+            extra_args=["--discovery", "kubernetes", "--kubeconfig", str(kubeconfig)],
+            env=child_env,
+            name="processor-kubernetes",
         )
         localstack.wait_ready(group, timeout=30.0)
-        yield fake, engines, Processor(process, grpc_port, admin_port)
+        yield fake, engines, processor
 
 
 @pytest.fixture(scope="module")
