@@ -73,9 +73,11 @@ STATIC: dict[str, Any] = {
         "models": [
             {
                 "name": "llama-3-8b",
+                # Loopback: test_processor_start runs the processor on this file, and
+                # it scrapes ready pods; nothing it sends may leave this machine.
                 "pods": [
-                    {"name": "llama-0", "address": "10.0.0.10:8000"},
-                    {"name": "llama-1", "address": "10.0.0.11:8000", "state": "not-ready"},
+                    {"name": "llama-0", "address": "127.0.0.1:18990"},
+                    {"name": "llama-1", "address": "127.0.0.1:18991", "state": "not-ready"},
                 ],
             }
         ]

@@ -180,18 +180,22 @@ def test_processor_starts_with_kubernetes_discovery_from_the_chart(
 ) -> None:
     with FakeKubeApiServer() as api:
         # One model per watched namespace, with the chart's model label: must show up.
+        # Pods sit on loopback at a closed port: the processor scrapes routable pods, and
+        # its scrapes must never leave this machine.
+        closed_port = str(localstack.free_port())
         for i, namespace in enumerate(watched):
             api.create_pod(
                 f"engine-{i}",
                 namespace,
                 model=f"model-{i}",
-                ip=f"10.1.0.{i + 5}",
+                ip="127.0.0.1",
+                labels={"model.aibrix.ai/port": closed_port},
                 phase="Running",
                 ready=True,
             )
         # Same label in a namespace the chart does not watch: must not.
         api.create_pod(
-            "other-0", "elsewhere", model="unwatched", ip="10.1.0.99", phase="Running", ready=True
+            "other-0", "elsewhere", model="unwatched", ip="127.0.0.1", phase="Running", ready=True
         )
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
         args, env = launch_chart(
@@ -203,7 +207,7 @@ def test_processor_starts_with_kubernetes_discovery_from_the_chart(
             models = debug_models(env)
             assert set(models) == {f"model-{i}" for i in range(len(watched))}, models
             assert models["model-0"]["state"] == "ready"
-            assert models["model-0"]["pods"][0]["address"] == "10.1.0.5:8000"
+            assert models["model-0"]["pods"][0]["address"] == f"127.0.0.1:{closed_port}"
         finally:
             stop(process)
 

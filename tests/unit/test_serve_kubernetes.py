@@ -10,6 +10,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from gateway_extproc.config import Settings
+from gateway_extproc.localstack import free_port
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests import frames
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
@@ -57,7 +58,15 @@ async def test_pod_lifecycle_gives_503_200_503_404(tmp_path):
                     await asyncio.sleep(0.05)
                 assert gateway.ready()
                 await eventually_status(stub, "llama", (404, "model_not_found"))
-                fake.create_pod("llama-0", model="llama", ip="10.1.0.7", phase="Running")
+                # Loopback at a closed port: the gateway scrapes routable pods, and its
+                # scrapes must never leave this machine.
+                fake.create_pod(
+                    "llama-0",
+                    model="llama",
+                    ip="127.0.0.1",
+                    labels={"model.aibrix.ai/port": str(free_port())},
+                    phase="Running",
+                )
                 await eventually_status(stub, "llama", (503, "no_ready_pods"))
                 fake.update_pod("llama-0", ready=True)
                 await eventually_status(stub, "llama", (200, ""))
