@@ -279,16 +279,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kubernetes_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
-    group = parser
     add_flag(
-        group,
+        parser,
         "--kubeconfig",
         default=d.kubeconfig,
         help="kubeconfig file (default: in-cluster config, else KUBECONFIG)",
     )
-    add_flag(group, "--kube-context", default=d.kube_context, help="kubeconfig context")
+    add_flag(parser, "--kube-context", default=d.kube_context, help="kubeconfig context")
     env = env_name("--namespace")
-    group.add_argument(
+    parser.add_argument(
         "--namespace",
         action="append",
         type=_namespace,
@@ -296,34 +295,34 @@ def add_kubernetes_arguments(parser: argparse.ArgumentParser, d: Settings) -> No
         help=f"namespace to watch, repeatable (default: all) [env {env}, comma-separated]",
     )
     add_flag(
-        group,
+        parser,
         "--model-label",
         default=d.model_label,
         help="pod label naming the model a pod serves",
     )
-    add_flag(group, "--port-label", default=d.port_label, help="pod label with the serving port")
+    add_flag(parser, "--port-label", default=d.port_label, help="pod label with the serving port")
     add_flag(
-        group,
+        parser,
         "--metric-port-label",
         default=d.metric_port_label,
         help="pod label with the metrics port (default: the serving port)",
     )
     add_flag(
-        group,
+        parser,
         "--default-model-port",
         type=port,
         default=d.default_model_port,
         help="serving port when the pod has no port label",
     )
     add_flag(
-        group,
+        parser,
         "--kube-resync-period",
         type=non_negative_float,
         default=d.kube_resync_period,
         help="seconds between full relists (0: never)",
     )
     add_flag(
-        group,
+        parser,
         "--adapter-discovery-interval",
         type=non_negative_float,
         default=d.adapter_discovery_interval,
