@@ -3,8 +3,9 @@
 Load is our own in-flight count (taken at the moment of the pick, so a burst spreads at
 once) plus the engine's waiting queue when its metrics are fresh. It follows the picker's
 rules (pods in slow start take a small, growing random share; ties are broken at random)
-but is written for speed: it is the default for large fleets and decides over 1,000 pods
-with a handful of C-level passes and no per-pod Python call.
+but is written for speed: it is the default for large fleets, and with no pod in slow
+start a pick reads the least loaded pods straight from the load book (`signals.LoadBook`),
+with no pass over the candidates.
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ class LeastRequestStrategy:
         rng = self._rng
         now = signals.now()
         cs = signals.candidates(candidates)
-        loads: list[float] = signals.loads(cs, now)  # type: ignore[assignment]
+        book = signals.book(cs, now)
         ramping = signals.ramping(cs, now)
 
         chosen = probation_pick(rng, ramping, n) if ramping else -1
-        if chosen < 0:
+        loads: list[float] | None = None
+        if not ramping:
+            # The pods at the lowest load, in position order, are kept by the book.
+            tied = book.groups[min(book.groups)]
+            chosen = tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]
+        elif chosen < 0:
+            loads = list(book.loads)
             for i, _ in ramping:
                 loads[i] = _FAR  # cold pods take only their share, never a tie
             low = min(loads)
@@ -57,8 +64,8 @@ class LeastRequestStrategy:
                 else:
                     # The k-th pod among the equally loaded, k at random: equal pods share.
                     # compress/islice find it in C, however many pods tie.
-                    tied = compress(range(n), map(eq, loads, repeat(low)))
-                    chosen = next(islice(tied, rng.randrange(ties), None))
+                    tied_at = compress(range(n), map(eq, loads, repeat(low)))
+                    chosen = next(islice(tied_at, rng.randrange(ties), None))
 
         store = signals.store
         if store is not None:
@@ -67,9 +74,10 @@ class LeastRequestStrategy:
                 signals.fallback(self.name, key, signals.missing_reason(key, now), now)
         if count <= 1:
             return [candidates[chosen]]
+        ahead = book.loads if loads is None else loads
         # Fallback endpoints: the next least loaded, scanning from a random start so
         # equal loads do not always favour the same pods.
         start = rng.randrange(n)
         order = (i for i in chain(range(start, n), range(start)) if i != chosen)
-        rest = heapq.nsmallest(count - 1, order, key=loads.__getitem__)
+        rest = heapq.nsmallest(count - 1, order, key=ahead.__getitem__)
         return [candidates[chosen], *(candidates[i] for i in rest)]

@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 
 from gateway_extproc.metrics.store import PodMetrics
 from gateway_extproc.routing.base import RoutingRequest
-from gateway_extproc.routing.signals import CandidateSet, PodSignals, ScrapeView
+from gateway_extproc.routing.signals import CandidateSet, LoadBook, PodSignals, ScrapeView
 
 T = TypeVar("T")
 
@@ -30,6 +30,7 @@ class ScoringContext:
     and at most once however many scorers ask."""
 
     __slots__ = (
+        "_book",
         "_loads",
         "_spread",
         "_view",
@@ -48,6 +49,7 @@ class ScoringContext:
         self.now = now
         self.signals = signals
         self._view: ScrapeView | None = None
+        self._book: LoadBook | None = None
         self._loads: list[int] | None = None
         self._spread: tuple[int, int] | None = None
         # The prompt's block hashes, computed by the prefix scorer and reused when the
@@ -75,16 +77,21 @@ class ScoringContext:
         return found
 
     def loads(self) -> list[int]:
+        """Load per candidate: shared and kept current between decisions, so read it
+        within this decision only, never change it."""
         if self._loads is None:
-            self._loads = self.signals.loads(self.candidates, self.now)
+            self._loads = self.book().loads
         return self._loads
+
+    def book(self) -> LoadBook:
+        if self._book is None:
+            self._book = self.signals.book(self.candidates, self.now)
+        return self._book
 
     def spread(self) -> tuple[int, int]:
         """(lowest load, highest - lowest), for the scorers that normalise loads."""
         if self._spread is None:
-            loads = self.loads()
-            lo = min(loads)
-            self._spread = (lo, max(loads) - lo)
+            self._spread = self.book().spread()
         return self._spread
 
 

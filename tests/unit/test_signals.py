@@ -1,0 +1,149 @@
+"""The load book: per-candidate loads kept current from the in-flight journal must equal
+reading every count afresh, through picks, releases, deleted pods, scrapes, expiry and a
+journal that no longer reaches back; and least-request's pick from it must be the pick a
+scan over every candidate makes, with the same random draws."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from itertools import chain
+
+import pytest
+
+from gateway_extproc.metrics import EngineSample, MetricsStore
+from gateway_extproc.models.registry import Pod
+from gateway_extproc.routing import inflight as inflight_module
+from gateway_extproc.routing.base import RoutingRequest
+from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.least_request import LeastRequestStrategy
+from gateway_extproc.routing.signals import PodSignals, probation_pick, weighted_choice
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pods(n: int) -> tuple[Pod, ...]:
+    return tuple(
+        Pod(name=f"p{i}", namespace="sg", address=f"10.3.0.{i}:8000", models=("m",))
+        for i in range(n)
+    )
+
+
+def scrape(store: MetricsStore, pod: Pod, now: float, waiting: int) -> None:
+    store.record(pod.key, EngineSample(running=2, waiting=waiting, kv_cache_usage=0.5), now)
+
+
+def direct_loads(
+    store: MetricsStore, inflight: InFlightCounter, pods: tuple[Pod, ...], now: float
+) -> list[int]:
+    waiting = store.waiting(now)
+    return [inflight.count(p.key) + waiting.get(p.key, 0) for p in pods]
+
+
+def groups_of(loads: list[int], rank_of: list[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, load in enumerate(loads):
+        out.setdefault(load, []).append(rank_of[i])
+    return {load: sorted(ranks) for load, ranks in out.items()}
+
+
+@pytest.mark.parametrize("keep", [inflight_module.JOURNAL_KEEP, 4])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_load_book_equals_a_fresh_read(
+    monkeypatch: pytest.MonkeyPatch, keep: int, seed: int
+) -> None:
+    monkeypatch.setattr(inflight_module, "JOURNAL_KEEP", keep)  # 4: often too far back
+    rng = random.Random(seed)
+    clock = Clock()
+    store = MetricsStore(staleness=5.0, clock=clock)
+    inflight = InFlightCounter()
+    signals = PodSignals(store, inflight, clock=clock)
+    pods = make_pods(30)
+    subset = tuple(rng.sample(pods, 10))
+    twice = (*pods[:5], pods[2])  # a key twice: positions the journal cannot tell apart
+    for pod in pods[:20]:
+        scrape(store, pod, clock.now, rng.randint(0, 3))
+    owner = object()
+    orders = {c: rng.sample(range(len(c)), len(c)) for c in (pods, subset, twice)}
+    for step in range(600):
+        pod = rng.choice(pods)
+        action = rng.random()
+        if action < 0.45:
+            inflight.acquire("m", pod)
+        elif action < 0.85:
+            inflight.release("m", pod)
+        elif action < 0.9:
+            inflight.forget(pod)
+        elif action < 0.97:
+            scrape(store, pod, clock.now, rng.randint(0, 4))
+        else:
+            clock.now += rng.choice((0.5, 3.0))  # sometimes far enough for metrics to expire
+        if rng.random() < 0.5:
+            continue  # changes pile up between decisions
+        for candidates in (pods, subset, twice):
+            book = signals.book(signals.candidates(candidates), clock.now)
+            expected = direct_loads(store, inflight, candidates, clock.now)
+            assert book.loads == expected, step
+            assert book.groups == groups_of(expected, list(range(len(candidates)))), step
+            rank_of = orders[candidates]
+            assert book.grouped(owner, rank_of) == groups_of(expected, rank_of), step
+            assert book.spread() == (min(expected), max(expected) - min(expected))
+
+
+def reference_least_request(
+    rng: random.Random, loads: list[float], ramping: list[tuple[int, float]], count: int
+) -> list[int]:
+    """Least-request's pick written as a scan over every candidate."""
+    n = len(loads)
+    chosen = probation_pick(rng, ramping, n) if ramping else -1
+    if chosen < 0:
+        for i, _ in ramping:
+            loads[i] = math.inf
+        low = min(loads)
+        if low == math.inf:
+            chosen = weighted_choice(rng, ramping)
+        else:
+            tied = [i for i, load in enumerate(loads) if load == low]
+            chosen = tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]
+    if count <= 1:
+        return [chosen]
+    start = rng.randrange(n)
+    order = (i for i in chain(range(start, n), range(start)) if i != chosen)
+    return [chosen, *heapq.nsmallest(count - 1, order, key=loads.__getitem__)]
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_least_request_picks_as_a_scan(seed: int, count: int) -> None:
+    rng = random.Random(seed)
+    clock = Clock()
+    store = MetricsStore(staleness=5.0, clock=clock)
+    inflight = InFlightCounter()
+    signals = PodSignals(store, inflight, clock=clock, slow_start_window=30.0)
+    strategy = LeastRequestStrategy(signals, random.Random(seed))
+    reference_rng = random.Random(seed)
+    pods = make_pods(40)
+    for pod in pods[:36]:
+        store.mark_routable(pod.key, clock.now - 60)
+        scrape(store, pod, clock.now, rng.randint(0, 2))
+    for pod in pods[36:]:  # in slow start for part of the run
+        store.mark_routable(pod.key, clock.now - 5)
+    cs = signals.candidates(pods)
+    for step in range(400):
+        ramping = signals.ramping(cs, clock.now)
+        loads: list[float] = list(direct_loads(store, inflight, pods, clock.now))
+        expected = reference_least_request(reference_rng, loads, ramping, count)
+        picked = strategy.rank(pods, RoutingRequest("m"), count)
+        assert [p.key for p in picked] == [pods[i].key for i in expected], step
+        inflight.acquire("m", picked[0])
+        if rng.random() < 0.5:
+            inflight.release("m", rng.choice(pods))
+        if step == 200:
+            clock.now += 30  # the cold pods' slow start is over
