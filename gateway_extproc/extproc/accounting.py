@@ -16,6 +16,9 @@ from gateway_extproc.openai.usage import Usage, usage_of, usage_of_event
 # Past this a JSON response is not kept for usage (it is still passed on untouched).
 MAX_ACCOUNTED_BODY = 8 * 1024 * 1024
 
+_SSE_OPENINGS = (b"data:", b"event:", b"id:", b"retry:", b":")
+_SNIFF_BYTES = max(len(opening) for opening in _SSE_OPENINGS)
+
 
 class ResponseAccounting:
     __slots__ = (
@@ -24,6 +27,7 @@ class ResponseAccounting:
         "_events",
         "_first_event_at",
         "_last_event_at",
+        "_sniff",
         "_sse",
         "_started",
         "_unparsed",
@@ -33,6 +37,7 @@ class ResponseAccounting:
     def __init__(self, started: float) -> None:
         self._started = started
         self._sse: SSEParser | None = None
+        self._sniff = False
         self._body: list[bytes] = []
         self._body_size = 0
         self._events = 0
@@ -44,6 +49,9 @@ class ResponseAccounting:
     def on_headers(self, content_type: str) -> None:
         if content_type.startswith("text/event-stream"):
             self._sse = SSEParser()
+        # Unknown when Envoy skips the response headers (envoy/envoy.yaml): the body's
+        # first bytes tell, as an SSE stream opens with a field name or a comment.
+        self._sniff = not content_type
 
     def on_chunk(self, chunk: bytes, now: float) -> None:
         if self._sse is not None:
@@ -51,8 +59,12 @@ class ResponseAccounting:
         elif self._body_size <= MAX_ACCOUNTED_BODY:
             self._body.append(chunk)
             self._body_size += len(chunk)
+            if self._sniff:
+                self._sniff_stream(now, final=False)
 
     def on_end(self, now: float) -> None:
+        if self._sniff:
+            self._sniff_stream(now, final=True)
         if self._sse is not None:
             self._on_events(self._sse.close(), now)
             return
@@ -66,6 +78,19 @@ class ResponseAccounting:
         except orjson.JSONDecodeError:
             self._unparsed = "not_json"
         self._body = []
+
+    def _sniff_stream(self, now: float, *, final: bool) -> None:
+        """Decide JSON or SSE once enough of the body is in (a first chunk can be a few
+        bytes); an SSE stream gets the kept chunks replayed into its parser."""
+        head = b"".join(self._body).lstrip()
+        if len(head) < _SNIFF_BYTES and not final:
+            return
+        self._sniff = False
+        if head.startswith(_SSE_OPENINGS):
+            self._sse = SSEParser()
+            kept, self._body, self._body_size = self._body, [], 0
+            for chunk in kept:
+                self._on_events(self._sse.feed(chunk), now)
 
     def _on_events(self, events: list[bytes], now: float) -> None:
         for data in events:

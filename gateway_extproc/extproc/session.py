@@ -168,7 +168,7 @@ class Session:
         if kind == "response_headers":
             return self._on_response_headers(frame)
         if kind == "response_body":
-            return self._on_response_body(frame.response_body)
+            return self._on_response_body(frame)
         return self._on_response_trailers()
 
     def close(self, outcome: Outcome = Outcome.ABORTED) -> None:
@@ -196,7 +196,15 @@ class Session:
             if self._method == "GET" and self._path == MODELS_PATH:
                 return [self._answer_models()]
             length = self._headers.get("content-length", "")
-            if length.isdigit() and int(length) > self._cfg.max_body_bytes:
+            if (
+                self.req_mode not in (BUFFERED, BUFFERED_PARTIAL)
+                and length.isdigit()
+                and int(length) > self._cfg.max_body_bytes
+            ):
+                # Refused before the upload. Not when Envoy buffers: it is reading the
+                # body meanwhile and may overflow its buffer and start its own 413 first,
+                # and a second reply from us would then reset the half-sent response. The
+                # body check below (or Envoy's buffer limit) refuses it instead.
                 raise errors.request_too_large(self._cfg.max_body_bytes)
             if message.end_of_stream or self.req_mode in (NONE, STREAMED):
                 # No body will be seen before the request leaves: decide now.
@@ -359,20 +367,22 @@ class Session:
         message = frame.response_headers
         headers = _header_dict(message)
         status = headers.get(":status", "0")
-        self._status = int(status) if status.isdigit() else 0
-        if self._decision is not None:
-            self._served = _served_endpoint(frame)
-            self._accounting = ResponseAccounting(self._started)
-            self._accounting.on_headers(headers.get("content-type", ""))
+        self._start_response(
+            frame, int(status) if status.isdigit() else 0, headers.get("content-type", "")
+        )
         if message.end_of_stream:
             self._end_response(time.monotonic())
-        else:
-            self.resp_phase = Phase.BODY
         return [responses.CONTINUE_RESPONSE_HEADERS]
 
-    def _on_response_body(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
+    def _on_response_body(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:
+        if self.resp_phase is Phase.HEADERS:
+            # Envoy skips the response headers phase (envoy/envoy.yaml does, to save a
+            # round trip): the status comes as an attribute of the first body frame, and
+            # accounting tells JSON from SSE by the body itself.
+            self._start_response(frame, _response_status(frame), content_type="")
         if self.resp_phase is not Phase.BODY:
             return self._noop("response_body", "response body after end of stream")
+        body = frame.response_body
         now = time.monotonic()
         if self._accounting is not None and body.body:
             self._accounting.on_chunk(body.body, now)
@@ -383,6 +393,14 @@ class Session:
         if body.end_of_stream:
             self._end_response(now)
         return out
+
+    def _start_response(self, frame: ext.ProcessingRequest, status: int, content_type: str) -> None:
+        self._status = status
+        if self._decision is not None:
+            self._served = _served_endpoint(frame)
+            self._accounting = ResponseAccounting(self._started)
+            self._accounting.on_headers(content_type)
+        self.resp_phase = Phase.BODY
 
     def _on_response_trailers(self) -> list[ext.ProcessingResponse]:
         if self.resp_phase is Phase.DONE:
@@ -466,6 +484,23 @@ def _header_dict(message: ext.HttpHeaders) -> dict[str, str]:
         value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
         out[header.key.lower()] = value
     return out
+
+
+# Where Envoy puts the values of `response_attributes`, keyed by the expression as
+# configured; envoy/envoy.yaml asks for the status when it skips the response headers.
+# (Envoy 1.40 cannot evaluate `response.headers[...]` on a body frame, so the content
+# type is not asked for.)
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+STATUS_ATTRIBUTE = "response.code"
+
+
+def _response_status(frame: ext.ProcessingRequest) -> int:
+    """The response status from the frame's attributes; 0 when not sent."""
+    if ATTRIBUTES_KEY not in frame.attributes:
+        return 0
+    fields = frame.attributes[ATTRIBUTES_KEY].fields
+    status = fields[STATUS_ATTRIBUTE].number_value if STATUS_ATTRIBUTE in fields else 0.0
+    return int(status) if 0 < status < 1000 else 0
 
 
 SERVED_NAMESPACE = "envoy.lb"

@@ -4,14 +4,14 @@
 
 It starts real simulated engines on the ready pods of `tests/conformance/models.yaml`,
 the processor (`serve --record-dir`) on that file, and three real Envoys: the shipped
-`envoy/envoy.yaml` (request body BUFFERED, response body STREAMED), the shipped
-`envoy/envoy-full-duplex.yaml` (both bodies FULL_DUPLEX_STREAMED), and a capture-only
-bootstrap derived from envoy.yaml (`subset_bootstrap`) in which Envoy's
-header_to_metadata filter turns a request header into the endpoint subset hint. Then it
-sends one HTTP request per scenario through the right Envoy, waits for the processor
-to write that stream's recording, applies the scenario's hand edit if it has one, and
-saves it as `recordings/<scenario name>.json` with a description of what it shows and
-how it was captured.
+`envoy/envoy.yaml` (request body BUFFERED, response headers skipped, response body
+STREAMED), the shipped `envoy/envoy-full-duplex.yaml` (both bodies
+FULL_DUPLEX_STREAMED), and a capture-only bootstrap derived from envoy.yaml
+(`subset_bootstrap`) in which Envoy's header_to_metadata filter turns a request header
+into the endpoint subset hint. Then it sends one HTTP request per scenario through the
+right Envoy, waits for the processor to write that stream's recording, applies the
+scenario's hand edit if it has one, and saves it as `recordings/<scenario name>.json`
+with a description of what it shows and how it was captured.
 
 The replay test (`test_replay.py`) never runs this: it replays the saved files. Capture
 again after changing the processor's answers on purpose, then read the diff.
@@ -224,8 +224,8 @@ SUBSET = "envoy.yaml + subset hint"
 # `{envoy}` is the version of the Envoy that ran the capture.
 HOW_BUFFERED = (
     "Captured by tests/conformance/capture.py through real Envoy {envoy} running "
-    "envoy/envoy.yaml (request body BUFFERED, response body STREAMED) in front of "
-    "simulated engines."
+    "envoy/envoy.yaml (request body BUFFERED, response headers skipped, response body "
+    "STREAMED) in front of simulated engines."
 )
 HOW_FULL_DUPLEX = (
     "Captured by tests/conformance/capture.py through real Envoy {envoy} running "

@@ -146,3 +146,74 @@ def test_deleting_a_pod_drops_its_series(router):
         REGISTRY.get_sample_value("gateway_in_flight_requests", {"model": "acct", "pod": pod})
         is None
     )
+
+
+# -- Envoy skipping the response headers phase (envoy/envoy.yaml) ------------------------
+
+SSE_STREAM = (
+    b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def with_status(frame, status: float):
+    """A frame carrying the response attribute envoy/envoy.yaml asks Envoy for."""
+    frame.attributes["envoy.filters.http.ext_proc"]["response.code"] = status
+    return frame
+
+
+def requests_counted(status: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "gateway_requests_total", {"model": "acct", "status": status, "code": ""}
+    )
+    return value or 0.0
+
+
+def test_without_response_headers_the_status_comes_from_the_attribute(router):
+    session, pod_address = routed(router, stream=True)
+    pod = POD_AT[pod_address]
+    before_tokens, before_201 = tokens(pod, "prompt"), requests_counted("201")
+    first = with_status(frames.response_body(SSE_STREAM[:3]), 201)  # "dat": too short to tell
+    assert only_continue(session.handle(first))
+    assert router.inflight.total() == 1  # the response is under way
+    session.handle(frames.response_body(SSE_STREAM[3:]))
+    session.handle(frames.response_body(b"", end_of_stream=True))
+    assert tokens(pod, "prompt") == before_tokens + 5
+    assert requests_counted("201") == before_201 + 1
+    assert router.inflight.total() == 0
+    # A frame after the end changes nothing.
+    assert only_continue(session.handle(frames.response_body(SSE_STREAM, end_of_stream=True)))
+    assert tokens(pod, "prompt") == before_tokens + 5
+
+
+def test_without_response_headers_or_attribute_an_sse_stream_is_recognised(router):
+    session, pod_address = routed(router, stream=True)
+    pod = POD_AT[pod_address]
+    before = tokens(pod, "completion")
+    session.handle(frames.response_body(SSE_STREAM, end_of_stream=True))
+    assert tokens(pod, "completion") == before + 1
+    assert router.inflight.total() == 0
+
+
+def test_without_response_headers_a_json_body_is_parsed_at_the_end(router):
+    session, pod_address = routed(router)
+    pod = POD_AT[pod_address]
+    before = tokens(pod, "prompt")
+    body = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 1}})
+    session.handle(with_status(frames.response_body(body), 200))
+    session.handle(frames.response_body(b"", end_of_stream=True))
+    assert tokens(pod, "prompt") == before + 7
+
+
+def test_an_error_status_from_the_attributes_is_what_gets_counted(router):
+    session, _ = routed(router)
+    before = requests_counted("503")
+    error = b'{"error": {"message": "upstream connect error", "code": "uf"}}'
+    session.handle(with_status(frames.response_body(error, True), 503))
+    assert requests_counted("503") == before + 1
+    assert router.inflight.total() == 0
+
+
+def only_continue(out) -> bool:
+    return len(out) == 1 and out[0].HasField("response_body") and out[0].ByteSize() == 2

@@ -12,6 +12,7 @@ import yaml
 
 from gateway_extproc import localstack
 from gateway_extproc.config import Settings
+from gateway_extproc.extproc import session
 
 CONFIGS = [localstack.ENVOY_CONFIG, localstack.ENVOY_FULL_DUPLEX_CONFIG]
 
@@ -119,10 +120,12 @@ def test_processing_modes_are_the_documented_ones() -> None:
         "request_header_mode": "SEND",
         "request_body_mode": "BUFFERED",
         "request_trailer_mode": "SKIP",
-        "response_header_mode": "SEND",
+        "response_header_mode": "SKIP",
         "response_body_mode": "STREAMED",
         "response_trailer_mode": "SKIP",
     }
+    # Without the response headers phase, the processor reads the status attribute.
+    assert buffered["response_attributes"] == [session.STATUS_ATTRIBUTE]
     assert duplex["processing_mode"] == {
         "request_header_mode": "SEND",
         "request_body_mode": "FULL_DUPLEX_STREAMED",
