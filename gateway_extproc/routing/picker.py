@@ -12,13 +12,16 @@ Per decision:
    request), then to chance, so equal pods share the load;
 4. when no pod has a score, the pick is random, weighted by slow start.
 
-Two shortcuts give the same pick, with the same random draws, for a single pick (no
-fallback endpoints) when every pod has data and none is in slow start: when some scorers
-change only with a scrape (KV cache, throughput), bounds computed once per scrape rule
-out the pods that cannot come within SCORE_TOLERANCE of the best, and only the rest are
-scored (`_shortlisted`); when the last scorer is the load term and the others are
-per-scrape or sparse (prefix cache), a per-scrape partial sum plus that term is one pass
-(`_fused`).
+Shortcuts give the same pick, with the same random draws, for a single pick (no fallback
+endpoints) when every pod has data and none is in slow start. When the last scorer is
+the load term and the others are per-scrape or sparse (prefix cache), a pod's combined
+score is a per-scrape partial sum plus a term of its load: pods at one load rank in an
+order fixed until the next scrape, so only the leading pods of each load's group are
+looked at (`_fused`: weighted combinations ending in least-request, and least-kv-cache
+and throughput with their burst-spread term). Otherwise, when some scorers change only
+with a scrape, bounds computed once per scrape rule out the pods that cannot come within
+SCORE_TOLERANCE of the best, and only the rest are scored (`_shortlisted`). A single
+latency or prefix-cache scorer has its own (`_lowered`, `_sparse_pick`).
 
 A pick made without the data the strategy needed is counted in
 `gateway_routing_fallback_total{strategy,reason}` and warned about once per pod per minute.
@@ -55,6 +58,9 @@ TIE = 1e-9
 SCORE_TOLERANCE = 0.02
 # Below every real score (0..1): marks pods that do not compete on score.
 _OUT = -1.0
+# More distinct loads than this among the candidates, and `_fused` makes C-level passes
+# over every pod rather than walk each load's group in Python.
+_MAX_GROUPS = 48
 # Above every score a scorer can return (1, give or take rounding): the upper bound used
 # to rule pods out before scoring them.
 _ABOVE_ONE = 1.0 + 1e-9
@@ -70,6 +76,21 @@ class _Shortlist:
     def __init__(self, positions: list[int] | None, columns: list[Scores | None]) -> None:
         self.positions = positions
         self.columns = columns
+
+
+class _Fused:
+    """Per scrape, for `_fused`: each pod's weighted sum of every scorer but the last
+    (sparse scorers at 0), the positions by that sum, best first, and each position's
+    rank in that order."""
+
+    __slots__ = ("base", "order", "rank_of")
+
+    def __init__(self, base: list[float]) -> None:
+        self.base = base
+        self.order = sorted(range(len(base)), key=base.__getitem__, reverse=True)
+        self.rank_of = [0] * len(base)
+        for rank, i in enumerate(self.order):
+            self.rank_of[i] = rank
 
 
 class ScoredStrategy:
@@ -102,9 +123,9 @@ class ScoredStrategy:
         self._sparse: tuple[SparseScorer | None, ...] = tuple(
             cast("SparseScorer", s) if hasattr(s, "sparse") else None for s, _ in self.scorers
         )
-        # Or, when the last scorer is an affine function of load and the others are
+        # When the last scorer is an affine function of load and the others are
         # per-scrape or sparse, the combined score is a per-scrape sum plus that term:
-        # one pass per decision.
+        # tried first, it looks at a few pods per load rather than at every pod.
         last = self.scorers[-1][0]
         self._affine = (
             cast("AffineScorer", last)
@@ -154,10 +175,10 @@ class ScoredStrategy:
             self._picked(0, ctx)
             return [candidates[0]]
         if count == 1 and (self._prunable or self._affine or self._lowering or self._only_sparse):
-            if self._prunable:
-                chosen = self._shortlisted(ctx)
-            elif self._affine is not None:
+            if self._affine is not None:
                 chosen = self._fused(ctx)
+            elif self._prunable:
+                chosen = self._shortlisted(ctx)
             elif self._lowering is not None:
                 chosen = self._lowered(ctx)
             else:
@@ -288,18 +309,58 @@ class ScoredStrategy:
         return self._break_tie(tied, ctx, found)
 
     def _fused(self, ctx: ScoringContext) -> int:
-        """The pick `rank` would make, in one pass over the candidates (-1: rank in full).
+        """The pick `rank` would make, without a pass over the candidates (-1: rank in
+        full).
 
         Same floats as `_combine`: a pod's combined score is (its weighted sum of the
         other scorers, left to right) + w * ((hi - load) * inv), and that sum is
-        per-scrape for every pod but the few the sparse scorers score above 0.
+        per-scrape (`base`) for every pod but the few the sparse scorers score above 0.
+        So pods at one load score in `base` order, which is fixed until the next scrape:
+        with the candidates grouped by load in that order (`LoadBook.grouped`), the best
+        score is among the groups' heads, and the pods within tolerance of it are the
+        leading run of each group.
         """
-        base: list[float] | None = ctx.per_scrape(self._fused_key, lambda _: self._fused_base(ctx))
-        if base is None or self._signals.ramping(ctx.candidates, ctx.now):
+        fused: _Fused | None = ctx.per_scrape(self._fused_key, lambda _: self._fused_base(ctx))
+        if fused is None or self._signals.ramping(ctx.candidates, ctx.now):
             return -1  # pods without data or on probation: the full ranking draws for them
         w = self._weights[-1] / self._total_weight
-        loads = ctx.loads()
         affine = self._affine.affine(ctx)  # type: ignore[union-attr]
+        groups = ctx.book().grouped(self._fused_key, fused.rank_of)
+        if len(groups) > _MAX_GROUPS:
+            return self._fused_pass(ctx, fused.base, w, affine)
+        base, order = fused.base, fused.order
+        if affine is None:
+            terms = dict.fromkeys(groups, w * 1.0)
+        else:
+            hi, inv = affine
+            terms = {load: w * ((hi - load) * inv) for load in groups}
+        touched = self._touched(ctx, affine)
+        best = max(touched.values(), default=_OUT)
+        for load, ranks in groups.items():
+            for r in ranks:
+                i = order[r]
+                if i not in touched:  # a sparse scorer moved this one: counted above
+                    best = max(best, base[i] + terms[load])
+                    break
+        cut = best - SCORE_TOLERANCE
+        tied = [i for i, value in touched.items() if value >= cut]
+        for load, ranks in groups.items():
+            term = terms[load]
+            for r in ranks:
+                i = order[r]
+                if base[i] + term < cut:
+                    break  # and so is every later pod in this group
+                if i not in touched:
+                    tied.append(i)
+        tied.sort()
+        return self._break_tie(tied, ctx, None)
+
+    def _fused_pass(
+        self, ctx: ScoringContext, base: list[float], w: float, affine: tuple[int, float] | None
+    ) -> int:
+        """`_fused` in C-level passes over every candidate: cheaper when loads are so
+        spread that there are more groups than a group walk can afford."""
+        loads = ctx.loads()
         by_load = self._affine.by_load(ctx)  # type: ignore[union-attr]
         if by_load is not None:
             # w * score for each load value, then a C-level lookup and add per pod.
@@ -310,6 +371,14 @@ class ScoredStrategy:
         else:
             hi, inv = affine
             values = [a + w * ((hi - x) * inv) for a, x in zip(base, loads, strict=True)]
+        for i, value in self._touched(ctx, affine).items():
+            values[i] = value
+        cut = max(values) - SCORE_TOLERANCE
+        tied = list(compress(range(len(values)), map(ge, values, repeat(cut))))
+        return self._break_tie(tied, ctx, None)
+
+    def _touched(self, ctx: ScoringContext, affine: tuple[int, float] | None) -> dict[int, float]:
+        """Position -> combined score of the pods some sparse scorer scores above 0."""
         touched: dict[int, None] = {}
         found: list[dict[int, float] | None] = []
         for sparse in self._sparse[:-1]:
@@ -317,16 +386,16 @@ class ScoredStrategy:
             found.append(column)
             if column:
                 touched.update(dict.fromkeys(column))
+        out: dict[int, float] = {}
+        loads = ctx.loads()
         for i in touched:
             terms = [
                 column.get(i, 0.0) if column is not None else per_scrape.column(ctx)[i]  # type: ignore[union-attr]
                 for column, per_scrape in zip(found, self._per_scrape, strict=False)
             ]
             q = 1.0 if affine is None else (affine[0] - loads[i]) * affine[1]
-            values[i] = self._weighted_sum([*terms, q])  # type: ignore[list-item]
-        cut = max(values) - SCORE_TOLERANCE
-        tied = list(compress(range(len(values)), map(ge, values, repeat(cut))))
-        return self._break_tie(tied, ctx, None)
+            out[i] = self._weighted_sum([*terms, q])  # type: ignore[list-item]
+        return out
 
     def _lowered(self, ctx: ScoringContext) -> int:
         """The pick `rank` would make when scores can only have dropped below the
@@ -365,7 +434,7 @@ class ScoredStrategy:
         cut = max(column) - SCORE_TOLERANCE  # type: ignore[type-var,operator]
         return list(compress(range(len(column)), map(ge, column, repeat(cut)))), cut  # type: ignore[arg-type]
 
-    def _fused_base(self, ctx: ScoringContext) -> list[float] | None:
+    def _fused_base(self, ctx: ScoringContext) -> _Fused | None:
         """Per pod, the weighted sum of all scorers but the last, sparse ones at 0."""
         n = len(ctx.candidates.keys)
         zeros: Scores = [0.0] * n
@@ -376,7 +445,7 @@ class ScoredStrategy:
         out: list[float] = [weights[0] * a for a in columns[0]]  # type: ignore[operator]
         for column, wk in zip(columns[1:], weights[1:], strict=False):
             out = [a + wk * b for a, b in zip(out, column, strict=True)]  # type: ignore[operator]
-        return out
+        return _Fused(out)
 
     def _weighted_sum(self, terms: list[float]) -> float:
         """One pod's combined score, with `_combine`'s order of operations."""

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from gateway_extproc.metrics import EngineSample, MetricsStore
 from gateway_extproc.models.registry import Pod
+from gateway_extproc.routing import picker
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
@@ -328,14 +329,31 @@ def varied_fleet(seed: int, n: int = 40, running: int = 6) -> Fleet:
         "prefix-cache:3,least-kv-cache:2,least-request:2",
         "least-kv-cache:1,prefix-cache:1,least-request:3",
         "throughput:1,least-kv-cache:1,least-request:1",
+        "least-request:1,least-kv-cache:1",
         "least-kv-cache:1",
     ],
 )
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_fast_paths_pick_as_the_full_ranking(name: str, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("spread", "max_groups"),
+    [
+        (False, picker._MAX_GROUPS),  # few distinct loads: the fused pick walks groups
+        (True, 8),  # loads 0..100 on 40 pods, more groups than allowed: it makes passes
+        (True, 1000),  # or walks groups, loads above the pod count too
+    ],
+)
+def test_fast_paths_pick_as_the_full_ranking(
+    monkeypatch: pytest.MonkeyPatch, name: str, seed: int, spread: bool, max_groups: int
+) -> None:
     """The shortlist and single-pass picks (taken once per decision when they apply)
     choose the same pods, drawing the same random numbers, as scoring every pod."""
+    monkeypatch.setattr(picker, "_MAX_GROUPS", max_groups)
     fast, full = varied_fleet(seed), varied_fleet(seed)
+    if spread:
+        for pod in fast.pods:
+            for _ in range(random.Random(pod.name).randint(0, 100)):
+                for f in (fast, full):
+                    f.inflight.acquire("m", pod)
     fast_strategy = fast.catalog.resolve(name)
     full_strategy = full.catalog.resolve(name)
     assert isinstance(full_strategy, ScoredStrategy)
