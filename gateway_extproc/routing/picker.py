@@ -80,17 +80,24 @@ class _Shortlist:
 
 class _Fused:
     """Per scrape, for `_fused`: each pod's weighted sum of every scorer but the last
-    (sparse scorers at 0), the positions by that sum, best first, and each position's
-    rank in that order."""
+    (sparse scorers at 0); once the view has served a decision, also the positions by
+    that sum, best first, and each position's rank in that order."""
 
-    __slots__ = ("base", "order", "rank_of")
+    __slots__ = ("base", "decisions", "order", "rank_of")
 
     def __init__(self, base: list[float]) -> None:
         self.base = base
-        self.order = sorted(range(len(base)), key=base.__getitem__, reverse=True)
-        self.rank_of = [0] * len(base)
-        for rank, i in enumerate(self.order):
-            self.rank_of[i] = rank
+        self.decisions = 0
+        self.order: list[int] = []
+        self.rank_of: list[int] = []
+
+    def ordered(self) -> tuple[list[int], list[int]]:
+        if not self.order:
+            self.order = sorted(range(len(self.base)), key=self.base.__getitem__, reverse=True)
+            self.rank_of = [0] * len(self.base)
+            for rank, i in enumerate(self.order):
+                self.rank_of[i] = rank
+        return self.order, self.rank_of
 
 
 class ScoredStrategy:
@@ -325,10 +332,15 @@ class ScoredStrategy:
             return -1  # pods without data or on probation: the full ranking draws for them
         w = self._weights[-1] / self._total_weight
         affine = self._affine.affine(ctx)  # type: ignore[union-attr]
-        groups = ctx.book().grouped(self._fused_key, fused.rank_of)
-        if len(groups) > _MAX_GROUPS:
+        fused.decisions += 1
+        if fused.decisions == 1 or len(ctx.book().groups) > _MAX_GROUPS:
+            # Ordering and grouping the pods cost a few passes: worth it only from the
+            # second decision under one scrape view (a view per decision is common when
+            # scrapes are recorded one pod at a time).
             return self._fused_pass(ctx, fused.base, w, affine)
-        base, order = fused.base, fused.order
+        base = fused.base
+        order, rank_of = fused.ordered()
+        groups = ctx.book().grouped(self._fused_key, rank_of)
         if affine is None:
             terms = dict.fromkeys(groups, w * 1.0)
         else:

@@ -12,7 +12,8 @@ It owns the pieces every such strategy needs and none should rebuild per request
   while decisions come per request;
 - `LoadBook`: load per pod, our own in-flight count (moved at the moment of the pick, so
   a burst spreads before any engine metric moves) plus the engine's waiting queue when
-  fresh, kept current from the in-flight counter's journal and grouped by load;
+  fresh, kept current from the in-flight counter's journal and the scrapes, and grouped
+  by load;
 - slow start: pods routable without metrics yet take a weight that ramps from
   `min_weight` to 1 over `slow_start_window` (or until their metrics arrive);
 - fallback accounting: `gateway_routing_fallback_total{strategy,reason}` and a warning at
@@ -24,9 +25,9 @@ from __future__ import annotations
 import random
 import time
 from bisect import bisect_left, insort
-from collections.abc import Callable, Collection, Mapping, Sequence
-from itertools import repeat
-from operator import add
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from itertools import compress, count, repeat
+from operator import add, ne
 from typing import Any
 
 import structlog
@@ -50,7 +51,7 @@ class ScrapeView:
     (`derived`, keyed by scorer), serve every decision until the store's version moves.
     """
 
-    __slots__ = ("book", "derived", "metrics", "version", "waiting")
+    __slots__ = ("derived", "metrics", "version", "waiting")
 
     def __init__(
         self, version: int, metrics: list[PodMetrics | None], waiting: list[int] | None
@@ -61,26 +62,27 @@ class ScrapeView:
         # candidate shows one, so loads can skip the addition.
         self.waiting = waiting
         self.derived: dict[object, Any] = {}
-        # The candidates' loads under this view's waiting queues (built on first use).
-        self.book: LoadBook | None = None
 
 
 class LoadBook:
-    """One candidate set's loads under one scrape view, kept current between decisions.
+    """One candidate set's loads, kept current between decisions.
 
-    A pick or a release moves one pod's in-flight count, so a decision replays the
-    in-flight journal since the previous one rather than re-reading every pod's count,
-    and keeps the candidates grouped by load: the lowest and highest load and the pods
-    at a given load come without a pass over all candidates. Treat every list and dict
-    here as read-only: they are shared until the next decision moves them.
+    A pick or a release moves one pod's in-flight count and a scrape one pod's waiting
+    queue, so a decision replays the in-flight journal since the previous one and
+    compares waiting queues when the scrape view moved, rather than re-reading every
+    pod, and keeps the candidates grouped by load: the lowest and highest load and the
+    pods at a given load come without a pass over all candidates. Treat every list and
+    dict here as read-only: they are shared until the next decision moves them.
     """
 
-    __slots__ = ("_ranked", "groups", "incremental", "loads", "mark")
+    __slots__ = ("_ranked", "groups", "incremental", "loads", "mark", "version", "waiting")
 
-    def __init__(self, loads: list[int], mark: int, incremental: bool) -> None:
+    def __init__(self, loads: list[int], mark: int, incremental: bool, view: ScrapeView) -> None:
         self.loads = loads
-        # The in-flight journal position these loads are current to.
+        # The in-flight journal position and the scrape view these loads are current to.
         self.mark = mark
+        self.version = view.version
+        self.waiting = view.waiting
         # False when a pod key appears twice among the candidates: the journal names
         # keys, so positions could be missed; the book is rebuilt per decision then.
         self.incremental = incremental
@@ -97,13 +99,26 @@ class LoadBook:
     def grouped(self, owner: object, rank_of: Sequence[int]) -> dict[int, list[int]]:
         """load -> the ranks (`rank_of[position]`, a permutation of the positions in an
         order of the owner's choosing, fixed for this scrape view) of the candidates at
-        that load, ascending; kept current with the loads from then on."""
+        that load, ascending; kept current with the loads until the view moves."""
         found = self._ranked.get(owner)
         if found is None:
             found = self._ranked[owner] = (rank_of, _group(rank_of, self.loads))
         return found[1]
 
-    def move(self, position: int, load: int) -> None:
+    def update(
+        self, positions: Iterable[int], keys: list[str], counts: Mapping[str, int], view: ScrapeView
+    ) -> None:
+        """Load again the pods at `positions` (in-flight count + `view`'s waiting queue)."""
+        if view.version != self.version:
+            self.version = view.version
+            self.waiting = view.waiting
+            self._ranked.clear()  # the owners' orders were for the previous view
+        waiting = self.waiting
+        for i in positions:
+            load = counts.get(keys[i], 0)
+            self._move(i, load + waiting[i] if waiting is not None else load)
+
+    def _move(self, position: int, load: int) -> None:
         old = self.loads[position]
         if old == load:
             return
@@ -111,6 +126,16 @@ class LoadBook:
         _regroup(self.groups, position, old, load)
         for rank_of, groups in self._ranked.values():
             _regroup(groups, rank_of[position], old, load)
+
+
+def _differ(old: list[int] | None, new: list[int] | None) -> Iterable[int]:
+    """Positions whose waiting queue differs between two views (None: all zeros), found
+    by a C-level pass."""
+    if old is None:
+        return () if new is None else compress(count(), new)
+    if new is None:
+        return compress(count(), old)
+    return compress(count(), map(ne, old, new))
 
 
 def _group(ranks: Sequence[int], loads: list[int]) -> dict[int, list[int]]:
@@ -141,13 +166,14 @@ def _regroup(groups: dict[int, list[int]], rank: int, old: int, new: int) -> Non
 class CandidateSet:
     """One candidate tuple with its pod keys and (built on first use) key -> position."""
 
-    __slots__ = ("_index", "keys", "pods", "view")
+    __slots__ = ("_index", "book", "keys", "pods", "view")
 
     def __init__(self, pods: Sequence[Pod]) -> None:
         self.pods = pods
         self.keys = [p.key for p in pods]
         self._index: dict[str, int] | None = None
         self.view: ScrapeView | None = None
+        self.book: LoadBook | None = None
 
     @property
     def index(self) -> dict[str, int]:
@@ -238,39 +264,37 @@ class PodSignals:
     def book(self, candidates: CandidateSet, now: float) -> LoadBook:
         """The candidates' current loads, grouped by load (shared: never change them).
 
-        Rebuilt in full only when the scrape view moved (waiting queues change with it)
-        or many in-flight counts moved since the last decision; otherwise only the pods
-        whose count moved since then are looked at again.
+        Only the pods whose in-flight count moved since the last decision, and, when the
+        scrape view moved, those whose waiting queue changed, are looked at again; it is
+        rebuilt in full when that is most of them anyway.
         """
         view = self.view(candidates, now)
-        book = view.book
         inflight = self._inflight
+        keys = candidates.keys
+        book = candidates.book
         if book is not None and book.incremental:
             changed = inflight.changed_since(book.mark)
-            # Replaying a change costs about what rebuilding costs for 10-30 pods (the
-            # groups too): past an eighth of the candidates, rebuilding is no dearer.
-            if changed is not None and len(changed) <= 8 + len(candidates.keys) // 8:
-                if changed:
-                    counts = inflight.by_pod()
-                    index = candidates.index
-                    waiting = view.waiting
-                    for key in dict.fromkeys(changed):
-                        i = index.get(key)
-                        if i is not None:
-                            load = counts.get(key, 0)
-                            book.move(i, load + waiting[i] if waiting is not None else load)
+            if changed is not None:
+                index = candidates.index
+                moved = [i for i in map(index.get, dict.fromkeys(changed)) if i is not None]
+                if view.version != book.version:
+                    moved.extend(_differ(book.waiting, view.waiting))
+                # Moving a pod costs about what rebuilding costs for 10-30 pods (the
+                # groups too): past an eighth of the candidates, rebuilding is no dearer.
+                if len(moved) <= 8 + len(keys) // 8:
+                    book.update(moved, keys, inflight.by_pod(), view)
                     book.mark = inflight.mark()
-                return book
+                    return book
         mark = inflight.mark()
-        keys = candidates.keys
         loads = map(inflight.by_pod().get, keys, repeat(0))  # in C: no Python call per pod
         waiting = view.waiting
         book = LoadBook(
             list(loads) if waiting is None else list(map(add, loads, waiting)),
             mark,
             len(candidates.index) == len(keys),
+            view,
         )
-        view.book = book
+        candidates.book = book
         return book
 
     def fresh(self, now: float) -> Mapping[str, PodMetrics]:
