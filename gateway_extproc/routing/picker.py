@@ -351,7 +351,7 @@ class ScoredStrategy:
         for load, ranks in groups.items():
             for r in ranks:
                 i = order[r]
-                if i not in touched:  # a sparse scorer moved this one: counted above
+                if i not in touched:  # touched pods have their own score, counted above
                     best = max(best, base[i] + terms[load])
                     break
         cut = best - SCORE_TOLERANCE
@@ -370,8 +370,9 @@ class ScoredStrategy:
     def _fused_pass(
         self, ctx: ScoringContext, base: list[float], w: float, affine: tuple[int, float] | None
     ) -> int:
-        """`_fused` in C-level passes over every candidate: cheaper when loads are so
-        spread that there are more groups than a group walk can afford."""
+        """`_fused` in C-level passes over every candidate: cheaper on a scrape view's
+        first decision, and when loads are so spread that there are more groups than a
+        group walk can afford."""
         loads = ctx.loads()
         by_load = self._affine.by_load(ctx)  # type: ignore[union-attr]
         if by_load is not None:
