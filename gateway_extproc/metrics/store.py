@@ -22,6 +22,9 @@ from gateway_extproc import telemetry
 from gateway_extproc.metrics.parser import EngineSample
 from gateway_extproc.models.registry import Pod
 
+# Journal entries kept (at least): a reader further behind than this rebuilds in full.
+JOURNAL_KEEP = 4096
+
 # The reasons a scrape can fail with; fixed so a deleted pod's series can all be removed.
 SCRAPE_FAILURE_REASONS = (
     "connect",
@@ -116,9 +119,13 @@ class MetricsStore:
         self._cold: dict[str, float] = {}
         self._seen_routable: set[str] = set()
         # Moves whenever `fresh()` / `waiting()` may answer differently (a scrape recorded,
-        # a pod forgotten, metrics expired), so the router can keep per-pod vectors
-        # derived from them until the next change instead of rebuilding them per request.
+        # a pod forgotten, metrics expired), by one per pod concerned, and the journal
+        # names that pod: the router keeps per-pod vectors derived from them and, since a
+        # scrape lands about as often as a request on a large fleet, updates the few pods
+        # that changed (`changed_since`) rather than rebuilding them per request.
         self.version = 0
+        self._journal: list[str] = []
+        self._dropped = 0  # journal entries trimmed from the front so far
 
     # -- reading ------------------------------------------------------------------------
 
@@ -154,6 +161,16 @@ class MetricsStore:
         answers mean `fresh()` and `waiting()` have not changed in between."""
         self._expire(self.clock() if now is None else now)
         return self.version
+
+    def changed_since(self, version: int) -> list[str] | None:
+        """Keys of the pods whose entry in `fresh()` / `waiting()` changed since the store
+        was at `version` (one per change, so with repeats, in order), or None when the
+        journal no longer reaches back that far. Expiry is counted as of the last
+        `fresh_version` / `fresh` / `waiting` call."""
+        start = version - self._dropped
+        if start < 0:
+            return None
+        return self._journal[start:]
 
     def first_routable_at(self, pod_key: str) -> float | None:
         state = self._pods.get(pod_key)
@@ -220,7 +237,7 @@ class MetricsStore:
         self._cold.pop(pod_key, None)
 
         # Move to the back: `_fresh` stays ordered by scrape time.
-        self.version += 1
+        self._changed(pod_key)
         self._fresh.pop(pod_key, None)
         self._fresh[pod_key] = metrics
         self._waiting.pop(pod_key, None)
@@ -239,7 +256,7 @@ class MetricsStore:
     def forget(self, pod: Pod | str) -> None:
         """Drop everything kept about a deleted pod, its Prometheus series included."""
         key = pod if isinstance(pod, str) else pod.key
-        self.version += 1
+        self._changed(key)
         self._pods.pop(key, None)
         self._fresh.pop(key, None)
         self._waiting.pop(key, None)
@@ -257,9 +274,17 @@ class MetricsStore:
             key = next(iter(fresh))
             if fresh[key].scraped_at >= cutoff:
                 return
-            self.version += 1
+            self._changed(key)
             del fresh[key]
             self._waiting.pop(key, None)
+
+    def _changed(self, pod_key: str) -> None:
+        self.version += 1
+        journal = self._journal
+        journal.append(pod_key)
+        if len(journal) >= 2 * JOURNAL_KEEP:  # trimmed in halves: amortised O(1)
+            del journal[:JOURNAL_KEEP]
+            self._dropped += JOURNAL_KEEP
 
 
 def _usable(value: float | None) -> float | None:

@@ -1,5 +1,5 @@
 """MetricsStore: staleness, rates and recent means from successive samples, cold start,
-and forgetting a deleted pod."""
+forgetting a deleted pod, and the journal of changes routing follows."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway_extproc.metrics import EngineSample, MetricsStore
+from gateway_extproc.metrics import store as store_module
 from gateway_extproc.models.registry import Pod
 
 
@@ -189,3 +190,34 @@ def test_forget_drops_everything_about_a_pod() -> None:
     assert store.first_routable_at(pod.key) is None
     assert pod.key not in store.waiting() and pod.key not in store.snapshot()
     assert failures(pod.key, "connect") is None  # the label series is gone too
+
+
+def test_journal_names_every_change_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing updates what it derived from the store at the pods named here, so every
+    change `fresh()` / `waiting()` would show must be named: scrapes, expiry, forgetting;
+    and a reader too far behind must be told to rebuild."""
+    clock = Clock()
+    store = MetricsStore(staleness=1.0, clock=clock)
+    start = store.fresh_version()
+    store.record("a", EngineSample(waiting=1))
+    store.record("b", EngineSample(waiting=2))
+    middle = store.version
+    clock.now += 0.6
+    store.record("a", EngineSample(waiting=3))
+    store.record_failure("b", "timeout")  # keeps the last good values: no change
+    store.mark_routable("c")  # nothing to read yet: no change
+    assert store.changed_since(start) == ["a", "b", "a"]
+    assert store.changed_since(middle) == ["a"]
+    clock.now += 0.6  # "b" goes stale
+    version = store.fresh_version()
+    assert store.changed_since(middle) == ["a", "b"]
+    store.forget("a")
+    assert store.changed_since(version) == ["a"]
+    assert store.changed_since(store.version) == []
+
+    monkeypatch.setattr(store_module, "JOURNAL_KEEP", 4)
+    mark = store.version
+    for i in range(8):
+        store.record(f"p{i}", EngineSample(waiting=i))
+    assert store.changed_since(mark) is None  # trimmed: too far back
+    assert store.changed_since(store.version - 2) == ["p6", "p7"]
