@@ -16,12 +16,15 @@ Shortcuts give the same pick, with the same random draws, for a single pick (no 
 endpoints) when every pod has data and none is in slow start. When the last scorer is
 the load term and the others are per-scrape or sparse (prefix cache), a pod's combined
 score is a per-scrape partial sum plus a term of its load: pods at one load rank in an
-order fixed until the next scrape, so only the leading pods of each load's group are
-looked at (`_fused`: weighted combinations ending in least-request, and least-kv-cache
-and throughput with their burst-spread term). Otherwise, when some scorers change only
-with a scrape, bounds computed once per scrape rule out the pods that cannot come within
-SCORE_TOLERANCE of the best, and only the rest are scored (`_shortlisted`). A single
-latency or prefix-cache scorer has its own (`_lowered`, `_sparse_pick`).
+order that only scrapes change, pod by pod, so only the leading pods of each load's
+group are looked at (`_fused`: weighted combinations ending in least-request, and
+least-kv-cache and throughput with their burst-spread term). Otherwise, when some
+scorers change only with a scrape, bounds computed per scrape rule out the pods that
+cannot come within SCORE_TOLERANCE of the best, and only the rest are scored
+(`_shortlisted`). A single latency or prefix-cache scorer has its own (`_lowered`,
+`_sparse_pick`). What these keep per candidate set is updated at the pods a scrape
+changed (`ScoringContext.per_scrape`), not rebuilt per decision: on a large fleet a
+scrape lands about as often as a request.
 
 A pick made without the data the strategy needed is counted in
 `gateway_routing_fallback_total{strategy,reason}` and warned about once per pod per minute.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from bisect import bisect_left
 from collections.abc import Sequence
 from itertools import compress, repeat
 from operator import add, ge
@@ -79,25 +83,35 @@ class _Shortlist:
 
 
 class _Fused:
-    """Per scrape, for `_fused`: each pod's weighted sum of every scorer but the last
-    (sparse scorers at 0); once the view has served a decision, also the positions by
-    that sum, best first, and each position's rank in that order."""
+    """Per candidate set, for `_fused`: each pod's weighted sum of every scorer but the
+    last (sparse scorers at 0) and the columns it was summed from; once it has served a
+    decision, also each position's sort key, (-sum, position): ascending keys put the
+    pods best first, as a stable sort by sum would."""
 
-    __slots__ = ("base", "decisions", "order", "rank_of")
+    __slots__ = ("base", "columns", "decisions", "keys")
 
-    def __init__(self, base: list[float]) -> None:
+    def __init__(self, base: list[float], columns: list[Scores]) -> None:
         self.base = base
+        self.columns = columns
         self.decisions = 0
-        self.order: list[int] = []
-        self.rank_of: list[int] = []
+        self.keys: list[tuple[float, int]] = []
 
-    def ordered(self) -> tuple[list[int], list[int]]:
-        if not self.order:
-            self.order = sorted(range(len(self.base)), key=self.base.__getitem__, reverse=True)
-            self.rank_of = [0] * len(self.base)
-            for rank, i in enumerate(self.order):
-                self.rank_of[i] = rank
-        return self.order, self.rank_of
+    def ordered(self) -> list[tuple[float, int]]:
+        if not self.keys:
+            self.keys = [(-value, i) for i, value in enumerate(self.base)]
+        return self.keys
+
+
+class _Near:
+    """Per candidate set, for `_lowered`: the positions (ascending) whose score in
+    `column` is within tolerance of its best, and that cut."""
+
+    __slots__ = ("column", "cut", "positions")
+
+    def __init__(self, column: Scores, positions: list[int], cut: float) -> None:
+        self.column = column
+        self.positions = positions
+        self.cut = cut
 
 
 class ScoredStrategy:
@@ -116,6 +130,7 @@ class ScoredStrategy:
         self.scorers = tuple(scorers)
         self._weights = tuple(w for _, w in scorers)
         self._total_weight = sum(self._weights)
+        self._normalised = tuple(w / self._total_weight for w in self._weights)
         self._signals = signals
         self._rng = rng
         self._tiebreak = tiebreak
@@ -322,12 +337,16 @@ class ScoredStrategy:
         Same floats as `_combine`: a pod's combined score is (its weighted sum of the
         other scorers, left to right) + w * ((hi - load) * inv), and that sum is
         per-scrape (`base`) for every pod but the few the sparse scorers score above 0.
-        So pods at one load score in `base` order, which is fixed until the next scrape:
-        with the candidates grouped by load in that order (`LoadBook.grouped`), the best
-        score is among the groups' heads, and the pods within tolerance of it are the
-        leading run of each group.
+        So pods at one load score in `base` order, which only scrapes change (a pod's
+        key moves when its sum does): with the candidates grouped by load in that order
+        (`LoadBook.grouped`), the best score is among the groups' heads, and the pods
+        within tolerance of it are the leading run of each group.
         """
-        fused: _Fused | None = ctx.per_scrape(self._fused_key, lambda _: self._fused_base(ctx))
+        fused: _Fused | None = ctx.per_scrape(
+            self._fused_key,
+            lambda _: self._fused_base(ctx),
+            lambda found, _, at: self._fused_update(ctx, found, at),  # type: ignore[arg-type]
+        )
         if fused is None or self._signals.ramping(ctx.candidates, ctx.now):
             return -1  # pods without data or on probation: the full ranking draws for them
         w = self._weights[-1] / self._total_weight
@@ -335,12 +354,10 @@ class ScoredStrategy:
         fused.decisions += 1
         if fused.decisions == 1 or len(ctx.book().groups) > _MAX_GROUPS:
             # Ordering and grouping the pods cost a few passes: worth it only from the
-            # second decision under one scrape view (a view per decision is common when
-            # scrapes are recorded one pod at a time).
+            # second decision on these sums (they are rebuilt when many pods changed).
             return self._fused_pass(ctx, fused.base, w, affine)
         base = fused.base
-        order, rank_of = fused.ordered()
-        groups = ctx.book().grouped(self._fused_key, rank_of)
+        groups = ctx.book().grouped(self._fused_key, fused.ordered())
         if affine is None:
             terms = dict.fromkeys(groups, w * 1.0)
         else:
@@ -348,18 +365,16 @@ class ScoredStrategy:
             terms = {load: w * ((hi - load) * inv) for load in groups}
         touched = self._touched(ctx, affine)
         best = max(touched.values(), default=_OUT)
-        for load, ranks in groups.items():
-            for r in ranks:
-                i = order[r]
+        for load, keys in groups.items():
+            for _, i in keys:
                 if i not in touched:  # touched pods have their own score, counted above
                     best = max(best, base[i] + terms[load])
                     break
         cut = best - SCORE_TOLERANCE
         tied = [i for i, value in touched.items() if value >= cut]
-        for load, ranks in groups.items():
+        for load, keys in groups.items():
             term = terms[load]
-            for r in ranks:
-                i = order[r]
+            for _, i in keys:
                 if base[i] + term < cut:
                     break  # and so is every later pod in this group
                 if i not in touched:
@@ -418,13 +433,15 @@ class ScoredStrategy:
         if moved is None or self._signals.ramping(ctx.candidates, ctx.now):
             return -1
         column, lowered = moved
-        near: tuple[list[int], float] | None = ctx.per_scrape(
-            self._fused_key, lambda _: self._near_best(column)
+        near: _Near | None = ctx.per_scrape(
+            self._fused_key,
+            lambda _: self._near_best(column),
+            lambda found, _, at: self._near_update(found, column, at),  # type: ignore[arg-type]
         )
         if near is None:
             return -1  # pods without data: the full ranking draws for them
-        positions, cut = near
-        tied = [i for i in positions if lowered.get(i, column[i]) >= cut]  # type: ignore[operator]
+        cut = near.cut
+        tied = [i for i in near.positions if lowered.get(i, column[i]) >= cut]  # type: ignore[operator]
         return self._break_tie(tied, ctx, None)
 
     def _sparse_pick(self, ctx: ScoringContext) -> int:
@@ -441,11 +458,30 @@ class ScoredStrategy:
         return self._break_tie(tied, ctx, None)
 
     @staticmethod
-    def _near_best(column: Scores) -> tuple[list[int], float] | None:
+    def _near_best(column: Scores) -> _Near | None:
         if None in column:
             return None
         cut = max(column) - SCORE_TOLERANCE  # type: ignore[type-var,operator]
-        return list(compress(range(len(column)), map(ge, column, repeat(cut)))), cut  # type: ignore[arg-type]
+        return _Near(column, list(compress(range(len(column)), map(ge, column, repeat(cut)))), cut)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _near_update(near: _Near, column: Scores, at: list[int]) -> bool:
+        """Move the pods at `at` in or out; False when the column is a new list (its
+        best may have moved: see LoweringScorer) or lost data."""
+        if column is not near.column:
+            return False
+        positions, cut = near.positions, near.cut
+        for i in at:
+            score = column[i]
+            if score is None:
+                return False
+            k = bisect_left(positions, i)
+            there = k < len(positions) and positions[k] == i
+            if score >= cut and not there:
+                positions.insert(k, i)
+            elif score < cut and there:
+                del positions[k]
+        return True
 
     def _fused_base(self, ctx: ScoringContext) -> _Fused | None:
         """Per pod, the weighted sum of all scorers but the last, sparse ones at 0."""
@@ -454,11 +490,35 @@ class ScoredStrategy:
         columns = [zeros if s is None else s.column(ctx) for s in self._per_scrape[:-1]]
         if any(None in c for c in columns):
             return None
-        weights = [w / self._total_weight for w in self._weights]
+        weights = self._normalised
         out: list[float] = [weights[0] * a for a in columns[0]]  # type: ignore[operator]
         for column, wk in zip(columns[1:], weights[1:], strict=False):
             out = [a + wk * b for a, b in zip(out, column, strict=True)]  # type: ignore[operator]
-        return _Fused(out)
+        return _Fused(out, columns)
+
+    def _fused_update(self, ctx: ScoringContext, fused: _Fused, at: list[int]) -> bool:
+        """Sum again at `at`, with `_fused_base`'s order of operations (same floats), and
+        move those pods' keys; False when a column is a new list (many scores moved) or
+        a pod lost data."""
+        columns = fused.columns
+        for s, column in zip(self._per_scrape[:-1], columns, strict=False):
+            if s is not None and s.column(ctx) is not column:
+                return False
+        rows = [[column[i] for column in columns] for i in at]
+        if any(None in row for row in rows):
+            return False
+        weights = self._normalised
+        base, keys = fused.base, fused.keys
+        book = ctx.book() if keys else None
+        for i, row in zip(at, rows, strict=True):
+            value = weights[0] * row[0]  # type: ignore[operator]
+            for term, wk in zip(row[1:], weights[1:], strict=False):
+                value = value + wk * term  # type: ignore[operator]
+            base[i] = value
+            if book is not None and keys[i][0] != -value:
+                old, keys[i] = keys[i], (-value, i)
+                book.rekey(self._fused_key, keys, i, old)
+        return True
 
     def _weighted_sum(self, terms: list[float]) -> float:
         """One pod's combined score, with `_combine`'s order of operations."""

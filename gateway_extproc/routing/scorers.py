@@ -62,19 +62,38 @@ class ScoringContext:
         return self._view
 
     def metrics(self) -> list[PodMetrics | None]:
-        """Fresh metrics per candidate (None when missing or stale); shared until the
-        next scrape, so read it, never change it."""
+        """Fresh metrics per candidate (None when missing or stale); shared and updated
+        in place as scrapes land, so read it within this decision only, never change it."""
         return self.view().metrics
 
-    def per_scrape(self, owner: object, build: Callable[[list[PodMetrics | None]], T]) -> T:
-        """`build(metrics())`, computed once per candidate set and store version and kept
-        under `owner` (a scorer): the metric-only part of a score, shared by every
-        decision until the next scrape. Never change what it returns."""
-        derived = self.view().derived
-        found: T | None = derived.get(owner)
-        if found is None:
-            found = derived[owner] = build(self.view().metrics)
-        return found
+    def per_scrape(
+        self,
+        owner: object,
+        build: Callable[[list[PodMetrics | None]], T],
+        update: Callable[[T, list[PodMetrics | None], list[int]], bool] | None = None,
+    ) -> T:
+        """`build(metrics())`, kept under `owner` (a scorer) for this candidate set: the
+        metric-only part of a score, shared by every decision. Once scrapes have landed
+        it is brought up to date by `update(value, metrics(), positions)` when given,
+        which changes `value` in place at the positions whose metrics changed (and may
+        touch others) and says True, or says False to have it built again; without
+        `update`, or when too many pods changed, it is built again. Never change what it
+        returns."""
+        view = self.view()
+        derived = view.derived
+        found = derived.get(owner)
+        if found is not None:
+            value: T = found[0]
+            if found[1] == view.version:
+                return value
+            if update is not None and value is not None:
+                positions = view.positions_since(found[1])
+                if positions is not None and update(value, view.metrics, positions):
+                    derived[owner] = (value, view.version)
+                    return value
+        value = build(view.metrics)
+        derived[owner] = (value, view.version)
+        return value
 
     def loads(self) -> list[int]:
         """Load per candidate: shared and kept current between decisions, so read it
@@ -109,10 +128,12 @@ class Scorer(Protocol):
 
 class PerScrapeScorer(Protocol):
     """A scorer whose scores depend on engine metrics alone (not on the request or on
-    in-flight counts), so one column serves every decision until the next scrape."""
+    in-flight counts), so one column serves every decision, changed only by scrapes."""
 
     def column(self, ctx: ScoringContext) -> Scores:
-        """The shared column: never change it."""
+        """The shared column: never change it. It is the same list from decision to
+        decision while a scrape changes only the scores of the pods scraped; when one
+        changes the others' too, it is a new list."""
         ...
 
 
@@ -140,7 +161,9 @@ class LoweringScorer(Protocol):
     """A scorer whose live inputs can only lower some scores below the per-scrape ones."""
 
     def moved(self, ctx: ScoringContext) -> tuple[Scores, dict[int, float]] | None:
-        """(per-scrape column, position -> lowered score), or None: use `score`."""
+        """(per-scrape column, position -> lowered score), or None: use `score`. The
+        column is the same list from decision to decision while scrapes change only the
+        scraped pods' scores and not its highest score; else it is a new list."""
         ...
 
 
@@ -231,8 +254,15 @@ class KVCacheScorer:
         return list(self.column(ctx))
 
     def column(self, ctx: ScoringContext) -> Scores:
-        """Metrics only, so computed once per scrape and shared: never change it."""
-        return ctx.per_scrape(self, self._free)
+        """Metrics only, so kept and updated pod by pod as scrapes land: shared, never
+        change it."""
+        return ctx.per_scrape(self, self._free, self._refree)
+
+    @classmethod
+    def _refree(cls, column: Scores, metrics: list[PodMetrics | None], at: list[int]) -> bool:
+        for i, score in zip(at, cls._free([metrics[i] for i in at]), strict=True):
+            column[i] = score
+        return True
 
     @staticmethod
     def _free(metrics: list[PodMetrics | None]) -> Scores:
@@ -266,7 +296,7 @@ class LatencyScorer:
         # The metric part of every estimate changes only with a scrape; per decision,
         # only pods whose load puts more requests ahead than their waiting queue (found
         # by one C-level pass) need their estimate redone.
-        base = ctx.per_scrape(self, self._base)
+        base = ctx.per_scrape(self, self._base, _LatencyBase.update)
         grown = self._grown(ctx, base)
         if not grown:
             return list(base.scores)
@@ -287,7 +317,7 @@ class LatencyScorer:
         """This decision's scores as the per-scrape column (shared: never change it) and
         the positions whose score the live loads lowered, with their scores; None when
         the best estimate itself moved (then every score does: use `score`)."""
-        base = ctx.per_scrape(self, self._base)
+        base = ctx.per_scrape(self, self._base, _LatencyBase.update)
         grown = self._grown(ctx, base)
         if not grown:
             return base.scores, {}
@@ -313,54 +343,87 @@ class LatencyScorer:
         return grown
 
     def _base(self, metrics: list[PodMetrics | None]) -> _LatencyBase:
-        params: list[tuple[float, int, int, float] | None] = []
-        expected: list[float | None] = []
-        limits: list[float] = []
-        floor = self.FLOOR_SECONDS
-        # Inline checks (NaN fails every comparison) rather than a helper call per pod.
-        for m in metrics:
-            if m is None or (ttft := m.ttft_mean_recent) is None or not 0.0 <= ttft < _INF:
-                params.append(None)
-                expected.append(None)
-                limits.append(_INF)
-                continue
-            running = r if (r := m.running) is not None and 0 <= r < _INF else 0
-            waiting = w if (w := m.waiting) is not None and 0 <= w < _INF else 0
-            e2e = m.e2e_mean_recent
-            if e2e is not None and 0.0 <= e2e < _INF:
-                per_slot = e2e / (running if running > 1 else 1)
-            else:
-                per_slot = ttft
-            params.append((ttft, waiting, running, per_slot))
-            # ahead = max(waiting, load - waiting - running, 0), where `load` is our
-            # in-flight count plus this same waiting queue: it is `waiting` until the
-            # load passes 2 x waiting + running.
-            expected.append(ttft + waiting * per_slot + floor)
-            limits.append(2 * waiting + running)
-        return _LatencyBase(params, expected, limits)
+        return _LatencyBase(metrics, self.FLOOR_SECONDS)
 
     def picked(self, position: int, ctx: ScoringContext) -> None:
         return None
 
 
+_Inputs = tuple[float, int, int, float]
+
+
+def _latency_inputs(
+    m: PodMetrics | None, floor: float
+) -> tuple[_Inputs | None, float | None, float]:
+    """One pod's (ttft, waiting, running, per_slot), its estimate with only the waiting
+    queue ahead, and the load beyond which that estimate grows; (None, None, inf) without
+    data."""
+    # Inline checks (NaN fails every comparison) rather than a helper call per value.
+    if m is None or (ttft := m.ttft_mean_recent) is None or not 0.0 <= ttft < _INF:
+        return None, None, _INF
+    running = r if (r := m.running) is not None and 0 <= r < _INF else 0
+    waiting = w if (w := m.waiting) is not None and 0 <= w < _INF else 0
+    e2e = m.e2e_mean_recent
+    if e2e is not None and 0.0 <= e2e < _INF:
+        per_slot = e2e / (running if running > 1 else 1)
+    else:
+        per_slot = ttft
+    # ahead = max(waiting, load - waiting - running, 0), where `load` is our in-flight
+    # count plus this same waiting queue: it is `waiting` until the load passes
+    # 2 x waiting + running.
+    return (
+        (ttft, waiting, running, per_slot),
+        ttft + waiting * per_slot + floor,
+        2 * waiting + running,
+    )
+
+
 class _LatencyBase:
     """LatencyScorer's per-scrape part: per candidate, its inputs, its estimate with
-    only the waiting queue ahead, and the load beyond which that estimate grows."""
+    only the waiting queue ahead, and the load beyond which that estimate grows; and
+    best / estimate per candidate, with the best estimate."""
 
-    __slots__ = ("best", "complete", "expected", "limits", "params", "scores")
+    __slots__ = ("best", "complete", "expected", "floor", "limits", "params", "scores")
 
-    def __init__(
-        self,
-        params: list[tuple[float, int, int, float] | None],
-        expected: list[float | None],
-        limits: list[float],
-    ) -> None:
-        self.params = params
-        self.expected = expected
-        self.limits = limits
+    def __init__(self, metrics: list[PodMetrics | None], floor: float) -> None:
+        self.floor = floor
+        found = [_latency_inputs(m, floor) for m in metrics]
+        self.params: list[_Inputs | None] = [f[0] for f in found]
+        self.expected: list[float | None] = [f[1] for f in found]
+        self.limits: list[float] = [f[2] for f in found]
+        self.complete = True
+        self.best: float | None = None
+        self.scores: Scores = []
+        self._rescore()
+
+    def update(self, metrics: list[PodMetrics | None], at: list[int]) -> bool:
+        """Take new metrics at these positions (always possible: True). The scores list
+        stays the same object unless the best estimate moved (then every score moves: a
+        new list)."""
+        best = self.best
+        moved = best is None
+        expected = self.expected
+        for i in at:
+            was = expected[i]
+            self.params[i], value, self.limits[i] = _latency_inputs(metrics[i], self.floor)
+            expected[i] = value
+            # The best moves if it was this pod's, or if this pod now beats it.
+            moved = moved or was == best or (value is not None and value < best)  # type: ignore[operator]
         self.complete = None not in expected
-        present = [v for v in expected if v is not None]
-        self.best = min(present) if present else None
+        if moved:
+            self._rescore()
+            return True
+        scores = self.scores
+        for i in at:
+            value = expected[i]
+            scores[i] = None if value is None else best / value  # type: ignore[operator]
+        return True
+
+    def _rescore(self) -> None:
+        expected = self.expected
+        self.complete = None not in expected
+        present = expected if self.complete else [v for v in expected if v is not None]
+        self.best = min(present) if present else None  # type: ignore[type-var]
         self.scores = _best_over(expected, self.complete)
 
 
@@ -386,19 +449,50 @@ class ThroughputScorer:
         return list(self.column(ctx))
 
     def column(self, ctx: ScoringContext) -> Scores:
-        """Metrics only, so computed once per scrape and shared: never change it."""
-        return ctx.per_scrape(self, self._busy)
+        """Metrics only, so kept and updated pod by pod as scrapes land: shared, never
+        change it."""
+        return ctx.per_scrape(self, self._busy, _LowerIsBetter.update).scores
 
     @staticmethod
-    def _busy(metrics: list[PodMetrics | None]) -> Scores:
-        return lower_is_better(
-            [
-                None
-                if m is None or (t := m.tokens_per_second) is None or not 0.0 <= t < _INF
-                else t
-                for m in metrics
-            ]
-        )
+    def _busy(metrics: list[PodMetrics | None]) -> _LowerIsBetter:
+        return _LowerIsBetter(list(map(_tokens_per_second, metrics)))
 
     def picked(self, position: int, ctx: ScoringContext) -> None:
         return None
+
+
+def _tokens_per_second(m: PodMetrics | None) -> float | None:
+    if m is None or (t := m.tokens_per_second) is None or not 0.0 <= t < _INF:
+        return None
+    return t
+
+
+class _LowerIsBetter:
+    """`lower_is_better(values)`, kept with the values so that a pod whose new value
+    stays strictly between the lowest and the highest changes its own score only."""
+
+    __slots__ = ("hi", "lo", "scores", "values")
+
+    def __init__(self, values: list[float | None]) -> None:
+        self.values = values
+        present = [v for v in values if v is not None]
+        self.lo = min(present) if present else None
+        self.hi = max(present) if present else None
+        self.scores = lower_is_better(values)
+
+    def update(self, metrics: list[PodMetrics | None], at: list[int]) -> bool:
+        lo, hi, values = self.lo, self.hi, self.values
+        if lo is None or hi is None or not lo < hi:
+            return False
+        new = [_tokens_per_second(metrics[i]) for i in at]
+        for i, value in zip(at, new, strict=True):
+            for v in (values[i], value):
+                if v is not None and not lo < v < hi:
+                    return False  # the range may move, and every score with it
+        span = hi - lo
+        scores = self.scores
+        for i, value in zip(at, new, strict=True):
+            values[i] = value
+            # lower_is_better's arithmetic, so the floats are the same.
+            scores[i] = None if value is None else (lo + span - value) / span
+        return True

@@ -6,10 +6,10 @@ It owns the pieces every such strategy needs and none should rebuild per request
 - `CandidateSet`: the pod keys of a candidate tuple, cached by the tuple's identity (the
   registry hands out the same tuple until the model changes), so a decision over 1,000
   pods does not rebuild 1,000 key strings;
-- `ScrapeView`: the candidates' fresh metrics and waiting queues as vectors, rebuilt only
-  when the store's version moves (a scrape recorded, metrics expired, a pod forgotten),
-  with room for what scorers derive from them, since metrics change once per scrape
-  while decisions come per request;
+- `ScrapeView`: the candidates' fresh metrics and waiting queues as vectors, with room
+  for what scorers derive from them, updated at the pods whose metrics changed (a
+  scrape recorded, metrics expired, a pod forgotten) rather than rebuilt: on a large
+  fleet a scrape lands about as often as a request;
 - `LoadBook`: load per pod, our own in-flight count (moved at the moment of the pick, so
   a burst spreads before any engine metric moves) plus the engine's waiting queue when
   fresh, kept current from the in-flight counter's journal and the scrapes, and grouped
@@ -44,79 +44,165 @@ _NO_METRICS: Mapping[str, Any] = {}
 
 
 class ScrapeView:
-    """What the store says of one candidate set at one store version, in candidate order.
+    """What the store says of one candidate set, in candidate order, kept current.
 
-    Engine metrics only change when a scrape is recorded (or expires), while decisions
-    come far more often: vectors built here, and whatever scorers derive from them
-    (`derived`, keyed by scorer), serve every decision until the store's version moves.
+    Engine metrics change one pod at a time (a scrape recorded, metrics expired, a pod
+    forgotten), and on a large fleet about as often as decisions come: so the view is
+    updated in place at the pods that changed, and whatever scorers derive from it
+    (`derived`: owner -> (value, the store version it is current to)) is brought up to
+    date the same way by its owner (`ScoringContext.per_scrape`), rather than rebuilt for
+    every decision. When too many pods changed for that to pay, it is rebuilt instead.
     """
 
-    __slots__ = ("derived", "metrics", "version", "waiting")
+    __slots__ = ("_index", "_keys", "_store", "derived", "metrics", "since", "version", "waiting")
 
     def __init__(
-        self, version: int, metrics: list[PodMetrics | None], waiting: list[int] | None
+        self,
+        store: MetricsStore | None,
+        version: int,
+        keys: list[str],
+        index: Mapping[str, int] | None,
+        metrics: list[PodMetrics | None],
+        waiting: list[int],
     ) -> None:
         self.version = version
+        self.since = version  # positions_since knows changes from here on
         self.metrics = metrics
-        # The engine's waiting queue per candidate (0 when unknown); None when no
-        # candidate shows one, so loads can skip the addition.
-        self.waiting = waiting
-        self.derived: dict[object, Any] = {}
+        self.waiting = waiting  # the engine's waiting queue per candidate, 0 when unknown
+        self.derived: dict[object, tuple[Any, int]] = {}
+        self._store = store
+        self._keys = keys
+        # key -> position; None when a key appears twice (a key then does not tell the
+        # position), and the view is rebuilt at every change.
+        self._index = index
+
+    def positions_since(self, version: int) -> list[int] | None:
+        """Positions (each once) whose metrics changed between store `version` and this
+        view's, or None when that is unknown or when rebuilding is no dearer."""
+        if version == self.version:
+            return []
+        if self._store is None or version < self.since:
+            return None
+        keys = self._store.changed_since(version)
+        return None if keys is None else self._positions(keys[: self.version - version])
+
+    def advance(
+        self, version: int, fresh: Mapping[str, PodMetrics], waiting: Mapping[str, int]
+    ) -> bool:
+        """Bring the view up to store `version` in place, at the pods that changed; False
+        (and unchanged) when it should be rebuilt instead."""
+        keys = self._store.changed_since(self.version) if self._store is not None else None
+        positions = self._positions(keys) if keys is not None else None
+        if positions is None:
+            return False
+        pods, metrics, queues = self._keys, self.metrics, self.waiting
+        for i in positions:
+            metrics[i] = fresh.get(pods[i])
+            queues[i] = waiting.get(pods[i], 0)
+        self.version = version
+        return True
+
+    def _positions(self, keys: list[str]) -> list[int] | None:
+        index = self._index
+        n = len(self._keys)
+        # The journal names pods of every model: far behind, reading it costs more than
+        # rebuilding this set's vectors.
+        if index is None or len(keys) > 2 * n + 64:
+            return None
+        positions = list(dict.fromkeys(i for i in map(index.get, keys) if i is not None))
+        return positions if worth_updating(len(positions), n) else None
+
+
+def worth_updating(changed: int, n: int) -> bool:
+    """Whether updating `changed` of `n` candidates one by one beats rebuilding: updating
+    a pod costs about what rebuilding costs for 10-30 pods, so past an eighth of them it
+    is no cheaper."""
+    return changed <= 8 + n // 8
 
 
 class LoadBook:
     """One candidate set's loads, kept current between decisions.
 
     A pick or a release moves one pod's in-flight count and a scrape one pod's waiting
-    queue, so a decision replays the in-flight journal since the previous one and
-    compares waiting queues when the scrape view moved, rather than re-reading every
-    pod, and keeps the candidates grouped by load: the lowest and highest load and the
-    pods at a given load come without a pass over all candidates. Treat every list and
-    dict here as read-only: they are shared until the next decision moves them.
+    queue, so a decision replays the in-flight journal since the previous one and takes
+    the scrape view's changed pods, rather than re-reading every pod, and keeps the
+    candidates grouped by load: the lowest and highest load and the pods at a given load
+    come without a pass over all candidates. Treat every list and dict here as
+    read-only: they are shared until the next decision moves them.
     """
 
-    __slots__ = ("_ranked", "groups", "incremental", "loads", "mark", "version", "waiting")
+    __slots__ = (
+        "_ranked",
+        "groups",
+        "incremental",
+        "loads",
+        "mark",
+        "version",
+        "view",
+        "waiting",
+    )
 
     def __init__(self, loads: list[int], mark: int, incremental: bool, view: ScrapeView) -> None:
         self.loads = loads
-        # The in-flight journal position and the scrape view these loads are current to.
+        # The in-flight journal position and the scrape view (and its version) these
+        # loads are current to, with the waiting queues they count (a copy: the view
+        # changes in place).
         self.mark = mark
+        self.view = view
         self.version = view.version
-        self.waiting = view.waiting
+        self.waiting = list(view.waiting)
         # False when a pod key appears twice among the candidates: the journal names
         # keys, so positions could be missed; the book is rebuilt per decision then.
         self.incremental = incremental
         # load -> positions of the candidates at that load, ascending.
         self.groups = _group(range(len(loads)), loads)
-        # owner -> (rank per position, load -> ranks ascending), see `grouped`.
-        self._ranked: dict[object, tuple[Sequence[int], dict[int, list[int]]]] = {}
+        # owner -> (key per position, load -> keys ascending), see `grouped`.
+        self._ranked: dict[object, tuple[Sequence[Any], dict[int, list[Any]]]] = {}
 
     def spread(self) -> tuple[int, int]:
         """(lowest load, highest - lowest)."""
         lo = min(self.groups)
         return lo, max(self.groups) - lo
 
-    def grouped(self, owner: object, rank_of: Sequence[int]) -> dict[int, list[int]]:
-        """load -> the ranks (`rank_of[position]`, a permutation of the positions in an
-        order of the owner's choosing, fixed for this scrape view) of the candidates at
-        that load, ascending; kept current with the loads until the view moves."""
+    def grouped(self, owner: object, key_of: Sequence[Any]) -> dict[int, list[Any]]:
+        """load -> the keys (`key_of[position]`: distinct, sortable, in an order of the
+        owner's choosing) of the candidates at that load, ascending; kept current with
+        the loads, and with the keys while the owner reports each change (`rekey`) and
+        keeps the same `key_of` list."""
         found = self._ranked.get(owner)
-        if found is None:
-            found = self._ranked[owner] = (rank_of, _group(rank_of, self.loads))
+        if found is None or found[0] is not key_of:
+            found = self._ranked[owner] = (key_of, _group(key_of, self.loads))
         return found[1]
+
+    def rekey(self, owner: object, key_of: Sequence[Any], position: int, old: Any) -> None:
+        """The owner changed `key_of[position]` from `old`: move it within its group."""
+        found = self._ranked.get(owner)
+        if found is not None and found[0] is key_of:
+            groups = found[1]
+            group = groups[self.loads[position]]
+            del group[bisect_left(group, old)]
+            insort(group, key_of[position])
+
+    def scraped(self, view: ScrapeView) -> Iterable[int] | None:
+        """Positions whose waiting queue may differ in `view` from the one these loads
+        count (None: too many to update one by one)."""
+        if view is self.view:
+            return view.positions_since(self.version)
+        # A rebuilt view: compare the queues, by a C-level pass.
+        return compress(count(), map(ne, self.waiting, view.waiting))
 
     def update(
         self, positions: Iterable[int], keys: list[str], counts: Mapping[str, int], view: ScrapeView
     ) -> None:
         """Load again the pods at `positions` (in-flight count + `view`'s waiting queue)."""
-        if view.version != self.version:
-            self.version = view.version
-            self.waiting = view.waiting
-            self._ranked.clear()  # the owners' orders were for the previous view
-        waiting = self.waiting
+        if view is not self.view:
+            self.view = view
+            self._ranked.clear()  # the owners' keys were for the previous view
+        self.version = view.version
+        waiting, counted = view.waiting, self.waiting
         for i in positions:
-            load = counts.get(keys[i], 0)
-            self._move(i, load + waiting[i] if waiting is not None else load)
+            counted[i] = waiting[i]
+            self._move(i, counts.get(keys[i], 0) + waiting[i])
 
     def _move(self, position: int, load: int) -> None:
         old = self.loads[position]
@@ -124,43 +210,33 @@ class LoadBook:
             return
         self.loads[position] = load
         _regroup(self.groups, position, old, load)
-        for rank_of, groups in self._ranked.values():
-            _regroup(groups, rank_of[position], old, load)
+        for key_of, groups in self._ranked.values():
+            _regroup(groups, key_of[position], old, load)
 
 
-def _differ(old: list[int] | None, new: list[int] | None) -> Iterable[int]:
-    """Positions whose waiting queue differs between two views (None: all zeros), found
-    by a C-level pass."""
-    if old is None:
-        return () if new is None else compress(count(), new)
-    if new is None:
-        return compress(count(), old)
-    return compress(count(), map(ne, old, new))
-
-
-def _group(ranks: Sequence[int], loads: list[int]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
-    for rank, load in zip(ranks, loads, strict=True):
+def _group(keys: Sequence[Any], loads: list[int]) -> dict[int, list[Any]]:
+    groups: dict[int, list[Any]] = {}
+    for key, load in zip(keys, loads, strict=True):
         found = groups.get(load)
         if found is None:
-            groups[load] = [rank]
+            groups[load] = [key]
         else:
-            found.append(rank)
+            found.append(key)
     for found in groups.values():
         found.sort()
     return groups
 
 
-def _regroup(groups: dict[int, list[int]], rank: int, old: int, new: int) -> None:
+def _regroup(groups: dict[int, list[Any]], key: Any, old: int, new: int) -> None:
     group = groups[old]
-    del group[bisect_left(group, rank)]
+    del group[bisect_left(group, key)]
     if not group:
         del groups[old]
     found = groups.get(new)
     if found is None:
-        groups[new] = [rank]
+        groups[new] = [key]
     else:
-        insort(found, rank)
+        insort(found, key)
 
 
 class CandidateSet:
@@ -238,20 +314,28 @@ class PodSignals:
     # -- signals ------------------------------------------------------------------------
 
     def view(self, candidates: CandidateSet, now: float) -> ScrapeView:
-        """The candidates' metrics as of the store's current version (rebuilt only when
-        a scrape was recorded or metrics expired since the last call)."""
+        """The candidates' metrics as of the store's current version: updated at the pods
+        whose metrics changed since the last call, or rebuilt when most did."""
         store = self.store
         version = store.fresh_version(now) if store is not None else 0
         view = candidates.view
-        if view is not None and view.version == version:
-            return view
+        if view is not None:
+            if view.version == version:
+                return view
+            if store is not None and view.advance(version, store.fresh(now), store.waiting(now)):
+                return view
         keys = candidates.keys
+        index = candidates.index if len(candidates.index) == len(keys) else None
         if store is None:
-            view = ScrapeView(version, [None] * len(keys), None)
+            view = ScrapeView(None, version, keys, index, [None] * len(keys), [0] * len(keys))
         else:
-            waiting = list(map(store.waiting(now).get, keys, repeat(0)))
             view = ScrapeView(
-                version, list(map(store.fresh(now).get, keys)), waiting if any(waiting) else None
+                store,
+                version,
+                keys,
+                index,
+                list(map(store.fresh(now).get, keys)),
+                list(map(store.waiting(now).get, keys, repeat(0))),
             )
         candidates.view = view
         return view
@@ -264,9 +348,9 @@ class PodSignals:
     def book(self, candidates: CandidateSet, now: float) -> LoadBook:
         """The candidates' current loads, grouped by load (shared: never change them).
 
-        Only the pods whose in-flight count moved since the last decision, and, when the
-        scrape view moved, those whose waiting queue changed, are looked at again; it is
-        rebuilt in full when that is most of them anyway.
+        Only the pods whose in-flight count moved since the last decision, and those
+        whose waiting queue a scrape may have changed, are looked at again; it is rebuilt
+        in full when that is most of them anyway.
         """
         view = self.view(candidates, now)
         inflight = self._inflight
@@ -274,22 +358,19 @@ class PodSignals:
         book = candidates.book
         if book is not None and book.incremental:
             changed = inflight.changed_since(book.mark)
-            if changed is not None:
+            scraped = book.scraped(view)
+            if changed is not None and scraped is not None:
                 index = candidates.index
                 moved = [i for i in map(index.get, dict.fromkeys(changed)) if i is not None]
-                if view.version != book.version:
-                    moved.extend(_differ(book.waiting, view.waiting))
-                # Moving a pod costs about what rebuilding costs for 10-30 pods (the
-                # groups too): past an eighth of the candidates, rebuilding is no dearer.
-                if len(moved) <= 8 + len(keys) // 8:
+                moved.extend(scraped)
+                if worth_updating(len(moved), len(keys)):
                     book.update(moved, keys, inflight.by_pod(), view)
                     book.mark = inflight.mark()
                     return book
         mark = inflight.mark()
         loads = map(inflight.by_pod().get, keys, repeat(0))  # in C: no Python call per pod
-        waiting = view.waiting
         book = LoadBook(
-            list(loads) if waiting is None else list(map(add, loads, waiting)),
+            list(map(add, loads, view.waiting)),
             mark,
             len(candidates.index) == len(keys),
             view,

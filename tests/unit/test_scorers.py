@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import REGISTRY
@@ -22,6 +23,7 @@ from gateway_extproc.routing.scorers import (
     KVCacheScorer,
     LatencyScorer,
     QueueScorer,
+    Scorer,
     ScoringContext,
     ThroughputScorer,
 )
@@ -319,20 +321,67 @@ def varied_fleet(seed: int, n: int = 40, running: int = 6) -> Fleet:
     return fleet
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "least-kv-cache",
-        "throughput",
-        "least-latency",
-        "prefix-cache",
-        "prefix-cache:3,least-kv-cache:2,least-request:2",
-        "least-kv-cache:1,prefix-cache:1,least-request:3",
-        "throughput:1,least-kv-cache:1,least-request:1",
-        "least-request:1,least-kv-cache:1",
-        "least-kv-cache:1",
-    ],
-)
+def live_scrape(fleets: tuple[Fleet, ...], rng: random.Random, step: int) -> None:
+    """What the scraper does between two decisions on a large fleet: one to three pods
+    record a scrape, now and then a burst of many, a pod losing a metric (until its next
+    scrape), a pod's metrics forgotten, or time jumping on so that pods not scraped for
+    a while go stale; the same in every fleet."""
+    pods = fleets[0].pods
+    burst = step % 37 == 36
+    for k in rng.sample(range(len(pods)), len(pods) // 2 if burst else rng.randint(1, 3)):
+        # Counters grow (with noise) as `step` does, so rates and recent means exist.
+        sample = EngineSample(
+            running=rng.randint(0, 30),
+            waiting=rng.randint(0, 3),
+            kv_cache_usage=rng.uniform(0.0, 1.0) if rng.random() > 0.005 else math.nan,
+            ttft_sum=(step + rng.random()) * 0.2 if rng.random() > 0.005 else None,
+            ttft_count=float(step),
+            e2e_sum=(step + rng.random()) * 2.0,
+            e2e_count=float(step),
+            prompt_tokens=(step + rng.random()) * 300.0,
+            generation_tokens=0.0,
+        )
+        for fleet in fleets:
+            fleet.store.record(pods[k].key, sample, fleet.clock.now)
+    if step % 53 == 52:
+        for fleet in fleets:
+            fleet.store.forget(pods[step % len(pods)].key)
+    for fleet in fleets:
+        fleet.clock.now += 1.6 if step % 149 == 148 else 0.01
+
+
+def count_shortcuts(strategy: ScoredStrategy) -> list[int]:
+    """Counts (in the one item of the list returned) the picks the strategy's shortcuts
+    made rather than leave to the full ranking."""
+    taken = [0]
+
+    def counting(pick: Callable[[ScoringContext], int]) -> Callable[[ScoringContext], int]:
+        def counted(ctx: ScoringContext) -> int:
+            chosen = pick(ctx)
+            taken[0] += chosen >= 0
+            return chosen
+
+        return counted
+
+    for shortcut in ("_fused", "_shortlisted", "_lowered", "_sparse_pick"):
+        setattr(strategy, shortcut, counting(getattr(strategy, shortcut)))
+    return taken
+
+
+FAST_PATH_STRATEGIES = [
+    "least-kv-cache",
+    "throughput",
+    "least-latency",
+    "prefix-cache",
+    "prefix-cache:3,least-kv-cache:2,least-request:2",
+    "least-kv-cache:1,prefix-cache:1,least-request:3",
+    "throughput:1,least-kv-cache:1,least-request:1",
+    "least-request:1,least-kv-cache:1",
+    "least-kv-cache:1",
+]
+
+
+@pytest.mark.parametrize("name", FAST_PATH_STRATEGIES)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize(
     ("spread", "max_groups"),
@@ -342,11 +391,20 @@ def varied_fleet(seed: int, n: int = 40, running: int = 6) -> Fleet:
         (True, 1000),  # or walks groups, loads above the pod count too
     ],
 )
+@pytest.mark.parametrize("live", [False, True])
 def test_fast_paths_pick_as_the_full_ranking(
-    monkeypatch: pytest.MonkeyPatch, name: str, seed: int, spread: bool, max_groups: int
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    seed: int,
+    spread: bool,
+    max_groups: int,
+    live: bool,
 ) -> None:
-    """The shortlist and single-pass picks (taken once per decision when they apply)
-    choose the same pods, drawing the same random numbers, as scoring every pod."""
+    """The shortlist and single-pass picks (taken once per decision when they apply),
+    with what they keep updated pod by pod as scrapes land, choose the same pods,
+    drawing the same random numbers, as scoring every pod from scratch: the reference
+    keeps nothing from one decision to the next. Scrapes land rarely, or (live) before
+    every decision."""
     monkeypatch.setattr(picker, "_MAX_GROUPS", max_groups)
     fast, full = varied_fleet(seed), varied_fleet(seed)
     if spread:
@@ -356,18 +414,21 @@ def test_fast_paths_pick_as_the_full_ranking(
                     f.inflight.acquire("m", pod)
     fast_strategy = fast.catalog.resolve(name)
     full_strategy = full.catalog.resolve(name)
+    assert isinstance(fast_strategy, ScoredStrategy)
     assert isinstance(full_strategy, ScoredStrategy)
     full_strategy._prunable = False
     full_strategy._affine = None
     full_strategy._lowering = None
     full_strategy._only_sparse = None
+    taken = count_shortcuts(fast_strategy)
     prompts = [f"system prompt {k % 3} " * 20 + f"user {k}" for k in range(12)]
     rng = random.Random(seed)
     for i in range(300):
         request = RoutingRequest(model="m", prompt=prompts[i % len(prompts)])
+        for kept in full_strategy._signals._sets.values():
+            kept.view = kept.book = None  # nothing kept: scored from scratch
         picked = [
-            s.rank(f.pods, request, 1)[0]  # type: ignore[union-attr]
-            for s, f in ((fast_strategy, fast), (full_strategy, full))
+            s.rank(f.pods, request, 1)[0] for s, f in ((fast_strategy, fast), (full_strategy, full))
         ]
         assert picked[0].name == picked[1].name, i
         for f in (fast, full):
@@ -376,10 +437,39 @@ def test_fast_paths_pick_as_the_full_ranking(
             pod = fast.pods[rng.randrange(len(fast.pods))]
             for f in (fast, full):
                 f.inflight.release("m", pod)
-        if i % 100 == 99:  # a scrape: the per-scrape vectors must be rebuilt
+        if live:
+            live_scrape((fast, full), rng, i)
+        elif i % 100 == 99:  # a scrape: the per-scrape vectors must follow
             pod = fast.pods[i % len(fast.pods)]
             for f in (fast, full):
                 f.set(pod, kv=0.01, ttft=0.02, tps=5.0)
+    if live and not spread:  # (heavy loads keep the latency shortcut out of play)
+        assert taken[0] > 5  # shortcuts on kept state were tested, not only full ranking
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_scores_kept_across_scrapes_equal_a_fresh_build(seed: int) -> None:
+    """Every scorer's scores, with what it keeps updated pod by pod as scrapes land (and
+    expire, and are forgotten), equal the scores built from scratch, float for float."""
+    fleet = varied_fleet(seed)
+    latency = LatencyScorer()
+    scorers: list[Scorer] = [KVCacheScorer(), latency, ThroughputScorer(), QueueScorer()]
+    rng = random.Random(seed)
+    for step in range(400):
+        live_scrape((fleet,), rng, step)
+        pod = fleet.pods[rng.randrange(len(fleet.pods))]
+        if rng.random() < 0.6:
+            fleet.inflight.acquire("m", pod)
+        else:
+            fleet.inflight.release("m", pod)
+        kept = fleet.context()
+        signals = PodSignals(fleet.store, fleet.inflight)  # keeps nothing yet
+        fresh = ScoringContext(
+            signals.candidates(fleet.pods), RoutingRequest(model="m"), fleet.clock.now, signals
+        )
+        for scorer in scorers:
+            assert scorer.score(kept) == type(scorer)().score(fresh), (step, scorer.name)
+        assert latency.moved(kept) == LatencyScorer().moved(fresh), step
 
 
 def reference_latency(fleet: Fleet) -> list[float | None]:
@@ -426,6 +516,35 @@ def test_per_scrape_vectors_follow_scrapes_and_expiry() -> None:
     fleet.store.forget(fleet.pods[0].key)
     fleet.clock.now -= 10
     assert KVCacheScorer().score(fleet.context())[0] is None
+
+
+def test_kept_scores_see_expiry_and_first_scrapes_at_once() -> None:
+    """What is kept between decisions is updated, not rebuilt, when a few pods change:
+    that must not delay anything. Metrics past the staleness stop counting on the next
+    decision, and a pod's first scrape (its cold start over) counts on the next one."""
+    fleet = Fleet(20)
+    store, clock, pods = fleet.store, fleet.clock, fleet.pods
+    newcomer = pods[19]  # routable, never scraped yet
+    start = clock.now
+    for pod in pods[:19]:
+        store.record(pod.key, EngineSample(kv_cache_usage=0.5), start)
+    scorer = KVCacheScorer()
+    view = fleet.context().view()
+    assert scorer.score(fleet.context())[19] is None
+    for pod in pods[2:19]:  # scraped again one by one, a decision after each
+        clock.now += 0.05
+        store.record(pod.key, EngineSample(kv_cache_usage=0.5), clock.now)
+        scorer.score(fleet.context())
+    clock.now = start + store.staleness  # pods 0 and 1 exactly at the limit: fresh
+    assert scorer.score(fleet.context())[:3] == [0.5, 0.5, 0.5]
+    clock.now += 0.01
+    assert scorer.score(fleet.context())[:3] == [None, None, 0.5]
+    store.record(newcomer.key, EngineSample(kv_cache_usage=0.0), clock.now)
+    assert scorer.score(fleet.context())[19] == 1.0
+    assert fleet.context().view() is view  # updated in place throughout
+    for pod in pods[:2]:
+        store.record(pod.key, EngineSample(kv_cache_usage=0.5), clock.now)
+    assert fleet.picks("least-kv-cache", 20) == {newcomer.name: 20}
 
 
 def test_latency_fast_path_is_taken_and_agrees() -> None:

@@ -1,18 +1,22 @@
-"""The load book: per-candidate loads kept current from the in-flight journal must equal
-reading every count afresh, through picks, releases, deleted pods, scrapes, expiry and a
-journal that no longer reaches back; and least-request's pick from it must be the pick a
-scan over every candidate makes, with the same random draws."""
+"""The scrape view and the load book: per-candidate metrics kept current from the store's
+journal, and loads kept current from the in-flight journal, must equal reading every pod
+afresh, through picks, releases, deleted pods, scrapes, expiry and journals that no
+longer reach back; and least-request's pick from the book must be the pick a scan over
+every candidate makes, with the same random draws."""
 
 from __future__ import annotations
 
 import heapq
 import math
 import random
+from collections.abc import Sequence
 from itertools import chain
+from typing import Any
 
 import pytest
 
 from gateway_extproc.metrics import EngineSample, MetricsStore
+from gateway_extproc.metrics import store as store_module
 from gateway_extproc.models.registry import Pod
 from gateway_extproc.routing import inflight as inflight_module
 from gateway_extproc.routing.base import RoutingRequest
@@ -36,7 +40,7 @@ def make_pods(n: int) -> tuple[Pod, ...]:
     )
 
 
-def scrape(store: MetricsStore, pod: Pod, now: float, waiting: int) -> None:
+def scrape(store: MetricsStore, pod: Pod, now: float, waiting: int | None) -> None:
     store.record(pod.key, EngineSample(running=2, waiting=waiting, kv_cache_usage=0.5), now)
 
 
@@ -47,8 +51,8 @@ def direct_loads(
     return [inflight.count(p.key) + waiting.get(p.key, 0) for p in pods]
 
 
-def groups_of(loads: list[int], rank_of: list[int]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
+def groups_of(loads: list[int], rank_of: Sequence[Any]) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
     for i, load in enumerate(loads):
         out.setdefault(load, []).append(rank_of[i])
     return {load: sorted(ranks) for load, ranks in out.items()}
@@ -60,6 +64,7 @@ def test_load_book_equals_a_fresh_read(
     monkeypatch: pytest.MonkeyPatch, keep: int, seed: int
 ) -> None:
     monkeypatch.setattr(inflight_module, "JOURNAL_KEEP", keep)  # 4: often too far back
+    monkeypatch.setattr(store_module, "JOURNAL_KEEP", keep)
     rng = random.Random(seed)
     clock = Clock()
     store = MetricsStore(staleness=5.0, clock=clock)
@@ -70,33 +75,57 @@ def test_load_book_equals_a_fresh_read(
     twice = (*pods[:5], pods[2])  # a key twice: positions the journal cannot tell apart
     for pod in pods[:20]:
         scrape(store, pod, clock.now, rng.randint(0, 3))
-    owner = object()
+    owner, keeper = object(), object()
+    # The keeper's keys change a few at a time and it reports each change (`rekey`).
+    kept = {len(c): [(rng.random(), i) for i in range(len(c))] for c in (pods, subset, twice)}
+    advanced = 0
     for step in range(600):
         pod = rng.choice(pods)
         action = rng.random()
-        if action < 0.45:
+        if action < 0.4:
             inflight.acquire("m", pod)
-        elif action < 0.85:
+        elif action < 0.75:
             inflight.release("m", pod)
-        elif action < 0.9:
+        elif action < 0.8:
             inflight.forget(pod)
+        elif action < 0.95:
+            scrape(store, pod, clock.now, rng.choice((None, *range(5))))
+        elif action < 0.96:
+            store.forget(pod.key)
         elif action < 0.97:
-            scrape(store, pod, clock.now, rng.randint(0, 4))
+            for other in rng.sample(pods, 12):  # a burst: more than is worth updating
+                scrape(store, other, clock.now, rng.randint(0, 4))
         else:
             clock.now += rng.choice((0.5, 3.0))  # sometimes far enough for metrics to expire
         if rng.random() < 0.5:
             continue  # changes pile up between decisions
         for candidates in (pods, subset, twice):
-            book = signals.book(signals.candidates(candidates), clock.now)
+            cs = signals.candidates(candidates)
+            key_of = kept[len(candidates)]
+            if cs.book is not None:
+                for i in rng.sample(range(len(candidates)), 2):
+                    old, key_of[i] = key_of[i], (rng.random(), i)
+                    cs.book.rekey(keeper, key_of, i, old)
+            before = cs.view
+            version = before.version if before is not None else -1
+            book = signals.book(cs, clock.now)
+            view = cs.view
+            assert view is not None
+            advanced += view is before and view.version != version
+            fresh, waiting = store.fresh(clock.now), store.waiting(clock.now)
+            assert view.metrics == [fresh.get(p.key) for p in candidates], step
+            assert view.waiting == [waiting.get(p.key, 0) for p in candidates], step
             expected = direct_loads(store, inflight, candidates, clock.now)
             assert book.loads == expected, step
             assert book.groups == groups_of(expected, list(range(len(candidates)))), step
-            # An order of the owner's for this scrape view only: the book must not keep
-            # groups in the previous view's order.
+            # A new order of the owner's every time: the book must not keep groups in
+            # an order it was given before.
             order_rng = random.Random(f"{book.version} {len(candidates)}")
             rank_of = order_rng.sample(range(len(candidates)), len(candidates))
             assert book.grouped(owner, rank_of) == groups_of(expected, rank_of), step
+            assert book.grouped(keeper, key_of) == groups_of(expected, key_of), step
             assert book.spread() == (min(expected), max(expected) - min(expected))
+    assert advanced > 50  # the view was updated in place, not only rebuilt
 
 
 def reference_least_request(
