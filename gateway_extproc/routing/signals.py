@@ -81,18 +81,16 @@ class ScrapeView:
         view's, or None when that is unknown or when rebuilding is no dearer."""
         if version == self.version:
             return []
-        if self._store is None or version < self.since:
+        if version < self.since:
             return None
-        keys = self._store.changed_since(version)
-        return None if keys is None else self._positions(keys[: self.version - version])
+        return self._positions(version, self.version)
 
     def advance(
         self, version: int, fresh: Mapping[str, PodMetrics], waiting: Mapping[str, int]
     ) -> bool:
         """Bring the view up to store `version` in place, at the pods that changed; False
         (and unchanged) when it should be rebuilt instead."""
-        keys = self._store.changed_since(self.version) if self._store is not None else None
-        positions = self._positions(keys) if keys is not None else None
+        positions = self._positions(self.version, version)
         if positions is None:
             return False
         pods, metrics, queues = self._keys, self.metrics, self.waiting
@@ -102,14 +100,19 @@ class ScrapeView:
         self.version = version
         return True
 
-    def _positions(self, keys: list[str]) -> list[int] | None:
-        index = self._index
+    def _positions(self, start: int, end: int) -> list[int] | None:
+        """Positions of the pods the store's journal names from `start` to `end`."""
+        store, index = self._store, self._index
         n = len(self._keys)
         # The journal names pods of every model: far behind, reading it costs more than
         # rebuilding this set's vectors.
-        if index is None or len(keys) > 2 * n + 64:
+        if store is None or index is None or end - start > 2 * n + 64:
             return None
-        positions = list(dict.fromkeys(i for i in map(index.get, keys) if i is not None))
+        keys = store.changed_since(start)
+        if keys is None:
+            return None
+        named = map(index.get, keys[: end - start])
+        positions = list(dict.fromkeys(i for i in named if i is not None))
         return positions if worth_updating(len(positions), n) else None
 
 
