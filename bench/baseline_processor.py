@@ -3,9 +3,10 @@ on grpc.aio can reach on this set-up, run as its own process.
 
     python -m bench.baseline_processor --port 9102 --destination 127.0.0.1:8000
 
-It answers each of the four phases of the shipped processing mode with a pre-built
-response: the request body with the destination headers, metadata and clear_route_cache,
-everything else with an empty CONTINUE. No parsing, no registry, no accounting, no logs.
+It answers each phase Envoy waits for with a pre-built response: the request body with
+the destination headers, metadata and clear_route_cache, everything else with an empty
+CONTINUE; the observer filter's frames (observability mode) are read and not answered.
+No parsing, no registry, no accounting, no logs.
 The overhead benchmark runs it next to the product so that what the product adds on top
 of grpc.aio is measured in the same run.
 """
@@ -65,7 +66,8 @@ class FixedRouting(ext_grpc.ExternalProcessorServicer):
         answers = self._answers
         async for frame in request_iterator:
             kind = frame.WhichOneof("request")
-            if kind is not None:
+            # Envoy expects no answer from an observer stream (observability mode).
+            if kind is not None and not frame.observability_mode:
                 yield answers[kind]
 
 

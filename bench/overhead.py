@@ -45,7 +45,8 @@ from bench.common import (
     wrk_script,
 )
 from bench.httpclient import KeepAliveClient, encode_request
-from bench.stack import BenchStack, ext_proc_settings, route_headers, start_stack
+from bench.stack import BenchStack, route_headers, start_stack
+from gateway_extproc import localstack
 
 NAME = "overhead"
 TITLE = "1. Overhead: the same Envoy, direct vs through the processor"
@@ -65,14 +66,16 @@ class Variant:
     what_if: bool = False  # an experiment for the change list, not the shipped set-up
 
 
-def _response_headers_sent(doc: dict[str, Any]) -> None:
-    ext_proc_settings(doc)["processing_mode"]["response_header_mode"] = "SEND"
+def _one_filter(doc: dict[str, Any]) -> None:
+    localstack.single_filter_shape(doc)
 
 
 def _no_response_path(doc: dict[str, Any]) -> None:
-    settings = ext_proc_settings(doc)
-    settings["processing_mode"]["response_header_mode"] = "SKIP"
-    settings["processing_mode"]["response_body_mode"] = "NONE"
+    """The routing filter alone, as shipped (it sends no response phase): the observer
+    filter removed."""
+    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = manager["typed_config"]["http_filters"]
+    filters[:] = [f for f in filters if not f["typed_config"].get("observability_mode")]
 
 
 VARIANTS = (
@@ -80,8 +83,8 @@ VARIANTS = (
     Variant("gateway-extproc --no-access-log", ("--no-access-log",)),
     Variant("plain grpc.aio floor (bench/baseline_processor.py)", baseline=True),
     Variant(
-        "gateway-extproc, response headers phase sent (as Envoy Gateway configures it)",
-        edit=_response_headers_sent,
+        "gateway-extproc, one filter: the response on the routing stream (Envoy Gateway's shape)",
+        edit=_one_filter,
     ),
     Variant(
         "what-if: response phases not sent (no accounting)",
@@ -125,9 +128,9 @@ def check_routes(stack: BenchStack, direct: Route, through: Route) -> float:
                 raise RuntimeError(f"through route answered {status}")
     after = stack.ext_proc_counters()
     streams = after["streams_started"] - before["streams_started"]
-    if streams != 20:
-        raise RuntimeError(f"expected 20 ext_proc streams, Envoy opened {streams}")
-    return (after["stream_msgs_sent"] - before["stream_msgs_sent"]) / streams
+    if streams != 20 * stack.ext_proc_filters():
+        raise RuntimeError(f"expected 20 ext_proc streams per filter, Envoy opened {streams}")
+    return (after["stream_msgs_sent"] - before["stream_msgs_sent"]) / 20
 
 
 @dataclass
@@ -323,7 +326,7 @@ def run(mode: RunMode) -> Section:
             ]
         )
     main = results[0]
-    quiet, floor = results[1], results[2]
+    quiet, floor, one_filter = results[1], results[2], results[3]
     product_cpu = main["saturation"]["processor_cpu_us_per_req"]
     floor_cpu = floor["saturation"]["processor_cpu_us_per_req"]
     log_cpu = product_cpu - quiet["saturation"]["processor_cpu_us_per_req"]
@@ -379,20 +382,23 @@ def run(mode: RunMode) -> Section:
             f"{fmt(product_cpu - log_cpu, 0)} µs. The floor itself adds "
             f"{fmt(floor['c1']['added_p50_ms'], 2)} ms at p50 and carries "
             f"{floor['saturation']['ratio'] * 100:.0f}% of direct throughput.",
-            "The row with the response headers phase sent is the shape Envoy Gateway's "
-            "EnvoyExtensionPolicy produces (it cannot skip them); the shipped "
-            "envoy/envoy.yaml skips that phase and takes the status from an attribute of "
-            "the first body frame. "
-            "Rows marked what-if are experiments behind the change list, not the shipped "
-            "set-up: the response phases switched off in the bench bootstrap "
-            "(`response_header_mode: SKIP`, `response_body_mode: NONE`; the processor then "
-            "sees no response and accounts nothing), and two processor processes listed "
-            "in the processor cluster (Envoy picks one per stream).",
+            "The shipped envoy/envoy.yaml runs two ext_proc filters: the routing filter "
+            "(request headers and body, answered) and an observer in observability mode "
+            "that sends the response to the processor without holding it. The one-filter "
+            "row is the shape Envoy Gateway's EnvoyExtensionPolicy produces (no "
+            "observability mode there): the response headers and every body frame wait "
+            "for the processor's answer on the routing stream. "
+            "Rows marked what-if are experiments behind the change list, not a shipped "
+            "set-up: the observer filter removed (the processor then sees no response and "
+            "accounts nothing: the cost of the request path alone), and two processor "
+            "processes listed in the processor cluster (Envoy picks one per stream).",
             f"Envoy sends the processor {main['ext_proc_messages_per_request']:.1f} "
-            "ext_proc messages per request in the shipped mode (request headers, request "
-            "body, and the response body as a data frame plus an empty end-of-stream frame; "
-            "the two body frames are pipelined, so three round trips are waited for) and "
-            "an answer comes back for each. "
+            "ext_proc messages per request in the shipped set-up, on two streams: request "
+            "headers and body on the routing stream (two round trips waited for), and on "
+            "the observer stream the request headers, the response body as a data frame "
+            "and an empty end-of-stream frame (none waited for). In the one-filter shape "
+            f"it is {one_filter['ext_proc_messages_per_request']:.1f}, every one answered "
+            "and waited for. "
             f"The front Envoy alone spends {fmt(front_through, 0)} µs of CPU per request "
             f"through the processor against {fmt(front_direct, 0)} µs direct; on its one "
             f"worker that caps the through route at about {fmt(1e6 / front_through, 0)} "

@@ -43,6 +43,7 @@ _HCM = (
 )
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+_EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 
 
 def _connection_manager(doc: dict[str, Any]) -> dict[str, Any]:
@@ -64,10 +65,16 @@ def front_bootstrap(listen_port: int, admin_port: int, extproc_port: int) -> dic
     filters = [f["name"] for f in manager["http_filters"]]
     if EXT_PROC_FILTER not in filters:
         raise ValueError(f"{localstack.ENVOY_CONFIG} has no {EXT_PROC_FILTER} filter")
+    # Every ext_proc filter (the routing one and the observer) is off on this route.
+    disabled = {
+        f["name"]: {"@type": _PER_ROUTE, "disabled": True}
+        for f in manager["http_filters"]
+        if f["typed_config"].get("@type") == _EXT_PROC_TYPE
+    }
     direct_route = {
         "match": {"prefix": "/", "headers": [{"name": DIRECT_HEADER, "present_match": True}]},
         "route": {"cluster": "inference_pods", "timeout": "0s"},
-        "typed_per_filter_config": {EXT_PROC_FILTER: {"@type": _PER_ROUTE, "disabled": True}},
+        "typed_per_filter_config": disabled,
     }
     manager["route_config"]["virtual_hosts"][0]["routes"].insert(0, direct_route)
     return doc
@@ -255,8 +262,21 @@ class BenchStack:
         self.group.stop()
 
     def ext_proc_counters(self) -> dict[str, int]:
-        stats = envoy_stats(self.front_admin, "ext_proc")
-        return {name.rsplit(".", 1)[-1]: value for name, value in stats.items()}
+        """The ext_proc counters of the routing filter and the observer (if any) summed:
+        what Envoy sent the processor in all."""
+        out: dict[str, int] = {}
+        for name, value in envoy_stats(self.front_admin, "ext_proc").items():
+            key = name.rsplit(".", 1)[-1]
+            out[key] = out.get(key, 0) + value
+        return out
+
+    def ext_proc_filters(self) -> int:
+        """How many ext_proc filters a request through the processor passes (each opens
+        its own stream)."""
+        manager = _connection_manager(self.bootstrap)
+        return sum(
+            1 for f in manager["http_filters"] if f["typed_config"].get("@type") == _EXT_PROC_TYPE
+        )
 
 
 def start_stack(

@@ -119,7 +119,10 @@ def saturated(
             counters1 = stack.ext_proc_counters()
             if result.errors:
                 raise RuntimeError(f"{name}: wrk saw {result.errors} errors")
-            streams = counters1["streams_started"] - counters0["streams_started"]
+            # One stream per ext_proc filter a request passes: count requests.
+            streams = (
+                counters1["streams_started"] - counters0["streams_started"]
+            ) // stack.ext_proc_filters()
             messages = counters1["stream_msgs_sent"] - counters0["stream_msgs_sent"]
             runs[name].append(
                 {
@@ -252,8 +255,10 @@ def run(mode: RunMode) -> Section:
             ),
             "Saturation: wrk, 1 thread, median of the rounds; chunks/s = completed "
             f"streams/s x {CHUNKS}. Messages per stream: ext_proc messages Envoy sent the "
-            "processor per stream (4 are headers and the request body; the rest are "
-            "response body frames). Processor CPU per chunk has the background "
+            "processor per SSE stream over both ext_proc filters (3 are the request "
+            "headers and body for the routing filter and the request headers for the "
+            "observer; the rest are response body frames, which the observer sends "
+            "without waiting for an answer). Processor CPU per chunk has the background "
             "(scraping) rate taken off.",
             table(
                 [

@@ -109,6 +109,34 @@ def render_envoy_config(
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def single_filter_shape(doc: dict[str, Any]) -> dict[str, Any]:
+    """A parsed envoy/envoy.yaml turned into the one-filter shape Envoy Gateway produces:
+    the observer filter removed and the response sent to the routing filter (headers and
+    STREAMED body) on the same stream, without the handoff role. Changes `doc` in place
+    and returns it."""
+    for listener in doc["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                manager = network_filter.get("typed_config", {})
+                filters = manager.get("http_filters")
+                if not filters:
+                    continue
+                manager["http_filters"] = [
+                    f for f in filters if not f.get("typed_config", {}).get("observability_mode")
+                ]
+                for entry in manager["http_filters"]:
+                    config = entry.get("typed_config", {})
+                    if config.get("@type", "").endswith(".ext_proc.v3.ExternalProcessor"):
+                        config["grpc_service"].pop("initial_metadata", None)
+                        mode = config["processing_mode"]
+                        mode["response_header_mode"] = "SEND"
+                        mode["response_body_mode"] = "STREAMED"
+                        config["metadata_options"]["receiving_namespaces"] = {
+                            "untyped": ["envoy.lb"]
+                        }
+    return doc
+
+
 # -- ports ----------------------------------------------------------------------------
 
 

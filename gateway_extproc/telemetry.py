@@ -61,6 +61,11 @@ REQUEST_DURATION = Histogram(
     ["model", "pod"],
     buckets=LATENCY_BUCKETS,
 )
+HANDOFF_EXPIRED = Counter(
+    "gateway_observer_missing_total",
+    "Routed requests whose response stream (the observer filter's) never came; released "
+    "as aborted after the claim window.",
+)
 RESPONSES_UNPARSED = Counter(
     "gateway_responses_unparsed_total",
     "Responses passed through untouched whose body could not be read for usage.",

@@ -58,30 +58,41 @@ def routed_common(headers: Iterable[tuple[str, str]]) -> ext.CommonResponse:
     )
 
 
-def destination_metadata(destination: str) -> struct_pb2.Struct:
+# Namespace and field of the key that ties the routing stream to the observer stream
+# (extproc/handoff.py).
+HANDOFF_NAMESPACE = "gateway_extproc"
+HANDOFF_KEY_FIELD = "session"
+
+
+def destination_metadata(destination: str, handoff_key: str = "") -> struct_pb2.Struct:
     metadata = struct_pb2.Struct()
     metadata.get_or_create_struct(LB_METADATA_NAMESPACE)[DESTINATION_HEADER] = destination
+    if handoff_key:
+        metadata.get_or_create_struct(HANDOFF_NAMESPACE)[HANDOFF_KEY_FIELD] = handoff_key
     return metadata
 
 
 def routed_request_headers(
-    headers: Iterable[tuple[str, str]], destination: str
+    headers: Iterable[tuple[str, str]], destination: str, handoff_key: str = ""
 ) -> ext.ProcessingResponse:
     return ext.ProcessingResponse(
         request_headers=ext.HeadersResponse(response=routed_common(headers)),
-        dynamic_metadata=destination_metadata(destination),
+        dynamic_metadata=destination_metadata(destination, handoff_key),
     )
 
 
 def routed_request_body(
-    headers: Iterable[tuple[str, str]], destination: str, new_body: bytes | None = None
+    headers: Iterable[tuple[str, str]],
+    destination: str,
+    new_body: bytes | None = None,
+    handoff_key: str = "",
 ) -> ext.ProcessingResponse:
     common = routed_common(headers)
     if new_body is not None:
         common.body_mutation.body = new_body
     return ext.ProcessingResponse(
         request_body=ext.BodyResponse(response=common),
-        dynamic_metadata=destination_metadata(destination),
+        dynamic_metadata=destination_metadata(destination, handoff_key),
     )
 
 

@@ -20,6 +20,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from gateway_extproc import telemetry
 from gateway_extproc.conformance.recording import StreamRecorder, save
+from gateway_extproc.extproc import responses
+from gateway_extproc.extproc.handoff import (
+    OBSERVE_ROLE,
+    ROLE_METADATA,
+    ROUTE_ROLE,
+    Handoff,
+)
+from gateway_extproc.extproc.handoff import handoff_key as handoff_key_of
 from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
 from gateway_extproc.routing.router import Router
 
@@ -32,6 +40,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         self._config = config
         self._record_dir = Path(record_dir) if record_dir else None
         self._stream_numbers = itertools.count(1)
+        self.handoff = Handoff()
         self.open_streams = 0
 
     async def Process(  # the gRPC method name, as Envoy calls it
@@ -39,32 +48,55 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[ext.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ext.ProcessingResponse]:
-        session = Session(self._router, self._config)
+        role = _role(context)
+        if role == OBSERVE_ROLE:
+            session = None  # claimed from the routing stream by the first frame
+            handoff_key = ""
+        else:
+            handoff_key = self.handoff.new_key() if role == ROUTE_ROLE else ""
+            session = Session(self._router, self._config, handoff_key)
+        claimed = False
         recorder = self._recorder()
         self.open_streams += 1
         try:
             async for frame in request_iterator:
-                responses = session.handle(frame)
+                if role == OBSERVE_ROLE:
+                    if not claimed:
+                        claimed = True
+                        session = self.handoff.claim(handoff_key_of(frame))
+                    answers = _observe(session, frame)
+                else:
+                    assert session is not None
+                    answers = session.handle(frame)
+                    if handoff_key and session.awaiting_response and not claimed:
+                        # Parked before the routing answer leaves, so the observer
+                        # cannot ask for it first.
+                        claimed = True
+                        self.handoff.park(handoff_key, session)
                 if recorder is not None:
-                    recorder.add(frame, responses, session.model)
+                    recorder.add(frame, answers, session.model if session else "")
                 if frame.observability_mode:
                     continue  # Envoy expects no answer in observability mode
-                for response in responses:
-                    yield response
+                for answer in answers:
+                    yield answer
         except asyncio.CancelledError:
             raise  # Envoy cancelled the stream; the session is closed as aborted below
         except Exception:
             telemetry.FILTER_ERRORS.inc()
-            log.exception("stream_failed", outcome=str(session.outcome))
+            log.exception("stream_failed", outcome=str(session.outcome if session else None))
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in gateway-extproc")
         finally:
             self.open_streams -= 1
             # A stream that ends before the response is complete was cut short. (How it
-            # ends is no guide: Envoy half-closes and resets every stream at once.)
-            cut_short = session.outcome is None
-            session.close(Outcome.ABORTED)
+            # ends is no guide: Envoy half-closes and resets every stream at once.) A
+            # routing stream whose session was parked has handed it over: the observer
+            # stream, or the claim window, ends it.
+            cut_short = session is not None and session.outcome is None
+            handed_over = role == ROUTE_ROLE and claimed
+            if session is not None and not handed_over:
+                session.close(Outcome.ABORTED)
             if recorder is not None:
-                self._write(recorder, cut_short)
+                self._write(recorder, cut_short and not handed_over)
 
     def _recorder(self) -> StreamRecorder | None:
         if self._record_dir is None:
@@ -81,3 +113,22 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             save(recording, path)
         except OSError as exc:
             log.warning("recording_not_written", path=str(path), problem=str(exc))
+
+
+_RESPONSE_KINDS = frozenset({"response_headers", "response_body", "response_trailers"})
+
+
+def _observe(session: Session | None, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:
+    """An observer stream's frame: only the response matters (the request was handled on
+    the routing stream). The answers matter only if Envoy is not in observability mode."""
+    kind = frame.WhichOneof("request")
+    if session is not None and kind in _RESPONSE_KINDS:
+        return session.handle(frame)
+    return [responses.CONTINUE_BY_FRAME[kind]] if kind is not None else []
+
+
+def _role(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == ROLE_METADATA:
+            return value if isinstance(value, str) else value.decode()
+    return ""

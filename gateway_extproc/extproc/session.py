@@ -96,6 +96,7 @@ class Session:
         "_configured",
         "_decision",
         "_error_code",
+        "_handoff_key",
         "_headers",
         "_method",
         "_model",
@@ -116,9 +117,12 @@ class Session:
         "resp_phase",
     )
 
-    def __init__(self, router: Router, config: SessionConfig) -> None:
+    def __init__(self, router: Router, config: SessionConfig, handoff_key: str = "") -> None:
         self._router = router
         self._cfg = config
+        # Set when the response will come on another stream (extproc/handoff.py): the
+        # routing answer carries it for Envoy to forward to that stream.
+        self._handoff_key = handoff_key
         self._configured = False
         self.req_mode: int = config.default_request_body_mode
         self.resp_mode: int = config.default_response_body_mode
@@ -146,6 +150,11 @@ class Session:
     @property
     def model(self) -> str:
         return self._model
+
+    @property
+    def awaiting_response(self) -> bool:
+        """Routed, and the response has not ended yet."""
+        return self._decision is not None and self.outcome is None
 
     # -- entry points -------------------------------------------------------------------
 
@@ -278,10 +287,16 @@ class Session:
             headers.append(("content-length", str(len(new_body))))
         if self.req_mode == FULL_DUPLEX:
             return [
-                responses.routed_request_headers(headers, self._decision_destination()),
+                responses.routed_request_headers(
+                    headers, self._decision_destination(), self._handoff_key
+                ),
                 *responses.streamed_bodies(new_body or body, body_end, response=False),
             ]
-        return [responses.routed_request_body(headers, self._decision_destination(), new_body)]
+        return [
+            responses.routed_request_body(
+                headers, self._decision_destination(), new_body, self._handoff_key
+            )
+        ]
 
     def _pass_request_chunk(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
         if self.req_mode == FULL_DUPLEX:
@@ -333,7 +348,9 @@ class Session:
         return headers
 
     def _routed_headers_response(self) -> ext.ProcessingResponse:
-        return responses.routed_request_headers(self._route_headers(), self._decision_destination())
+        return responses.routed_request_headers(
+            self._route_headers(), self._decision_destination(), self._handoff_key
+        )
 
     def _answer_models(self) -> ext.ProcessingResponse:
         self._model = ""

@@ -4,14 +4,15 @@
 
 It starts real simulated engines on the ready pods of `tests/conformance/models.yaml`,
 the processor (`serve --record-dir`) on that file, and three real Envoys: the shipped
-`envoy/envoy.yaml` (request body BUFFERED, response headers skipped, response body
-STREAMED), the shipped `envoy/envoy-full-duplex.yaml` (both bodies
-FULL_DUPLEX_STREAMED), and a capture-only bootstrap derived from envoy.yaml
-(`subset_bootstrap`) in which Envoy's header_to_metadata filter turns a request header
-into the endpoint subset hint. Then it sends one HTTP request per scenario through the
-right Envoy, waits for the processor to write that stream's recording, applies the
-scenario's hand edit if it has one, and saves it as `recordings/<scenario name>.json`
-with a description of what it shows and how it was captured.
+`envoy/envoy.yaml` in its one-filter shape (`buffered_bootstrap`: request body BUFFERED,
+response headers and STREAMED body on the same stream, as Envoy Gateway sets it up), the
+shipped `envoy/envoy-full-duplex.yaml` (both bodies FULL_DUPLEX_STREAMED), and a
+capture-only bootstrap derived from the first (`subset_bootstrap`) in which Envoy's
+header_to_metadata filter turns a request header into the endpoint subset hint. Then it
+sends one HTTP request per scenario through the right Envoy, waits for the processor to
+write that stream's recording, applies the scenario's hand edit if it has one, and saves
+it as `recordings/<scenario name>.json` with a description of what it shows and how it
+was captured.
 
 The replay test (`test_replay.py`) never runs this: it replays the saved files. Capture
 again after changing the processor's answers on purpose, then read the diff.
@@ -60,6 +61,15 @@ HEADER_TO_METADATA_TYPE = (
 )
 
 
+def buffered_bootstrap(base: Path = localstack.ENVOY_CONFIG) -> dict[str, Any]:
+    """envoy/envoy.yaml in the one-filter shape (as Envoy Gateway sets it up): the whole
+    exchange on one stream, so one recording holds it. The shipped two-filter shape
+    splits it over a routing and an observer stream, which a recording of one stream
+    cannot replay; its routing stream is this one without the response frames."""
+    doc: dict[str, Any] = yaml.safe_load(base.read_text(encoding="utf-8"))
+    return localstack.single_filter_shape(doc)
+
+
 def subset_bootstrap(base: Path = localstack.ENVOY_CONFIG) -> dict[str, Any]:
     """`base` with header_to_metadata in front of ext_proc, turning the request header
     SUBSET_HEADER into dynamic metadata `envoy.lb.subset_hint` /
@@ -69,7 +79,7 @@ def subset_bootstrap(base: Path = localstack.ENVOY_CONFIG) -> dict[str, Any]:
     Envoy only forwards the namespaces listed in `forwarding_namespaces`, so both halves
     are needed for the processor to see the hint.
     """
-    doc: dict[str, Any] = yaml.safe_load(base.read_text(encoding="utf-8"))
+    doc = buffered_bootstrap(base)
     changed = 0
     for listener in doc["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
@@ -224,8 +234,9 @@ SUBSET = "envoy.yaml + subset hint"
 # `{envoy}` is the version of the Envoy that ran the capture.
 HOW_BUFFERED = (
     "Captured by tests/conformance/capture.py through real Envoy {envoy} running "
-    "envoy/envoy.yaml (request body BUFFERED, response headers skipped, response body "
-    "STREAMED) in front of simulated engines."
+    "envoy/envoy.yaml in its one-filter shape, as Envoy Gateway sets it up (request body "
+    "BUFFERED, response headers and STREAMED body on the same stream) in front of "
+    "simulated engines."
 )
 HOW_FULL_DUPLEX = (
     "Captured by tests/conformance/capture.py through real Envoy {envoy} running "
@@ -667,6 +678,9 @@ def capture(names: Iterable[str], log_dir: Path) -> list[Path]:
     if unknown:
         raise SystemExit(f"no scenario named {', '.join(sorted(unknown))}")
     record_dir = log_dir / "recorded"
+    buffered_config = log_dir / "envoy-buffered.yaml"
+    buffered_config.write_text(yaml.safe_dump(buffered_bootstrap(), sort_keys=False))
+    validate_bootstrap(buffered_config)
     subset_config = log_dir / "envoy-subset-hint.yaml"
     subset_config.write_text(yaml.safe_dump(subset_bootstrap(), sort_keys=False))
     validate_bootstrap(subset_config)
@@ -689,7 +703,7 @@ def capture(names: Iterable[str], log_dir: Path) -> list[Path]:
         )
         envoys: dict[str, tuple[ManagedProcess, int]] = {}
         configs = {
-            BUFFERED: localstack.ENVOY_CONFIG,
+            BUFFERED: buffered_config,
             FULL_DUPLEX: localstack.ENVOY_FULL_DUPLEX_CONFIG,
             SUBSET: subset_config,
         }

@@ -12,7 +12,7 @@ import yaml
 
 from gateway_extproc import localstack
 from gateway_extproc.config import Settings
-from gateway_extproc.extproc import session
+from gateway_extproc.extproc import handoff, responses, session
 
 CONFIGS = [localstack.ENVOY_CONFIG, localstack.ENVOY_FULL_DUPLEX_CONFIG]
 
@@ -112,20 +112,61 @@ def test_buffer_limits_agree_with_the_processor_body_limit(path: Path) -> None:
     assert cluster(doc, localstack.EXTPROC_CLUSTER)["per_connection_buffer_limit_bytes"] > limit
 
 
+def observer_filter(doc: dict[str, Any]) -> dict[str, Any]:
+    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (observer,) = [
+        f["typed_config"]
+        for f in manager["typed_config"]["http_filters"]
+        if f["name"] == "gateway-extproc-observer"
+    ]
+    config: dict[str, Any] = observer
+    return config
+
+
+def role(config: dict[str, Any]) -> str:
+    (entry,) = config["grpc_service"]["initial_metadata"]
+    assert entry["key"] == handoff.ROLE_METADATA
+    value: str = entry["value"]
+    return value
+
+
 def test_processing_modes_are_the_documented_ones() -> None:
-    buffered = ext_proc_filter(yaml.safe_load(localstack.ENVOY_CONFIG.read_text()))
+    shipped = yaml.safe_load(localstack.ENVOY_CONFIG.read_text())
+    routing, observer = ext_proc_filter(shipped), observer_filter(shipped)
     duplex = ext_proc_filter(yaml.safe_load(localstack.ENVOY_FULL_DUPLEX_CONFIG.read_text()))
 
-    assert buffered["processing_mode"] == {
+    # envoy.yaml: the routing filter waits for the request phases only...
+    assert routing["processing_mode"] == {
         "request_header_mode": "SEND",
         "request_body_mode": "BUFFERED",
+        "request_trailer_mode": "SKIP",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "NONE",
+        "response_trailer_mode": "SKIP",
+    }
+    assert role(routing) == handoff.ROUTE_ROLE
+    assert (
+        responses.HANDOFF_NAMESPACE
+        in routing["metadata_options"]["receiving_namespaces"]["untyped"]
+    )
+    # ...and the observer sees the response without holding it, tied to the routing
+    # stream by the forwarded key, the status coming as an attribute.
+    assert observer["observability_mode"] is True
+    assert observer["failure_mode_allow"] is True
+    assert observer["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "request_body_mode": "NONE",
         "request_trailer_mode": "SKIP",
         "response_header_mode": "SKIP",
         "response_body_mode": "STREAMED",
         "response_trailer_mode": "SKIP",
     }
-    # Without the response headers phase, the processor reads the status attribute.
-    assert buffered["response_attributes"] == [session.STATUS_ATTRIBUTE]
+    assert role(observer) == handoff.OBSERVE_ROLE
+    assert observer["metadata_options"]["forwarding_namespaces"]["untyped"] == [
+        responses.HANDOFF_NAMESPACE
+    ]
+    assert observer["response_attributes"] == [session.STATUS_ATTRIBUTE]
+    # envoy-full-duplex.yaml: one filter, the whole exchange on one stream.
     assert duplex["processing_mode"] == {
         "request_header_mode": "SEND",
         "request_body_mode": "FULL_DUPLEX_STREAMED",
@@ -134,8 +175,10 @@ def test_processing_modes_are_the_documented_ones() -> None:
         "response_body_mode": "FULL_DUPLEX_STREAMED",
         "response_trailer_mode": "SEND",
     }
-    for config in (buffered, duplex):
+    assert "initial_metadata" not in duplex["grpc_service"]
+    for config in (routing, duplex):
         assert config["failure_mode_allow"] is False  # fail closed
+    for config in (routing, observer, duplex):
         assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == localstack.EXTPROC_CLUSTER
 
 
@@ -149,3 +192,15 @@ def test_pods_are_reached_through_the_destination_header(path: Path) -> None:
         "use_http_header": True,
         "http_header_name": "x-gateway-destination-endpoint",
     }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_long_streams_do_not_trip_envoys_default_circuit_breakers(path: Path) -> None:
+    # Each request in flight holds a pod request and a processor stream per ext_proc
+    # filter for its whole response; Envoy's default breaker (1,024 requests per cluster)
+    # would answer request 1,025 with a 503.
+    doc = yaml.safe_load(path.read_text())
+    for name in ("inference_pods", localstack.EXTPROC_CLUSTER):
+        (limits,) = cluster(doc, name)["circuit_breakers"]["thresholds"]
+        assert limits["max_requests"] >= 100_000
+        assert limits["max_pending_requests"] >= 100_000

@@ -87,3 +87,105 @@ async def test_health_reports_serving_once_the_dictionary_is_loaded(gateway, cha
     for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- two filters: the routing stream hands the session to the observer stream ------------
+
+ROUTE = (("x-gateway-extproc-role", "route"),)
+OBSERVE = (("x-gateway-extproc-role", "observe"),)
+USAGE = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}})
+
+
+def observed(frame, key: str):
+    """A frame as the observer filter sends it: observability mode, the key forwarded."""
+    frame.observability_mode = True
+    frame.metadata_context.filter_metadata["gateway_extproc"]["session"] = key
+    return frame
+
+
+async def route_one(channel) -> str:
+    """Route a request on a routing-role stream; returns the handoff key it wrote."""
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    sent = [frames.request_headers(), frames.request_body(orjson.dumps({"model": "llama"}))]
+    got = [r async for r in stub.Process(iter(sent), metadata=ROUTE)]
+    assert [r.WhichOneof("response") for r in got] == ["request_headers", "request_body"]
+    metadata = got[1].dynamic_metadata.fields
+    assert metadata["envoy.lb"].struct_value.fields[
+        "x-gateway-destination-endpoint"
+    ].string_value == ("127.0.0.1:18001")
+    return metadata["gateway_extproc"].struct_value.fields["session"].string_value
+
+
+def tokens_counted() -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "gateway_tokens_total", {"model": "llama", "pod": "llama-0", "kind": "completion"}
+    )
+    return value or 0.0
+
+
+async def test_the_observer_stream_finishes_what_the_routing_stream_routed(gateway, channel):
+    before = tokens_counted()
+    key = await route_one(channel)
+    assert key
+    # The routing stream has ended; the request is still in flight until its response.
+    assert gateway.inflight.total() == 1
+    first = frames.response_body(USAGE)
+    first.attributes["envoy.filters.http.ext_proc"]["response.code"] = 200
+    sent = [
+        observed(frames.request_headers(), key),
+        observed(first, key),
+        observed(frames.response_body(b"", end_of_stream=True), key),
+    ]
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    got = [r async for r in stub.Process(iter(sent), metadata=OBSERVE)]
+    assert got == []  # nothing is answered in observability mode
+    assert gateway.inflight.total() == 0
+    assert tokens_counted() == before + 3
+
+
+async def test_a_client_that_leaves_before_the_response_releases_the_pod(gateway, channel):
+    key = await route_one(channel)
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    call = stub.Process(metadata=OBSERVE)
+    await call.write(observed(frames.request_headers(), key))
+    for _ in range(50):  # the observer has claimed the session
+        if not len(gateway.processor.handoff):
+            break
+        await asyncio.sleep(0.02)
+    assert gateway.inflight.total() == 1
+    call.cancel()  # Envoy ends the observer stream when the client goes away
+    for _ in range(100):
+        if gateway.inflight.total() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gateway.inflight.total() == 0
+
+
+async def test_a_routed_request_no_observer_claims_is_released_after_the_window(
+    gateway, channel, monkeypatch
+):
+    from prometheus_client import REGISTRY
+
+    monkeypatch.setattr(gateway.processor.handoff, "_window", 0.05)
+    missing = REGISTRY.get_sample_value("gateway_observer_missing_total") or 0.0
+    await route_one(channel)
+    assert gateway.inflight.total() == 1
+    for _ in range(100):
+        if gateway.inflight.total() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gateway.inflight.total() == 0
+    assert REGISTRY.get_sample_value("gateway_observer_missing_total") == missing + 1
+
+
+async def test_an_observer_without_a_known_key_changes_nothing(gateway, channel):
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    sent = [observed(frames.response_body(USAGE, end_of_stream=True), "no-such-key")]
+    assert [r async for r in stub.Process(iter(sent), metadata=OBSERVE)] == []
+    # Without observability mode (a misconfigured observer) Envoy would wait: answer.
+    plain = frames.response_body(USAGE, end_of_stream=True)
+    got = [r async for r in stub.Process(iter([plain]), metadata=OBSERVE)]
+    assert [r.WhichOneof("response") for r in got] == ["response_body"]
+    assert gateway.inflight.total() == 0
