@@ -1,8 +1,10 @@
 """The ExternalProcessor gRPC servicer: one coroutine per Envoy stream.
 
 It owns nothing but the loop: frames go into a Session, the Session's responses go
-back. Whatever happens (Envoy cancels the stream, the client goes away, a bug) the
-session is closed exactly once, and no Python traceback reaches Envoy or the client.
+back. A routing-role stream parks its routed session for the observer-role stream that
+claims it (extproc/handoff.py); any other stream keeps its session to the end. Whatever
+happens (Envoy cancels the stream, the client goes away, a bug) the session is closed
+exactly once, and no Python traceback reaches Envoy or the client.
 """
 
 from __future__ import annotations
