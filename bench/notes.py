@@ -44,11 +44,18 @@ runs; the product's own cost is the difference. Its handler style was checked on
 machine (2026-11-21, one interleaved run): an async generator, `context.read()` /
 `write()` and the threaded sync server added 1.18, 1.17 and 1.12 ms at p50 and reached
 19%, 24% and 17% of direct, within the noise of each other, so the generator style the
-product uses is not what holds it back. **What-if rows** are experiments for the change list, run
-with the product: the response phases switched off in the bench bootstrap (an upper
-bound for per-request processing-mode overrides; the processor then accounts nothing),
-and two processor processes behind one Envoy (on a 2-core machine they compete with
-Envoy and wrk for the same cores, so this row cannot show the gain on a larger host).
+product uses is not what holds it back.
+
+**Two filters.** The shipped envoy/envoy.yaml has a routing ext_proc filter and an
+observer in observability mode (docs/protocol.md); the bench's direct route disables
+both, message counts add both streams up, and the one-filter row is the same file turned
+into Envoy Gateway's shape by `localstack.single_filter_shape`. **What-if rows** are
+experiments for the change list, run with the product: the observer removed (the request
+path alone; the processor then accounts nothing), and the observer's streams held open
+1 s after each response. Two processor processes behind one Envoy were measured in
+earlier runs of this section (2026-11-21: 12.6% and 13.3% of direct against 13.7% and
+16.9% for one process, the latency worse too): on 2 cores they compete with Envoy and
+wrk for the same cores, so that row was dropped; it cannot show a gain on a larger host.
 
 **Routing cost** times `Router.route` in process with the real registry, catalog,
 metrics store (frozen clock, so nothing goes stale) and in-flight counter; the timed call
