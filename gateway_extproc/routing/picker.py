@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import heapq
 import random
-from bisect import bisect_left
 from collections.abc import Sequence
 from itertools import compress, repeat
 from operator import add, ge
@@ -102,18 +101,6 @@ class _Fused:
         return self.keys
 
 
-class _Near:
-    """Per candidate set, for `_lowered`: the positions (ascending) whose score in
-    `column` is within tolerance of its best, and that cut."""
-
-    __slots__ = ("column", "cut", "positions")
-
-    def __init__(self, column: Scores, positions: list[int], cut: float) -> None:
-        self.column = column
-        self.positions = positions
-        self.cut = cut
-
-
 class ScoredStrategy:
     def __init__(
         self,
@@ -162,12 +149,12 @@ class ScoredStrategy:
         self._fused_key = object()
         # Or, for a single sparse scorer (prefix cache), only the pods it scores above 0.
         self._only_sparse = self._sparse[0] if len(self.scorers) == 1 else None
-        # Or, for a single scorer that live inputs can only lower (latency), the pods
-        # within tolerance of the best per scrape, minus those this decision lowered.
+        # Or, for a single scorer that live inputs can only lower (latency), the pods it
+        # finds within tolerance of the best.
         only = self.scorers[0][0]
         self._lowering = (
             cast("LoweringScorer", only)
-            if len(self.scorers) == 1 and hasattr(only, "moved")
+            if len(self.scorers) == 1 and hasattr(only, "near")
             else None
         )
         self._prunable = any(self._per_scrape) and all(
@@ -426,22 +413,13 @@ class ScoredStrategy:
         return out
 
     def _lowered(self, ctx: ScoringContext) -> int:
-        """The pick `rank` would make when scores can only have dropped below the
-        per-scrape column and its best stands (-1: rank in full): the pods within
-        tolerance of that best, minus those that dropped out of it."""
-        moved = self._lowering.moved(ctx)  # type: ignore[union-attr]
-        if moved is None or self._signals.ramping(ctx.candidates, ctx.now):
+        """The pick `rank` would make, from the few pods the scorer finds within
+        tolerance of the best without scoring every pod (-1: rank in full)."""
+        if self._signals.ramping(ctx.candidates, ctx.now):
             return -1
-        column, lowered = moved
-        near: _Near | None = ctx.per_scrape(
-            self._fused_key,
-            lambda _: self._near_best(column),
-            lambda found, _, at: self._near_update(found, column, at),  # type: ignore[arg-type]
-        )
-        if near is None:
+        tied = self._lowering.near(ctx, SCORE_TOLERANCE)  # type: ignore[union-attr]
+        if tied is None:
             return -1  # pods without data: the full ranking draws for them
-        cut = near.cut
-        tied = [i for i in near.positions if lowered.get(i, column[i]) >= cut]  # type: ignore[operator]
         return self._break_tie(tied, ctx, None)
 
     def _sparse_pick(self, ctx: ScoringContext) -> int:
@@ -456,32 +434,6 @@ class ScoredStrategy:
         else:
             tied = sorted(i for i, score in scored.items() if score >= cut)
         return self._break_tie(tied, ctx, None)
-
-    @staticmethod
-    def _near_best(column: Scores) -> _Near | None:
-        if None in column:
-            return None
-        cut = max(column) - SCORE_TOLERANCE  # type: ignore[type-var,operator]
-        return _Near(column, list(compress(range(len(column)), map(ge, column, repeat(cut)))), cut)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _near_update(near: _Near, column: Scores, at: list[int]) -> bool:
-        """Move the pods at `at` in or out; False when the column is a new list (its
-        best may have moved: see LoweringScorer) or lost data."""
-        if column is not near.column:
-            return False
-        positions, cut = near.positions, near.cut
-        for i in at:
-            score = column[i]
-            if score is None:
-                return False
-            k = bisect_left(positions, i)
-            there = k < len(positions) and positions[k] == i
-            if score >= cut and not there:
-                positions.insert(k, i)
-            elif score < cut and there:
-                del positions[k]
-        return True
 
     def _fused_base(self, ctx: ScoringContext) -> _Fused | None:
         """Per pod, the weighted sum of all scorers but the last, sparse ones at 0."""

@@ -10,14 +10,21 @@ follows the Gateway API Inference Extension's split into filters, scorers and pi
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections.abc import Callable
-from itertools import compress, repeat
-from operator import gt, truediv
-from typing import Protocol, TypeVar
+from itertools import chain, compress, repeat
+from operator import gt, is_not, truediv
+from typing import Protocol, TypeVar, cast
 
 from gateway_extproc.metrics.store import PodMetrics
 from gateway_extproc.routing.base import RoutingRequest
-from gateway_extproc.routing.signals import CandidateSet, LoadBook, PodSignals, ScrapeView
+from gateway_extproc.routing.signals import (
+    CandidateSet,
+    LoadBook,
+    PodSignals,
+    ScrapeView,
+    worth_updating,
+)
 
 T = TypeVar("T")
 
@@ -160,10 +167,9 @@ class AffineScorer(Protocol):
 class LoweringScorer(Protocol):
     """A scorer whose live inputs can only lower some scores below the per-scrape ones."""
 
-    def moved(self, ctx: ScoringContext) -> tuple[Scores, dict[int, float]] | None:
-        """(per-scrape column, position -> lowered score), or None: use `score`. The
-        column is the same list from decision to decision while scrapes change only the
-        scraped pods' scores and not its highest score; else it is a new list."""
+    def near(self, ctx: ScoringContext, tolerance: float) -> list[int] | None:
+        """Positions (ascending) of the pods whose `score` is within `tolerance` of the
+        best, or None when some pod has no data (then use `score`)."""
         ...
 
 
@@ -294,48 +300,60 @@ class LatencyScorer:
 
     def score(self, ctx: ScoringContext) -> Scores:
         # The metric part of every estimate changes only with a scrape; per decision,
-        # only pods whose load puts more requests ahead than their waiting queue (found
-        # by one C-level pass) need their estimate redone.
+        # only pods whose load puts more requests ahead than their waiting queue (kept
+        # from decision to decision) need their estimate redone.
         base = ctx.per_scrape(self, self._base, _LatencyBase.update)
         grown = self._grown(ctx, base)
         if not grown:
-            return list(base.scores)
-        best = base.best
+            return list(base.scores())
+        best = base.best()
         if best is None or any(base.expected[i] == best for i in grown):
             expected = list(base.expected)
             for i, value in grown.items():
                 expected[i] = value
-            return _best_over(expected, base.complete)
+            return _best_over(expected, not base.missing)
         # Estimates only grow past the limit, so the best one (not among these) stands
         # and only these pods' scores change.
-        scores = list(base.scores)
+        scores = list(base.scores())
         for i, value in grown.items():
             scores[i] = best / value
         return scores
 
-    def moved(self, ctx: ScoringContext) -> tuple[Scores, dict[int, float]] | None:
-        """This decision's scores as the per-scrape column (shared: never change it) and
-        the positions whose score the live loads lowered, with their scores; None when
-        the best estimate itself moved (then every score does: use `score`)."""
+    def near(self, ctx: ScoringContext, tolerance: float) -> list[int] | None:
+        """The positions (ascending) whose score is within `tolerance` of the best one,
+        as `score` would have them, without scoring every pod; None when some pod has no
+        data. Every score is best / estimate, the best one exactly 1, and estimates only
+        grow with load: so walking the per-scrape estimates upwards, the pods within
+        tolerance come first, bar the few whose load grew theirs."""
         base = ctx.per_scrape(self, self._base, _LatencyBase.update)
-        grown = self._grown(ctx, base)
-        if not grown:
-            return base.scores, {}
-        best = base.best
-        if best is None or any(base.expected[i] == best for i in grown):
+        if base.missing:
             return None
-        return base.scores, {i: best / value for i, value in grown.items()}
+        grown = self._grown(ctx, base)
+        expected = cast("list[float]", base.expected)  # none missing
+        order = base.ordered()
+        best = min(grown.values(), default=_INF)
+        for i in order:
+            if i not in grown:
+                best = min(best, expected[i])
+                break
+        cut = best / best - tolerance  # as the ranking has it: the best score minus that
+        tied = [i for i, value in grown.items() if best / value >= cut]
+        for i in order:
+            if best / expected[i] < cut:
+                break  # and so does every later pod
+            if i not in grown:
+                tied.append(i)
+        tied.sort()
+        return tied
 
     def _grown(self, ctx: ScoringContext, base: _LatencyBase) -> dict[int, float]:
         """Position -> estimate of the pods whose load puts more requests ahead than
-        their waiting queue (found by one C-level pass); every other estimate is the
-        per-scrape one."""
+        their waiting queue; every other estimate is the per-scrape one."""
         loads = ctx.loads()
-        over = compress(range(len(loads)), map(gt, loads, base.limits))
         params = base.params
         floor = self.FLOOR_SECONDS
         grown: dict[int, float] = {}
-        for i in over:
+        for i in base.over(ctx.book()):
             ttft, waiting, running, per_slot = params[i]  # type: ignore[misc]
             # Over its limit, our in-flight count beyond what the engine runs is what
             # is ahead (the larger term of the max in the class docstring).
@@ -380,10 +398,23 @@ def _latency_inputs(
 
 class _LatencyBase:
     """LatencyScorer's per-scrape part: per candidate, its inputs, its estimate with
-    only the waiting queue ahead, and the load beyond which that estimate grows; and
-    best / estimate per candidate, with the best estimate."""
+    only the waiting queue ahead, and the load beyond which that estimate grows; how many
+    have no estimate; and, built when first asked for and then kept, the positions by
+    estimate and the scores best / estimate."""
 
-    __slots__ = ("best", "complete", "expected", "floor", "limits", "params", "scores")
+    __slots__ = (
+        "_order",
+        "_over",
+        "_over_book",
+        "_over_mark",
+        "_rechecks",
+        "_scores",
+        "expected",
+        "floor",
+        "limits",
+        "missing",
+        "params",
+    )
 
     def __init__(self, metrics: list[PodMetrics | None], floor: float) -> None:
         self.floor = floor
@@ -391,40 +422,80 @@ class _LatencyBase:
         self.params: list[_Inputs | None] = [f[0] for f in found]
         self.expected: list[float | None] = [f[1] for f in found]
         self.limits: list[float] = [f[2] for f in found]
-        self.complete = True
-        self.best: float | None = None
-        self.scores: Scores = []
-        self._rescore()
+        self.missing = self.expected.count(None)
+        self._order: list[int] | None = None
+        self._scores: Scores | None = None
+        # `over`: the positions it found over their limit, the book (and the position in
+        # its journal of moved loads) it looked at, and positions whose limit changed
+        # since.
+        self._over: set[int] = set()
+        self._over_book: LoadBook | None = None
+        self._over_mark = 0
+        self._rechecks: list[int] = []
 
     def update(self, metrics: list[PodMetrics | None], at: list[int]) -> bool:
-        """Take new metrics at these positions (always possible: True). The scores list
-        stays the same object unless the best estimate moved (then every score moves: a
-        new list)."""
-        best = self.best
-        moved = best is None
-        expected = self.expected
+        """Take new metrics at these positions (always possible: True)."""
+        expected, order = self.expected, self._order
+        by_estimate = self._by_estimate()
         for i in at:
             was = expected[i]
+            if was is None:
+                self.missing -= 1
+            elif order is not None:
+                del order[order.index(i, bisect_left(order, was, key=by_estimate))]
             self.params[i], value, self.limits[i] = _latency_inputs(metrics[i], self.floor)
             expected[i] = value
-            # The best moves if it was this pod's, or if this pod now beats it.
-            moved = moved or was == best or (value is not None and value < best)  # type: ignore[operator]
-        self.complete = None not in expected
-        if moved:
-            self._rescore()
-            return True
-        scores = self.scores
-        for i in at:
-            value = expected[i]
-            scores[i] = None if value is None else best / value  # type: ignore[operator]
+            if value is None:
+                self.missing += 1
+            elif order is not None:
+                insort(order, i, key=by_estimate)
+        self._scores = None
+        if self._over_book is not None:
+            self._rechecks.extend(at)
         return True
 
-    def _rescore(self) -> None:
-        expected = self.expected
-        self.complete = None not in expected
-        present = expected if self.complete else [v for v in expected if v is not None]
-        self.best = min(present) if present else None  # type: ignore[type-var]
-        self.scores = _best_over(expected, self.complete)
+    def over(self, book: LoadBook) -> set[int]:
+        """Positions whose load in `book` is above their limit: kept, and looked at again
+        only where a load or a limit changed (shared: never change it)."""
+        loads, limits, over = book.loads, self.limits, self._over
+        if book is self._over_book:
+            moved = book.moved_since(self._over_mark)
+            if moved is not None and worth_updating(len(moved) + len(self._rechecks), len(loads)):
+                for i in chain(moved, self._rechecks):
+                    if loads[i] > limits[i]:
+                        over.add(i)
+                    else:
+                        over.discard(i)
+                self._over_mark = book.moves()
+                self._rechecks.clear()
+                return over
+        # In C: no Python call per pod.
+        self._over = set(compress(range(len(loads)), map(gt, loads, limits)))
+        self._over_book, self._over_mark = book, book.moves()
+        self._rechecks.clear()
+        return self._over
+
+    def ordered(self) -> list[int]:
+        """Positions of the pods with an estimate, lowest estimate first."""
+        if self._order is None:
+            expected = self.expected
+            present = compress(range(len(expected)), map(is_not, expected, repeat(None)))
+            self._order = sorted(present, key=self._by_estimate())
+        return self._order
+
+    def _by_estimate(self) -> Callable[[int], float]:
+        """Position -> estimate, for the positions in the order (they have one)."""
+        return cast("Callable[[int], float]", self.expected.__getitem__)
+
+    def best(self) -> float | None:
+        order = self.ordered()
+        return self.expected[order[0]] if order else None
+
+    def scores(self) -> Scores:
+        """best / estimate per pod (None without one)."""
+        if self._scores is None:
+            self._scores = _best_over(self.expected, not self.missing)
+        return self._scores
 
 
 def _best_over(expected: list[float | None], complete: bool) -> Scores:

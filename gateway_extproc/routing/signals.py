@@ -40,6 +40,8 @@ from gateway_extproc.routing.inflight import InFlightCounter
 log = structlog.get_logger("gateway_extproc.routing")
 
 FALLBACK_REASONS = ("no_metrics", "stale_metrics", "no_data")
+# Moved loads a book remembers (at least): a reader further behind starts over.
+MOVES_KEEP = 1024
 _NO_METRICS: Mapping[str, Any] = {}
 
 
@@ -135,6 +137,8 @@ class LoadBook:
     """
 
     __slots__ = (
+        "_dropped",
+        "_moves",
         "_ranked",
         "groups",
         "incremental",
@@ -161,6 +165,19 @@ class LoadBook:
         self.groups = _group(range(len(loads)), loads)
         # owner -> (key per position, load -> keys ascending), see `grouped`.
         self._ranked: dict[object, tuple[Sequence[Any], dict[int, list[Any]]]] = {}
+        # Positions whose load changed, in order, for `moved_since`.
+        self._moves: list[int] = []
+        self._dropped = 0  # entries trimmed from the front so far
+
+    def moves(self) -> int:
+        """The position of the journal of moved loads now: pass it to `moved_since`."""
+        return self._dropped + len(self._moves)
+
+    def moved_since(self, mark: int) -> list[int] | None:
+        """Positions whose load changed since `moves()` was `mark` (with repeats), or
+        None when the journal no longer reaches back that far."""
+        start = mark - self._dropped
+        return self._moves[start:] if start >= 0 else None
 
     def spread(self) -> tuple[int, int]:
         """(lowest load, highest - lowest)."""
@@ -215,6 +232,11 @@ class LoadBook:
         _regroup(self.groups, position, old, load)
         for key_of, groups in self._ranked.values():
             _regroup(groups, key_of[position], old, load)
+        moves = self._moves
+        moves.append(position)
+        if len(moves) >= 2 * MOVES_KEEP:  # trimmed in halves: amortised O(1)
+            del moves[:MOVES_KEEP]
+            self._dropped += MOVES_KEEP
 
 
 def _group(keys: Sequence[Any], loads: list[int]) -> dict[int, list[Any]]:

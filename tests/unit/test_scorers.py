@@ -469,7 +469,12 @@ def test_scores_kept_across_scrapes_equal_a_fresh_build(seed: int) -> None:
         )
         for scorer in scorers:
             assert scorer.score(kept) == type(scorer)().score(fresh), (step, scorer.name)
-        assert latency.moved(kept) == LatencyScorer().moved(fresh), step
+        scores = LatencyScorer().score(fresh)
+        near = None
+        if None not in scores:
+            cut = max(scores) - 0.02  # type: ignore[type-var,operator]
+            near = [i for i, score in enumerate(scores) if score >= cut]  # type: ignore[operator]
+        assert latency.near(kept, 0.02) == near, step
 
 
 def reference_latency(fleet: Fleet) -> list[float | None]:

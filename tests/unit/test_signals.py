@@ -22,7 +22,12 @@ from gateway_extproc.routing import inflight as inflight_module
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.least_request import LeastRequestStrategy
-from gateway_extproc.routing.signals import PodSignals, probation_pick, weighted_choice
+from gateway_extproc.routing.signals import (
+    LoadBook,
+    PodSignals,
+    probation_pick,
+    weighted_choice,
+)
 
 
 class Clock:
@@ -78,7 +83,8 @@ def test_load_book_equals_a_fresh_read(
     owner, keeper = object(), object()
     # The keeper's keys change a few at a time and it reports each change (`rekey`).
     kept = {len(c): [(rng.random(), i) for i in range(len(c))] for c in (pods, subset, twice)}
-    advanced = 0
+    advanced = followed_moves = 0
+    followed: dict[int, tuple[LoadBook, int, list[int]]] = {}
     for step in range(600):
         pod = rng.choice(pods)
         action = rng.random()
@@ -125,7 +131,18 @@ def test_load_book_equals_a_fresh_read(
             assert book.grouped(owner, rank_of) == groups_of(expected, rank_of), step
             assert book.grouped(keeper, key_of) == groups_of(expected, key_of), step
             assert book.spread() == (min(expected), max(expected) - min(expected))
+            # A reader following the book's journal of moved loads misses no move.
+            seen = followed.get(len(candidates))
+            if seen is not None and seen[0] is book:
+                moved = book.moved_since(seen[1])
+                if moved is not None:
+                    loads_then = seen[2]
+                    changed = {i for i, load in enumerate(book.loads) if load != loads_then[i]}
+                    assert changed <= set(moved), step
+                    followed_moves += 1
+            followed[len(candidates)] = (book, book.moves(), list(book.loads))
     assert advanced > 50  # the view was updated in place, not only rebuilt
+    assert followed_moves > 50
 
 
 def reference_least_request(
