@@ -197,6 +197,14 @@ def scrape_period(n: int) -> float:
     return max(scraper.interval, n / scraper.max_scrapes_per_second)
 
 
+def live_sizes() -> tuple[int, ...]:
+    """The fleet sizes whose scrape round fits within the store's default staleness.
+    Beyond (5,000 pods: a 5 s round against 2 s), metrics go stale between two scrapes
+    of a pod with the default settings, and metric strategies fall back to random."""
+    staleness = MetricsStore().staleness
+    return tuple(n for n in SIZES if scrape_period(n) < staleness)
+
+
 def live_per_decision(n: int) -> float:
     """Scrapes recorded per decision at the scraper's pace and LIVE_DECISIONS_PER_SECOND."""
     return n / scrape_period(n) / LIVE_DECISIONS_PER_SECOND
@@ -261,7 +269,7 @@ def decision_costs(mode: RunMode) -> dict[str, Cells]:
     in turn, so a noisy moment on the shared machine falls on many cells rather than all
     samples of one; each cell reports the median over passes of the pass's p50 and p99."""
     setups = {f"frozen {n}": decision_setup(n) for n in SIZES}
-    setups.update({f"live {n}": decision_setup(n, live_per_decision(n)) for n in SIZES})
+    setups.update({f"live {n}": decision_setup(n, live_per_decision(n)) for n in live_sizes()})
     live_target = live_per_decision(TARGET_PODS)
     setups.update(
         {
@@ -405,7 +413,7 @@ def run(mode: RunMode) -> Section:
     parses = parse_costs(mode)
     scrapes = scrape_rounds(mode)
     frozen = {n: costs[f"frozen {n}"] for n in SIZES}
-    live = {n: costs[f"live {n}"] for n in SIZES}
+    live = {n: costs[f"live {n}"] for n in live_sizes()}
     sweep = {k: costs[f"sweep {k:g}"] for k in SWEEP_SCRAPES}
     section = Section(
         NAME,
@@ -413,7 +421,7 @@ def run(mode: RunMode) -> Section:
         data={
             "decisions": frozen,
             "live": live,
-            "live_scrapes_per_decision": {n: live_per_decision(n) for n in SIZES},
+            "live_scrapes_per_decision": {n: live_per_decision(n) for n in live_sizes()},
             "sweep": sweep,
             "parse": parses,
             "scrape_rounds": scrapes,
@@ -425,7 +433,10 @@ def run(mode: RunMode) -> Section:
         for name in STRATEGIES
     ]
     live_rows = [
-        [f"`{name}`", *(_cell(live[n][name], n == TARGET_PODS) for n in SIZES)]
+        [
+            f"`{name}`",
+            *(_cell(live[n][name], n == TARGET_PODS) if n in live else "n/a" for n in SIZES),
+        ]
         for name in STRATEGIES
     ]
     sweep_rows = [
@@ -436,7 +447,8 @@ def run(mode: RunMode) -> Section:
     meeting = [n for n, v in at_target.items() if v <= TARGET_P99_US]
     missing = [n for n, v in at_target.items() if v > TARGET_P99_US]
     counts = sorted({c["count"] for d in costs.values() for c in d.values()})
-    per_decision = ", ".join(f"{live_per_decision(n):g} at {n:,}" for n in SIZES)
+    per_decision = ", ".join(f"{live_per_decision(n):g} at {n:,}" for n in live_sizes())
+    stale = [n for n in SIZES if n not in live]
     parse_rows = [
         [
             label,
@@ -465,7 +477,19 @@ def run(mode: RunMode) -> Section:
             f"with {LIVE_DECISIONS_PER_SECOND:g} decisions per second: about a third of "
             "what one processor serves through Envoy here (overhead section). That is "
             f"{per_decision} pods scraped per decision (fractions: one decision in so "
-            "many). Every pod stays fresh.",
+            "many). Every pod stays fresh"
+            + (
+                "; n/a at "
+                + ", ".join(f"{n:,}" for n in stale)
+                + " pods: there a round takes "
+                + ", ".join(f"{scrape_period(n):g} s" for n in stale)
+                + f", longer than the {MetricsStore().staleness:g} s default staleness, so "
+                "with the default settings metrics go stale between two scrapes of a pod "
+                "and the metric strategies fall back to random (raise "
+                "`--metrics-staleness` for such fleets)."
+                if stale
+                else "."
+            ),
             table(sizes_header, live_rows),
             f"**Live at {TARGET_PODS:,} pods, by scrapes recorded per decision** (1: a "
             "processor at ~1,000 decisions/s with the scraper at its 1,000 scrapes/s cap; "
