@@ -476,8 +476,8 @@ def run(mode: RunMode) -> Section:
             "pace, one round over N pods every max(0.2 s interval, N / 1,000 scrapes/s), "
             f"with {LIVE_DECISIONS_PER_SECOND:g} decisions per second: about a third of "
             "what one processor serves through Envoy here (overhead section). That is "
-            f"{per_decision} pods scraped per decision (fractions: one decision in so "
-            "many). Every pod stays fresh"
+            f"{per_decision} pods scraped per decision (below 1: a scrape every few "
+            "decisions). Every pod stays fresh"
             + (
                 "; n/a at "
                 + ", ".join(f"{n:,}" for n in stale)
