@@ -57,23 +57,24 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         else:
             handoff_key = self.handoff.new_key() if role == ROUTE_ROLE else ""
             session = Session(self._router, self._config, handoff_key)
-        claimed = False
+        looked_up = False  # observer: the first frame has claimed the session (or not)
+        parked = False  # routing stream: the session went to the handoff table
         recorder = self._recorder()
         self.open_streams += 1
         try:
             async for frame in request_iterator:
                 if role == OBSERVE_ROLE:
-                    if not claimed:
-                        claimed = True
+                    if not looked_up:
+                        looked_up = True
                         session = self.handoff.claim(handoff_key_of(frame))
                     answers = _observe(session, frame)
                 else:
                     assert session is not None
                     answers = session.handle(frame)
-                    if handoff_key and session.awaiting_response and not claimed:
+                    if handoff_key and session.awaiting_response and not parked:
                         # Parked before the routing answer leaves, so the observer
                         # cannot ask for it first.
-                        claimed = True
+                        parked = True
                         self.handoff.park(handoff_key, session)
                 if recorder is not None:
                     recorder.add(frame, answers, session.model if session else "")
@@ -93,12 +94,11 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             # ends is no guide: Envoy half-closes and resets every stream at once.) A
             # routing stream whose session was parked has handed it over: the observer
             # stream, or the claim window, ends it.
-            cut_short = session is not None and session.outcome is None
-            handed_over = role == ROUTE_ROLE and claimed
-            if session is not None and not handed_over:
+            cut_short = session is not None and session.outcome is None and not parked
+            if session is not None and not parked:
                 session.close(Outcome.ABORTED)
             if recorder is not None:
-                self._write(recorder, cut_short and not handed_over)
+                self._write(recorder, cut_short)
 
     def _recorder(self) -> StreamRecorder | None:
         if self._record_dir is None:
