@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -99,3 +100,36 @@ def test_a_stream_the_client_abandons_is_no_longer_in_flight(
         lambda: sum(in_flight(processor).values()),
         lambda total: total == 0,
     )
+
+
+def test_a_client_that_leaves_before_the_response_starts_is_released_at_once(
+    gateway: Gateway, processor: Processor
+) -> None:
+    # A non-streamed completion of thousands of tokens: nothing comes back for seconds,
+    # and the client gives up first (a client timeout while the engine works). With
+    # envoy.yaml the response is seen by the observer filter, whose stream the request
+    # headers open: it ends when the client leaves, long before the 10 s claim window.
+    doc = {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 5000,
+    }
+    body = json.dumps(doc).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {LOCALHOST}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((LOCALHOST, gateway.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        poll(
+            "the request is in flight",
+            lambda: sum(in_flight(processor).values()),
+            lambda total: total == 1,
+        )
+    left = time.monotonic()
+    poll(
+        "the abandoned request is released",
+        lambda: sum(in_flight(processor).values()),
+        lambda total: total == 0,
+    )
+    assert time.monotonic() - left < 3.0, "released by the claim window, not by the client"
