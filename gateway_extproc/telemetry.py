@@ -144,6 +144,12 @@ METRICS_SCRAPE_DURATION = Histogram(
     "Time to fetch and parse one pod's engine /metrics (successful scrapes).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+METRICS_ROUND = Gauge(
+    "gateway_metrics_round_seconds",
+    "Length of the latest completed round of engine metrics scrapes (its period, or the "
+    "time until its last scrape ended if longer). Above the metrics staleness, metrics stay "
+    "in use until the next round completes.",
+)
 POD_COLDSTART = Histogram(
     "pod_coldstart_duration_seconds",
     "From a pod first seen routable to its first successfully scraped engine metrics.",

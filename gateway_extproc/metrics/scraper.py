@@ -7,6 +7,12 @@ through one aiohttp session and at most `concurrency` at a time. Each pod has it
 deadline (`timeout`), so a hung pod delays only itself and never a request: requests read
 the store, never the network. A failed scrape is counted and leaves the last good values
 in place until they go stale.
+
+A round is complete once every scrape it started, and every scrape still running when it
+began, has ended; the store is told (`MetricsStore.round_completed`) so that metrics from
+the latest completed round stay in use when a round takes longer than the staleness
+(large fleets). The round's length is the gauge `gateway_metrics_round_seconds`, and a
+round longer than the staleness is warned about at most once a minute.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from yarl import URL
 
 from gateway_extproc import telemetry
 from gateway_extproc.metrics.parser import MetricsParseError, parse_engine_metrics
-from gateway_extproc.metrics.store import MetricsStore
+from gateway_extproc.metrics.store import ROUND_LIMIT, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, Pod
 
 log = structlog.get_logger("gateway_extproc.metrics")
@@ -36,6 +42,17 @@ class _ScrapeFailed(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+class _Round:
+    """A round not yet complete: when it began (store clock) and how many of the scrapes
+    it started are still running."""
+
+    __slots__ = ("pending", "started")
+
+    def __init__(self, started: float, pending: int) -> None:
+        self.started = started
+        self.pending = pending
 
 
 class MetricsScraper:
@@ -61,6 +78,14 @@ class MetricsScraper:
         self.concurrency = concurrency
         self.max_scrapes_per_second = max_scrapes_per_second
         self._stretched = False
+        self._period_now = interval  # the round period last computed
+        # Rounds not complete yet, oldest first, by number. A round completes when its
+        # own scrapes and those of every older round have ended: the older ones are the
+        # scrapes still running when it began, which it skipped those pods for.
+        self._rounds: dict[int, _Round] = {}
+        self._round_number = 0
+        self._routable = 0
+        self._slow_warned_at: float | None = None
         self.path = path
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -91,6 +116,7 @@ class MetricsScraper:
         task, self._loop_task = self._loop_task, None
         if task is not None:
             task.cancel()
+        self._rounds.clear()  # cancelled scrapes complete no round
         scrapes = list(self._scrapes.values())
         for scrape in scrapes:
             scrape.cancel()
@@ -127,6 +153,7 @@ class MetricsScraper:
         would exceed `max_scrapes_per_second` (each scrape costs the event loop about
         0.2 ms of CPU, which requests share)."""
         period = max(self.interval, pods / self.max_scrapes_per_second)
+        self._period_now = period
         stretched = period > self.interval
         if stretched != self._stretched:
             self._stretched = stretched
@@ -148,6 +175,10 @@ class MetricsScraper:
         if self._session is None:
             raise RuntimeError("MetricsScraper.start() was not called")
         store = self.store
+        self._round_number += 1
+        number = self._round_number
+        this = self._rounds[number] = _Round(store.clock(), 0)
+        done = partial(self._done, number)
         routable = 0
         for pod in self.registry.pods():
             if not pod.routable:
@@ -155,16 +186,63 @@ class MetricsScraper:
             routable += 1
             key = pod.key
             store.mark_routable(key)
-            if key in self._scrapes:
-                continue  # still busy with the previous round: skip, do not pile up
+            busy = self._scrapes.get(key)
+            # Still busy with an earlier round: skip, do not pile up. (A scrape that has
+            # ended but whose done callback has not run yet is not busy: skipping its pod
+            # would leave it out of this round.)
+            if busy is not None and not busy.done():
+                continue
             task = asyncio.create_task(self._scrape(pod))
             self._scrapes[key] = task
-            task.add_done_callback(partial(self._done, key))
+            this.pending += 1
+            task.add_done_callback(partial(done, key))
+        self._routable = routable
+        self._close_rounds()
         return routable
 
-    def _done(self, key: str, task: asyncio.Task[None]) -> None:
+    def _done(self, number: int, key: str, task: asyncio.Task[None]) -> None:
         if self._scrapes.get(key) is task:
             del self._scrapes[key]
+        begun = self._rounds.get(number)
+        if begun is not None:
+            begun.pending -= 1
+            if begun.pending <= 0:
+                self._close_rounds()
+
+    def _close_rounds(self) -> None:
+        """Report the rounds now complete: from the oldest, those with nothing running."""
+        rounds = self._rounds
+        while rounds:
+            number = next(iter(rounds))
+            oldest = rounds[number]
+            if oldest.pending > 0:
+                return
+            del rounds[number]
+            self._round_completed(oldest.started)
+
+    def _round_completed(self, started: float) -> None:
+        store = self.store
+        # The round's length: as scheduled, or longer when its scrapes took longer.
+        seconds = max(self._period_now, store.clock() - started)
+        store.round_completed(started, seconds)
+        telemetry.METRICS_ROUND.set(seconds)
+        staleness = store.staleness
+        if seconds > staleness:
+            now = time.monotonic()
+            last = self._slow_warned_at
+            if last is None or now - last >= WARN_EVERY_SECONDS:
+                self._slow_warned_at = now
+                log.warning(
+                    "metrics_scrape_round_slow",
+                    round_seconds=round(seconds, 3),
+                    staleness=staleness,
+                    pods=self._routable,
+                    detail="metrics stay in use until the next round completes (at most "
+                    f"{ROUND_LIMIT} rounds), not only for --metrics-staleness",
+                )
+        elif self._slow_warned_at is not None:
+            self._slow_warned_at = None
+            log.info("metrics_scrape_round_fits", round_seconds=round(seconds, 3))
 
     # -- one pod ------------------------------------------------------------------------
 

@@ -3,7 +3,16 @@
 The scraper writes one `EngineSample` per successful scrape; the store keeps a short
 history per pod so that counters and histogram sums become rates and recent means
 without a Prometheus server, and publishes one immutable `PodMetrics` per pod for the
-routing hot path. Readers never see values older than `staleness`: they count as missing.
+routing hot path. Stale values count as missing.
+
+Staleness: a pod's metrics are fresh while they are younger than `staleness` or come
+from the latest completed scrape round (`round_completed`), whichever is later, and never
+once older than ROUND_LIMIT rounds. On a large fleet a round of scrapes can take longer
+than `staleness` (seconds at thousands of pods); a fixed limit would then mark most pods
+stale before their next scrape came, and metric-driven routing would fall back to random
+because of the fleet's size alone. The newest values we have are still the best we
+have: they stay in use until the next round completes. A pod that round could not scrape
+(its scrape failed) goes stale then, so failing pods still drop out, one round later.
 
 The store also remembers when each pod was first seen routable, which the slow-start ramp
 and the cold-start histogram (`pod_coldstart_duration_seconds`) are measured from, and
@@ -24,6 +33,9 @@ from gateway_extproc.models.registry import Pod
 
 # Journal entries kept (at least): a reader further behind than this rebuilds in full.
 JOURNAL_KEEP = 4096
+# Metrics kept in use past `staleness` because rounds are slow are never older than this
+# many round lengths: should rounds stop completing, metrics still expire.
+ROUND_LIMIT = 3
 
 # The reasons a scrape can fail with; fixed so a deleted pod's series can all be removed.
 SCRAPE_FAILURE_REASONS = (
@@ -110,6 +122,10 @@ class MetricsStore:
         self.staleness = staleness
         self.rate_window = rate_window
         self.clock = clock
+        # Start of the latest completed scrape round (None: none reported) and the age
+        # beyond which round-kept metrics expire anyway (see the module docstring).
+        self._round_started: float | None = None
+        self._round_limit = staleness
         self._pods: dict[str, _PodState] = {}
         # Fresh metrics in scrape order (oldest first) so expiry only looks at the front;
         # `_waiting` mirrors it for the one value the least-request hot path sums.
@@ -131,12 +147,18 @@ class MetricsStore:
 
     def get(self, pod_key: str, now: float | None = None) -> PodMetrics | None:
         """The pod's metrics, or None when there are none or they are stale."""
-        state = self._pods.get(pod_key)
-        if state is None or state.metrics is None:
-            return None
-        if (self.clock() if now is None else now) - state.metrics.scraped_at > self.staleness:
-            return None
-        return state.metrics
+        return self.fresh(now).get(pod_key)
+
+    def stale_before(self, now: float | None = None) -> float:
+        """Metrics scraped before this time (store clock) are stale at `now`: older than
+        `staleness` and not from the latest completed round, or older than the round
+        limit."""
+        now = self.clock() if now is None else now
+        cutoff = now - self.staleness
+        started = self._round_started
+        if started is not None and started < cutoff:
+            cutoff = max(started, now - self._round_limit)
+        return cutoff
 
     def latest(self, pod_key: str) -> PodMetrics | None:
         """The last good metrics even when stale (for /debug and fallback reasons)."""
@@ -157,8 +179,8 @@ class MetricsStore:
         return self._waiting
 
     def fresh_version(self, now: float | None = None) -> int:
-        """`version` once metrics older than `staleness` at `now` have expired: equal
-        answers mean `fresh()` and `waiting()` have not changed in between."""
+        """`version` once metrics stale at `now` have expired: equal answers mean
+        `fresh()` and `waiting()` have not changed in between."""
         self._expire(self.clock() if now is None else now)
         return self.version
 
@@ -245,6 +267,16 @@ class MetricsStore:
             self._waiting[pod_key] = metrics.waiting
         return metrics
 
+    def round_completed(self, started: float, seconds: float) -> None:
+        """The scraper's round begun at `started` (store clock) has ended: every pod
+        routable then has been scraped since, or its scrape failed. `seconds` is the
+        round's length (its period, or the time its scrapes took if longer). Metrics
+        recorded since `started` stay fresh until the next round completes, even when
+        older than `staleness`, but never beyond ROUND_LIMIT x `seconds`."""
+        if self._round_started is None or started > self._round_started:
+            self._round_started = started
+        self._round_limit = max(self.staleness, ROUND_LIMIT * seconds)
+
     def record_failure(self, pod_key: str, reason: str) -> None:
         """Count a failed scrape; the last good metrics stay until they are stale."""
         state = self._pods.get(pod_key)
@@ -269,7 +301,7 @@ class MetricsStore:
         fresh = self._fresh
         if not fresh:
             return
-        cutoff = now - self.staleness
+        cutoff = self.stale_before(now)
         while fresh:
             key = next(iter(fresh))
             if fresh[key].scraped_at >= cutoff:
