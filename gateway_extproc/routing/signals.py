@@ -438,7 +438,7 @@ class PodSignals:
         latest = store.latest(pod_key)
         if latest is None:
             return "no_metrics"
-        if now - latest.scraped_at > store.staleness:
+        if latest.scraped_at < store.stale_before(now):
             return "stale_metrics"
         return "no_data"
 

@@ -199,3 +199,19 @@ def test_fast_rounds_change_nothing() -> None:
     assert store.get("a") is not None  # exactly 2 s old
     clock.now += 0.01
     assert store.get("a") is None
+
+
+def test_a_pod_fresh_by_its_round_is_not_called_stale_when_a_field_is_missing() -> None:
+    from gateway_extproc.routing.signals import PodSignals
+
+    clock = Clock()
+    store = MetricsStore(staleness=2.0, clock=clock)
+    start = clock.now
+    store.record("a", EngineSample(waiting=1))  # no KV-cache figure from this engine
+    clock.now += 5
+    store.round_completed(start, 5.0)
+    signals = PodSignals(store, InFlightCounter(), clock=clock)
+    # Fresh by the round rule although 5 s old: the fallback names the missing field.
+    assert signals.missing_reason("a", clock.now) == "no_data"
+    clock.now += 30  # beyond the round limit: now it is stale
+    assert signals.missing_reason("a", clock.now) == "stale_metrics"
