@@ -223,11 +223,14 @@ class MetricsScraper:
     def _round_completed(self, started: float) -> None:
         store = self.store
         # The round's length: as scheduled, or longer when its scrapes took longer.
-        seconds = max(self._period_now, store.clock() - started)
+        took = store.clock() - started
+        seconds = max(self._period_now, took)
         store.round_completed(started, seconds)
         telemetry.METRICS_ROUND.set(seconds)
         staleness = store.staleness
-        if seconds > staleness:
+        # Warn when the fleet cannot be scraped within the staleness, not when the
+        # interval was simply set longer than it.
+        if took > staleness:
             now = time.monotonic()
             last = self._slow_warned_at
             if last is None or now - last >= WARN_EVERY_SECONDS:
