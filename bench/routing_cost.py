@@ -162,7 +162,8 @@ class LiveScrapes:
     """Records scrapes between decisions as the scraper does in operation: pods in turn,
     `per_decision` of them on average before each decision, each moving the clock on by
     the time between two scrapes at the scraper's pace, so every pod is scraped once per
-    round and nothing goes stale."""
+    round; at the end of each round the store hears that it completed, as the scraper
+    tells it, so a round longer than the staleness keeps its metrics fresh."""
 
     def __init__(
         self,
@@ -180,6 +181,7 @@ class LiveScrapes:
         self.step = period / len(self.keys)
         self.next = 0
         self.due = 0.0
+        self.round_started = clock.now
 
     def __call__(self) -> None:
         self.due += self.per_decision
@@ -189,6 +191,9 @@ class LiveScrapes:
             self.next = (self.next + 1) % len(self.keys)
             self.clock.now += self.step
             self.store.record(key, next(self.engines[key]), now=self.clock.now)
+            if self.next == 0:
+                self.store.round_completed(self.round_started, self.clock.now - self.round_started)
+                self.round_started = self.clock.now
 
 
 def scrape_period(n: int) -> float:
@@ -198,11 +203,9 @@ def scrape_period(n: int) -> float:
 
 
 def live_sizes() -> tuple[int, ...]:
-    """The fleet sizes whose scrape round fits within the store's default staleness.
-    Beyond (5,000 pods: a 5 s round against 2 s), metrics go stale between two scrapes
-    of a pod with the default settings, and metric strategies fall back to random."""
-    staleness = MetricsStore().staleness
-    return tuple(n for n in SIZES if scrape_period(n) < staleness)
+    """Every fleet size: a round longer than the staleness (5,000 pods: 5 s against 2 s)
+    keeps its metrics fresh until the next round completes (metrics/store.py)."""
+    return SIZES
 
 
 def live_per_decision(n: int) -> float:
@@ -248,6 +251,8 @@ def decision_setup(n: int, per_decision: float = 0.0) -> DecisionSetup:
     strategies = {name: router.strategy(name) for name in STRATEGIES}
     between: Callable[[], None] = _frozen
     if per_decision > 0:
+        # The scrapes above stand for the round before: completed, as the scraper says.
+        store.round_completed(clock.now - scrape_period(n), scrape_period(n))
         between = LiveScrapes(store, clock, engines, per_decision, scrape_period(n))
     for strategy in strategies.values():
         for i in range(50):  # warm caches, the prefix index and the candidate set
