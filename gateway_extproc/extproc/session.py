@@ -393,9 +393,9 @@ class Session:
 
     def _on_response_body(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:
         if self.resp_phase is Phase.HEADERS:
-            # Envoy skips the response headers phase (envoy/envoy.yaml does, to save a
-            # round trip): the status comes as an attribute of the first body frame, and
-            # accounting tells JSON from SSE by the body itself.
+            # Envoy skips the response headers phase (envoy/envoy.yaml's observer filter
+            # does: nothing in them needs an answer): the status comes as an attribute of
+            # the first body frame, and accounting tells JSON from SSE by the body itself.
             self._start_response(frame, _response_status(frame), content_type="")
         if self.resp_phase is not Phase.BODY:
             return self._noop("response_body", "response body after end of stream")
