@@ -65,15 +65,12 @@ def test_nothing_is_in_flight_after_requests_finish(gateway: Gateway, processor:
     assert {dict(labels)["model"] for labels in gauges} >= {CHAT_MODEL}
 
 
-def test_a_stream_the_client_abandons_is_no_longer_in_flight(
-    gateway: Gateway, processor: Processor
-) -> None:
-    # Long enough (thousands of tokens at 2 ms) to still be running when the client
-    # hangs up after the first event.
+def long_chat(*, stream: bool) -> bytes:
+    """A raw HTTP request for a completion of thousands of tokens (seconds of work)."""
     doc = {
         "model": CHAT_MODEL,
         "messages": [{"role": "user", "content": "Tell me everything."}],
-        "stream": True,
+        "stream": stream,
         "max_tokens": 5000,
     }
     body = json.dumps(doc).encode()
@@ -81,8 +78,16 @@ def test_a_stream_the_client_abandons_is_no_longer_in_flight(
         f"POST /v1/chat/completions HTTP/1.1\r\nhost: {LOCALHOST}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode()
+    return head + body
+
+
+def test_a_stream_the_client_abandons_is_no_longer_in_flight(
+    gateway: Gateway, processor: Processor
+) -> None:
+    # Long enough (thousands of tokens at 2 ms) to still be running when the client
+    # hangs up after the first event.
     with socket.create_connection((LOCALHOST, gateway.port), timeout=10) as sock:
-        sock.sendall(head + body)
+        sock.sendall(long_chat(stream=True))
         received = b""
         while b"data: " not in received:
             data = sock.recv(65536)
@@ -109,18 +114,8 @@ def test_a_client_that_leaves_before_the_response_starts_is_released_at_once(
     # and the client gives up first (a client timeout while the engine works). With
     # envoy.yaml the response is seen by the observer filter, whose stream the request
     # headers open: it ends when the client leaves, long before the 10 s claim window.
-    doc = {
-        "model": CHAT_MODEL,
-        "messages": [{"role": "user", "content": "Tell me everything."}],
-        "max_tokens": 5000,
-    }
-    body = json.dumps(doc).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {LOCALHOST}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode()
     with socket.create_connection((LOCALHOST, gateway.port), timeout=10) as sock:
-        sock.sendall(head + body)
+        sock.sendall(long_chat(stream=False))
         poll(
             "the request is in flight",
             lambda: sum(in_flight(processor).values()),
