@@ -45,7 +45,7 @@ from bench.common import (
     wrk_script,
 )
 from bench.httpclient import KeepAliveClient, encode_request
-from bench.stack import BenchStack, route_headers, start_stack
+from bench.stack import BenchStack, connection_manager, route_headers, start_stack
 from gateway_extproc import localstack
 
 NAME = "overhead"
@@ -62,18 +62,13 @@ class Variant:
     args: tuple[str, ...] = ()
     baseline: bool = False  # bench/baseline_processor.py instead of the product
     processors: int = 1
-    edit: Callable[[dict[str, Any]], None] | None = None  # changes the front bootstrap
+    edit: Callable[[dict[str, Any]], object] | None = None  # changes the front bootstrap
     what_if: bool = False  # an experiment for the change list, not the shipped set-up
-
-
-def _one_filter(doc: dict[str, Any]) -> None:
-    localstack.single_filter_shape(doc)
 
 
 def _observer_lingers(doc: dict[str, Any]) -> None:
     """The observer's deferred_close_timeout at 1 s instead of the shipped 0.1 s."""
-    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    for entry in manager["typed_config"]["http_filters"]:
+    for entry in connection_manager(doc)["http_filters"]:
         if entry["typed_config"].get("observability_mode"):
             entry["typed_config"]["deferred_close_timeout"] = "1s"
 
@@ -81,8 +76,7 @@ def _observer_lingers(doc: dict[str, Any]) -> None:
 def _no_response_path(doc: dict[str, Any]) -> None:
     """The routing filter alone, as shipped (it sends no response phase): the observer
     filter removed."""
-    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    filters = manager["typed_config"]["http_filters"]
+    filters = connection_manager(doc)["http_filters"]
     filters[:] = [f for f in filters if not f["typed_config"].get("observability_mode")]
 
 
@@ -92,7 +86,7 @@ VARIANTS = (
     Variant("plain grpc.aio floor (bench/baseline_processor.py)", baseline=True),
     Variant(
         "gateway-extproc, one filter: the response on the routing stream (Envoy Gateway's shape)",
-        edit=_one_filter,
+        edit=localstack.single_filter_shape,
     ),
     Variant(
         "what-if: response phases not sent (no accounting)",

@@ -46,7 +46,7 @@ _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtP
 _EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 
 
-def _connection_manager(doc: dict[str, Any]) -> dict[str, Any]:
+def connection_manager(doc: dict[str, Any]) -> dict[str, Any]:
     listener = doc["static_resources"]["listeners"][0]
     manager: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return manager
@@ -61,7 +61,7 @@ def front_bootstrap(listen_port: int, admin_port: int, extproc_port: int) -> dic
         extproc_port=extproc_port,
     )
     doc: dict[str, Any] = yaml.safe_load(rendered)
-    manager = _connection_manager(doc)
+    manager = connection_manager(doc)
     filters = [f["name"] for f in manager["http_filters"]]
     if EXT_PROC_FILTER not in filters:
         raise ValueError(f"{localstack.ENVOY_CONFIG} has no {EXT_PROC_FILTER} filter")
@@ -93,7 +93,7 @@ def add_processor_endpoints(doc: dict[str, Any], ports: list[int]) -> None:
 
 def ext_proc_settings(doc: dict[str, Any]) -> dict[str, Any]:
     """The ext_proc filter's typed_config in a bootstrap (for the report)."""
-    for entry in _connection_manager(doc)["http_filters"]:
+    for entry in connection_manager(doc)["http_filters"]:
         if entry["name"] == EXT_PROC_FILTER:
             config: dict[str, Any] = entry["typed_config"]
             return config
@@ -273,7 +273,7 @@ class BenchStack:
     def ext_proc_filters(self) -> int:
         """How many ext_proc filters a request through the processor passes (each opens
         its own stream)."""
-        manager = _connection_manager(self.bootstrap)
+        manager = connection_manager(self.bootstrap)
         return sum(
             1 for f in manager["http_filters"] if f["typed_config"].get("@type") == _EXT_PROC_TYPE
         )
@@ -286,7 +286,7 @@ def start_stack(
     sse_pods: dict[str, tuple[int, float]] | None = None,
     baseline: bool = False,
     processors: int = 1,
-    edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
+    edit_bootstrap: Callable[[dict[str, Any]], object] | None = None,
 ) -> BenchStack:
     """Start the pod Envoy (and one SSE pod per model in `sse_pods`: model -> (chunks,
     gap in ms)), the processor with the production defaults (JSON logs at info, access

@@ -26,12 +26,14 @@ def validate(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def ext_proc_filter(doc: dict[str, Any]) -> dict[str, Any]:
+def http_filter(doc: dict[str, Any], name: str) -> dict[str, Any]:
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    (ext_proc,) = [
-        f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"
-    ]
-    return ext_proc["typed_config"]  # type: ignore[no-any-return]
+    (found,) = [f for f in hcm["typed_config"]["http_filters"] if f["name"] == name]
+    return found["typed_config"]  # type: ignore[no-any-return]
+
+
+def ext_proc_filter(doc: dict[str, Any]) -> dict[str, Any]:
+    return http_filter(doc, "envoy.filters.http.ext_proc")
 
 
 def cluster(doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -113,14 +115,7 @@ def test_buffer_limits_agree_with_the_processor_body_limit(path: Path) -> None:
 
 
 def observer_filter(doc: dict[str, Any]) -> dict[str, Any]:
-    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    (observer,) = [
-        f["typed_config"]
-        for f in manager["typed_config"]["http_filters"]
-        if f["name"] == "gateway-extproc-observer"
-    ]
-    config: dict[str, Any] = observer
-    return config
+    return http_filter(doc, "gateway-extproc-observer")
 
 
 def role(config: dict[str, Any]) -> str:
