@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway_extproc import localstack
+from gateway_extproc.devtools import localstack
 
 REPO_ROOT = localstack.REPO_ROOT
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

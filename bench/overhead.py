@@ -46,7 +46,7 @@ from bench.common import (
 )
 from bench.httpclient import KeepAliveClient, encode_request
 from bench.stack import BenchStack, connection_manager, route_headers, start_stack
-from gateway_extproc import localstack
+from gateway_extproc.devtools import localstack
 
 NAME = "overhead"
 TITLE = "1. Overhead: the same Envoy, direct vs through the processor"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 
-from gateway_extproc.simulator.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
+from gateway_extproc.devtools.simulator.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
 
 BENCH_MODEL = "bench-model"
 STREAM_MODEL = "bench-stream"

@@ -42,8 +42,8 @@ import uvloop
 
 from bench.common import RunMode, Section, Target, fmt, met_mark, percentile, table
 from bench.stack import write_models_file
-from gateway_extproc import localstack
-from gateway_extproc.localstack import LOCALHOST, ProcessGroup
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import LOCALHOST, ProcessGroup
 
 NAME = "quality"
 TITLE = "4. Routing quality on simulated engines"

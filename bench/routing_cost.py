@@ -45,7 +45,10 @@ from bench.common import (
     table,
 )
 from bench.stack import start_pod_envoy
-from gateway_extproc import localstack, telemetry
+from gateway_extproc import telemetry
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.simulator.config import SimulatorConfig
+from gateway_extproc.devtools.simulator.metrics import EngineMetrics, EngineSnapshot
 from gateway_extproc.metrics.parser import EngineSample, parse_engine_metrics
 from gateway_extproc.metrics.scraper import MetricsScraper
 from gateway_extproc.metrics.store import MetricsStore
@@ -54,8 +57,6 @@ from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.router import Router
-from gateway_extproc.simulator.config import SimulatorConfig
-from gateway_extproc.simulator.metrics import EngineMetrics, EngineSnapshot
 
 NAME = "routing"
 TITLE = "3. Routing decision cost and scrape cost"

@@ -1,5 +1,5 @@
 """The processes of the overhead, streaming and profile benchmarks, started with
-gateway_extproc.localstack.
+gateway_extproc.devtools.localstack.
 
     client -> front Envoy :L --(route A: x-bench-direct)-------------------> pod
                               \\-(route B: ext_proc -> processor)-----------> pod
@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from bench import payloads
-from gateway_extproc import localstack
-from gateway_extproc.localstack import LOCALHOST, ManagedProcess, ProcessGroup
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import LOCALHOST, ManagedProcess, ProcessGroup
 
 DIRECT_HEADER = "x-bench-direct"
 DESTINATION_HEADER = "x-gateway-destination-endpoint"

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
     config.add_serve_arguments(serve)
 
-    from gateway_extproc.simulator import app as simulator_app
+    from gateway_extproc.devtools.simulator import app as simulator_app
 
     simulate = commands.add_parser("simulate", help="run a simulated vLLM-compatible engine")
     simulator_app.add_arguments(simulate)
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the target's model dictionary, to check that picked pods serve the model",
     )
 
-    from gateway_extproc import demo
+    from gateway_extproc.devtools import demo
 
     demo_parser = commands.add_parser(
         "demo", help="start Envoy, the processor and simulated engines locally"
@@ -57,13 +57,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return server.run(config.settings_from_args(args), config.unknown_environment(args))
     if args.command == "simulate":
-        from gateway_extproc.simulator import app as simulator_app
+        from gateway_extproc.devtools.simulator import app as simulator_app
 
         return simulator_app.run(args)
     if args.command == "replay":
         return run_replay(args)
     if args.command == "demo":
-        from gateway_extproc import demo
+        from gateway_extproc.devtools import demo
 
         return demo.run(args)
     return 2

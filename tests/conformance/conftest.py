@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import ManagedProcess
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import ManagedProcess
 from tests.conformance import stack
 
 

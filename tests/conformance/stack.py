@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import ManagedProcess
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import ManagedProcess
 
 HERE = Path(__file__).resolve().parent
 RECORDINGS = HERE / "recordings"

@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import yaml
 
-from gateway_extproc.simulator import SimulatorConfig, running_simulator
-from gateway_extproc.simulator.app import STREAM_PAUSE_HEADER, STREAM_PIECES_HEADER
+from gateway_extproc.devtools.simulator import SimulatorConfig, running_simulator
+from gateway_extproc.devtools.simulator.app import STREAM_PAUSE_HEADER, STREAM_PIECES_HEADER
 from tests.conformance import capture, stack
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway_extproc import localstack
+from gateway_extproc.devtools import localstack
 from tests.deploy import helpers
 
 HTTPROUTE_RULE = "httproute/{ns}/{name}/rule/0"

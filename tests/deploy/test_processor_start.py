@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from gateway_extproc import cli, config, localstack
+from gateway_extproc import cli, config
+from gateway_extproc.devtools import localstack
 from tests.deploy import helpers
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import ManagedProcess, ProcessGroup
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import ManagedProcess, ProcessGroup
 from tests.integration.stack import (
     LOCALHOST,
     PROCESSOR_ARGS,

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import LOCALHOST, ManagedProcess
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import LOCALHOST, ManagedProcess
 
 # Simulated engines (processes): name -> the models each serves.
 #   chat-model       on a and b: routing spreads across them

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gateway_extproc import localstack
 from gateway_extproc.config import Settings
+from gateway_extproc.devtools import localstack
 from tests.integration.stack import (
     CHAT_MODEL,
     LIFECYCLE_MODEL,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway_extproc import localstack
 from gateway_extproc.config import Settings
+from gateway_extproc.devtools import localstack
 from gateway_extproc.extproc import handoff, responses, session
 
 CONFIGS = [localstack.ENVOY_CONFIG, localstack.ENVOY_FULL_DUPLEX_CONFIG]

@@ -10,7 +10,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from gateway_extproc.config import Settings
-from gateway_extproc.localstack import free_port
+from gateway_extproc.devtools.localstack import free_port
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests import frames
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig

@@ -18,8 +18,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway_extproc.simulator import SimulatorConfig, running_simulator
-from gateway_extproc.simulator import app as simulator_app
+from gateway_extproc.devtools.simulator import SimulatorConfig, running_simulator
+from gateway_extproc.devtools.simulator import app as simulator_app
 
 FAST = {"ttft_ms": 2.0, "itl_ms": 1.0, "prefill_us_per_token": 1.0}
 

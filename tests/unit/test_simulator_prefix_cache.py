@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway_extproc.simulator.prefix_cache import KVCache, block_hashes
+from gateway_extproc.devtools.simulator.prefix_cache import KVCache, block_hashes
 
 
 def test_block_hash_covers_everything_before_it():

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
+from gateway_extproc.devtools.simulator import text
 from gateway_extproc.openai.errors import error_body
-from gateway_extproc.simulator import text
 
 
 class ApiError(Exception):

@@ -42,7 +42,7 @@ LOCALHOST = "127.0.0.1"
 
 # Repository files the demo and the tests use. They live next to the package in a
 # checkout (or an editable install), not inside the installed package.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 ENVOY_FULL_DUPLEX_CONFIG = REPO_ROOT / "envoy" / "envoy-full-duplex.yaml"
 EXAMPLE_MODELS = REPO_ROOT / "examples" / "models.yaml"

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway_extproc.simulator.config import SimulatorConfig
+from gateway_extproc.devtools.simulator.config import SimulatorConfig
 
 # vLLM's exposition content type (text format 0.0.4); scrapers of real engines see it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -15,11 +15,11 @@ import collections
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from gateway_extproc.simulator import text
-from gateway_extproc.simulator.config import SimulatorConfig
-from gateway_extproc.simulator.faults import Faults
-from gateway_extproc.simulator.metrics import EngineMetrics, EngineSnapshot
-from gateway_extproc.simulator.prefix_cache import Allocation, KVCache, block_hashes
+from gateway_extproc.devtools.simulator import text
+from gateway_extproc.devtools.simulator.config import SimulatorConfig
+from gateway_extproc.devtools.simulator.faults import Faults
+from gateway_extproc.devtools.simulator.metrics import EngineMetrics, EngineSnapshot
+from gateway_extproc.devtools.simulator.prefix_cache import Allocation, KVCache, block_hashes
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,11 @@ Modules: `config` (SimulatorConfig), `app` (HTTP layer and the `simulate` comman
 synthetic replies).
 """
 
-from gateway_extproc.simulator.app import (
+from gateway_extproc.devtools.simulator.app import (
     create_app,
     running_simulator,
     start_simulator,
 )
-from gateway_extproc.simulator.config import SimulatorConfig
+from gateway_extproc.devtools.simulator.config import SimulatorConfig
 
 __all__ = ["SimulatorConfig", "create_app", "running_simulator", "start_simulator"]

@@ -32,12 +32,12 @@ import orjson
 import structlog
 from aiohttp import web
 
-from gateway_extproc.simulator import protocol, text
-from gateway_extproc.simulator.config import SimulatorConfig
-from gateway_extproc.simulator.engine import Engine, EngineRequest
-from gateway_extproc.simulator.faults import Faults
-from gateway_extproc.simulator.metrics import CONTENT_TYPE
-from gateway_extproc.simulator.protocol import ApiError
+from gateway_extproc.devtools.simulator import protocol, text
+from gateway_extproc.devtools.simulator.config import SimulatorConfig
+from gateway_extproc.devtools.simulator.engine import Engine, EngineRequest
+from gateway_extproc.devtools.simulator.faults import Faults
+from gateway_extproc.devtools.simulator.metrics import CONTENT_TYPE
+from gateway_extproc.devtools.simulator.protocol import ApiError
 
 __all__ = [
     "SimulatorConfig",

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import LOCALHOST, ProcessGroup, StartupError
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import LOCALHOST, ProcessGroup, StartupError
 from gateway_extproc.models.static import ModelFileError, parse_models_file
 
 STARTUP_TIMEOUT = 30.0  # a cold first start imports a lot on a small machine
