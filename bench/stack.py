@@ -167,20 +167,8 @@ def start_pod_envoy(log_dir: Path, listen_port: int, admin_port: int) -> Managed
     config = log_dir / "pod-envoy.yaml"
     log_dir.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(pod_bootstrap(listen_port, admin_port)), encoding="utf-8")
-    argv = [
-        localstack.find_envoy(),
-        "-c",
-        str(config),
-        "--base-id",
-        str(admin_port),
-        "--disable-hot-restart",
-        "--concurrency",
-        "1",
-        "--log-level",
-        "warn",
-    ]
-    return localstack.spawn(
-        "pod-envoy", argv, log_dir, ready_url=f"http://{LOCALHOST}:{admin_port}/ready"
+    return localstack.start_envoy_bootstrap(
+        config, log_dir, admin_port=admin_port, concurrency=1, name="pod-envoy"
     )
 
 
@@ -364,15 +352,13 @@ def start_stack(
 
 
 def start_front_envoy(log_dir: Path, bootstrap: dict[str, Any], admin_port: int) -> ManagedProcess:
-    """The front Envoy on an already rendered bootstrap, started as localstack starts
-    Envoy (own base id, no hot restart), with one worker. localstack.start_envoy would
-    render the file again and point every processor endpoint at one port."""
+    """The front Envoy on an already rendered bootstrap, with one worker.
+    localstack.start_envoy would render the file again and point every processor
+    endpoint at one port."""
     config = log_dir / "front-bootstrap.yaml"
     config.write_text(yaml.safe_dump(bootstrap, sort_keys=False), encoding="utf-8")
-    argv = [localstack.find_envoy(), "-c", str(config), "--base-id", str(admin_port)]
-    argv += ["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"]
-    return localstack.spawn(
-        "front-envoy", argv, log_dir, ready_url=f"http://{LOCALHOST}:{admin_port}/ready"
+    return localstack.start_envoy_bootstrap(
+        config, log_dir, admin_port=admin_port, concurrency=1, name="front-envoy"
     )
 
 

@@ -324,14 +324,8 @@ def start_envoy(
     log_level: str = "warn",
     name: str = "envoy",
 ) -> ManagedProcess:
-    """Start Envoy on a private copy of `config`; ready when its admin /ready answers.
-
-    Hot restart is off by default: with it on, Envoy 1.40 leaves a
-    /dev/shm/envoy_shared_memory_<base-id * 10> file behind on every exit, and nothing
-    here restarts Envoy in place. `--base-id` is unique per instance all the same (by
-    default the admin port, which no two running Envoys can share), so turning hot
-    restart on never makes two Envoys on one machine fight over the same names.
-    """
+    """Start Envoy on a private copy of `config` with its ports moved
+    (`render_envoy_config`); ready when its admin /ready answers."""
     rendered = log_dir / f"{name}.yaml"
     log_dir.mkdir(parents=True, exist_ok=True)
     rendered.write_text(
@@ -340,10 +334,43 @@ def start_envoy(
         ),
         encoding="utf-8",
     )
+    return start_envoy_bootstrap(
+        rendered,
+        log_dir,
+        admin_port=admin_port,
+        base_id=base_id,
+        hot_restart=hot_restart,
+        concurrency=concurrency,
+        log_level=log_level,
+        name=name,
+    )
+
+
+def start_envoy_bootstrap(
+    bootstrap: str | os.PathLike[str],
+    log_dir: Path,
+    *,
+    admin_port: int,
+    base_id: int | None = None,
+    hot_restart: bool = False,
+    concurrency: int | None = None,
+    log_level: str = "warn",
+    env: Mapping[str, str] | None = None,
+    name: str = "envoy",
+) -> ManagedProcess:
+    """Start Envoy on `bootstrap` exactly as written (its admin listener must be on
+    `admin_port`); ready when its admin /ready answers.
+
+    Hot restart is off by default: with it on, Envoy 1.40 leaves a
+    /dev/shm/envoy_shared_memory_<base-id * 10> file behind on every exit, and nothing
+    here restarts Envoy in place. `--base-id` is unique per instance all the same (by
+    default the admin port, which no two running Envoys can share), so turning hot
+    restart on never makes two Envoys on one machine fight over the same names.
+    """
     argv = [
         find_envoy(),
         "-c",
-        str(rendered),
+        str(bootstrap),
         "--base-id",
         str(admin_port if base_id is None else base_id),
         "--log-level",
@@ -353,7 +380,19 @@ def start_envoy(
         argv.append("--disable-hot-restart")
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
-    return spawn(name, argv, log_dir, ready_url=f"http://{LOCALHOST}:{admin_port}/ready")
+    return spawn(name, argv, log_dir, ready_url=f"http://{LOCALHOST}:{admin_port}/ready", env=env)
+
+
+def validate_envoy_config(path: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate -c path`: Envoy's own verdict on a bootstrap, with its
+    words in stdout/stderr, without starting a server."""
+    return subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def start_processor(

@@ -125,13 +125,7 @@ def _header_to_metadata_filter() -> dict[str, Any]:
 
 def validate_bootstrap(path: Path) -> None:
     """`envoy --mode validate`: raise with Envoy's own words when it refuses `path`."""
-    result = subprocess.run(
-        [localstack.find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = localstack.validate_envoy_config(path)
     if result.returncode != 0:
         raise RuntimeError(f"envoy refuses {path}:\n{result.stdout}{result.stderr}")
 

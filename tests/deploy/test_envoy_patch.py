@@ -298,12 +298,7 @@ def bootstrap(xds: dict[str, Any]) -> dict[str, Any]:
 def envoy_validate(config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "bootstrap.json"
     path.write_text(json.dumps(config, indent=2))
-    return subprocess.run(
-        [localstack.find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return localstack.validate_envoy_config(path)
 
 
 def patched(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, int]]:
@@ -452,20 +447,8 @@ def test_a_request_is_routed_through_the_patched_config(tmp_path: Path) -> None:
                 models, tmp_path, grpc_port=grpc_port, admin_port=admin_port, env=env
             )
         )
-        argv = [
-            localstack.find_envoy(),
-            "-c",
-            str(config_path),
-            "--base-id",
-            str(envoy_admin),
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ]
         group.add(
-            localstack.spawn(
-                "envoy", argv, tmp_path, ready_url=f"http://127.0.0.1:{envoy_admin}/ready", env=env
-            )
+            localstack.start_envoy_bootstrap(config_path, tmp_path, admin_port=envoy_admin, env=env)
         )
         localstack.wait_ready(group)
 

@@ -3,7 +3,6 @@ they agree with the processor's defaults, and `render_envoy_config` moves only p
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,7 @@ from gateway_extproc.extproc import handoff, responses, session
 CONFIGS = [localstack.ENVOY_CONFIG, localstack.ENVOY_FULL_DUPLEX_CONFIG]
 
 
-def validate(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [localstack.find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+validate = localstack.validate_envoy_config
 
 
 def http_filter(doc: dict[str, Any], name: str) -> dict[str, Any]:
