@@ -81,7 +81,8 @@ def note_pod_series(model: str, pod: str) -> None:
 
 
 def forget_pod_series(pod: str) -> None:
-    """Drop every Prometheus series of a deleted pod (DESIGN §3)."""
+    """Drop every Prometheus series of a deleted pod, so /metrics does not keep reporting
+    pods that are gone (and series do not pile up as pods come and go)."""
     for model in _POD_SERIES.pop(pod, ()):
         remove_series(IN_FLIGHT, model, pod)
         for metric in (TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, REQUEST_DURATION):

@@ -18,7 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from google.protobuf import json_format, struct_pb2
 
-from gateway_extproc.conformance import recording as recordings
+from gateway_extproc.extproc import recorder as recordings
 from gateway_extproc.proto_gen import recording_pb2 as rec
 
 ANSWER_TIMEOUT = 5.0  # seconds to wait for each expected answer
@@ -110,7 +110,7 @@ def compare(
         immediate = answer.immediate_response
         if immediate.status.code != expect.status:
             return f"expected status {expect.status}, got {immediate.status.code}"
-        code = recordings._error_code(immediate.body)
+        code = recordings.error_code_of(immediate.body)
         if code != expect.error_code:
             return f"expected error code {expect.error_code!r}, got {code!r}"
         mutation = immediate.headers

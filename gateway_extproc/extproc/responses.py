@@ -13,7 +13,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from gateway_extproc.openai.errors import GatewayError
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.openai.errors import body_of
 
 # Envoy splits what it sends upstream at this size in FULL_DUPLEX_STREAMED; the Gateway
 # API Inference Extension protocol asks for chunks under 64 KiB.
@@ -141,7 +142,7 @@ def rejection(error: GatewayError, request_id: str) -> ext.ProcessingResponse:
     if error.retry_after is not None:
         headers.append(("retry-after", str(error.retry_after)))
     return immediate(
-        error.status, error.body(), headers=headers, details=f"gateway_extproc_{error.code}"
+        error.status, body_of(error), headers=headers, details=f"gateway_extproc_{error.code}"
     )
 
 

@@ -21,7 +21,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from gateway_extproc import telemetry
-from gateway_extproc.conformance.recording import StreamRecorder, save
 from gateway_extproc.extproc import responses
 from gateway_extproc.extproc.handoff import (
     OBSERVE_ROLE,
@@ -30,6 +29,7 @@ from gateway_extproc.extproc.handoff import (
     Handoff,
 )
 from gateway_extproc.extproc.handoff import handoff_key as handoff_key_of
+from gateway_extproc.extproc.recorder import StreamRecorder, save
 from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
 from gateway_extproc.routing.router import Router
 

@@ -3,7 +3,7 @@
 Plain Python with no I/O: `handle(frame)` returns the responses to send, `close()` ends
 the stream. Each direction moves headers -> body -> done; the session ends `finished`
 (response complete), `rejected` (an ImmediateResponse was sent) or `aborted` (stream
-cancelled or broken). Rules (DESIGN §4):
+cancelled or broken). Rules:
 
 - a body frame after its direction's EndOfStream, a duplicate EndOfStream, or any frame
   after the session ended is a no-op: the empty CONTINUE of its kind (nothing at all in
@@ -24,12 +24,11 @@ import structlog
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
-from gateway_extproc import telemetry
+from gateway_extproc import errors, telemetry
+from gateway_extproc.errors import GatewayError
 from gateway_extproc.extproc import responses
 from gateway_extproc.extproc.accounting import ResponseAccounting
 from gateway_extproc.models.registry import ModelState
-from gateway_extproc.openai import errors
-from gateway_extproc.openai.errors import GatewayError
 from gateway_extproc.openai.models_list import models_list_body
 from gateway_extproc.openai.requests import (
     MODELS_PATH,

@@ -63,8 +63,6 @@ class ModelView:
     pods: tuple[Pod, ...] = ()
 
 
-ABSENT_VIEW = ModelView(name="", state=ModelState.ABSENT)
-
 ModelChangeListener = Callable[[str, ModelState, ModelState], None]
 PodRemovedListener = Callable[[Pod], None]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from gateway_extproc.openai import errors
+from gateway_extproc import errors
 
 MAX_MODEL_NAME = 512
 
@@ -20,7 +20,6 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 MODELS_PATH = "/v1/models"
-INFERENCE_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH})
 
 
 @dataclass(frozen=True, slots=True)

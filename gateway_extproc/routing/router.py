@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gateway_extproc import telemetry
+from gateway_extproc import errors, telemetry
 from gateway_extproc.models.registry import ModelRegistry, ModelState, ModelView, Pod
-from gateway_extproc.openai import errors
 from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.inflight import InFlightCounter

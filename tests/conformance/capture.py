@@ -40,10 +40,10 @@ import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from google.protobuf import json_format
 
-from gateway_extproc.conformance import recording as recordings
 from gateway_extproc.devtools import localstack
 from gateway_extproc.devtools.localstack import LOCALHOST, ManagedProcess, ProcessGroup
 from gateway_extproc.devtools.simulator.app import STREAM_PAUSE_HEADER, STREAM_PIECES_HEADER
+from gateway_extproc.extproc import recorder as recordings
 from gateway_extproc.proto_gen import recording_pb2 as rec
 from tests.conformance import stack
 from tests.conformance.stack import CHAT_MODEL, TERMINATING_MODEL, UNREADY_MODEL

@@ -20,9 +20,9 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
-from gateway_extproc.conformance import recording as recordings
 from gateway_extproc.conformance.replay import ReplayResult, replay_paths
 from gateway_extproc.devtools import localstack
+from gateway_extproc.extproc import recorder as recordings
 from gateway_extproc.proto_gen import recording_pb2 as rec
 from tests.conformance import stack
 from tests.conformance.conftest import Target

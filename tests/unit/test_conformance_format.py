@@ -6,8 +6,8 @@ import orjson
 import pytest
 
 from gateway_extproc.config import Settings
-from gateway_extproc.conformance import recording as recordings
 from gateway_extproc.conformance.replay import replay_paths
+from gateway_extproc.extproc import recorder as recordings
 from gateway_extproc.proto_gen import recording_pb2 as rec
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests import frames

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway_extproc.openai.errors import GatewayError
+from gateway_extproc.errors import GatewayError
 from gateway_extproc.openai.requests import parse_body
 
 LIMIT = 64 * 1024

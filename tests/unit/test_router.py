@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from gateway_extproc.errors import GatewayError
 from gateway_extproc.models.registry import ModelRegistry, Pod
-from gateway_extproc.openai.errors import GatewayError
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.inflight import InFlightCounter

@@ -1,4 +1,5 @@
-"""Recordings: reading and writing them, and turning a live stream into one.
+"""Recordings: the format, and the recorder `serve --record-dir` turns a live stream
+into one with. It lives on the serving side; conformance/replay.py only reads them.
 
 A recording holds the frames Envoy sent and, for each, the expectations derived from
 what the processor answered. Values that depend on the moment (which pod was picked, a
@@ -57,7 +58,7 @@ def expectation_of(
     if kind == "immediate_response":
         immediate = response.immediate_response
         expect.status = immediate.status.code
-        expect.error_code = _error_code(immediate.body)
+        expect.error_code = error_code_of(immediate.body)
         mutation = immediate.headers
     else:
         common = getattr(response, kind).response
@@ -103,7 +104,8 @@ def _generalised_metadata(metadata: struct_pb2.Struct, model: str) -> struct_pb2
     return out
 
 
-def _error_code(body: bytes) -> str:
+def error_code_of(body: bytes) -> str:
+    """The `error.code` of an OpenAI error body; empty when it has none."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
