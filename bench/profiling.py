@@ -58,7 +58,10 @@ _COMPONENTS: tuple[tuple[str, str], ...] = (
     ),
     (r"gateway_extproc/openai/requests\.py", "request body parsing (orjson)"),
     (r"gateway_extproc/extproc/responses\.py", "building ProcessingResponses"),
-    (r"gateway_extproc/extproc/session\.py", "session state machine (own code)"),
+    (
+        r"gateway_extproc/extproc/(session|envoy_names)\.py",
+        "session state machine (own code)",
+    ),
     (r"gateway_extproc/", "other product code"),
     (r"^asyncio/|/asyncio/", "asyncio (tasks, futures, locks)"),
     (r"^grpc/|/grpc/", "grpc Python layer"),

@@ -28,17 +28,12 @@ import os
 import secrets
 
 import structlog
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
 from gateway_extproc import telemetry
-from gateway_extproc.extproc.responses import HANDOFF_KEY_FIELD, HANDOFF_NAMESPACE
+from gateway_extproc.extproc.envoy_names import HANDOFF_NAMESPACE, OBSERVE_ROLE, ROLE_METADATA
 from gateway_extproc.extproc.session import Outcome, Session
 
 log = structlog.get_logger("gateway_extproc.handoff")
-
-ROLE_METADATA = "x-gateway-extproc-role"
-ROUTE_ROLE = "route"
-OBSERVE_ROLE = "observe"
 
 # Envoy opens the observer stream right after the routing answer arrives; only a
 # processor that is far behind takes seconds to read it.
@@ -92,12 +87,3 @@ class Handoff:
                 f"{HANDOFF_NAMESPACE} metadata namespace to it",
                 claim_window_s=self._window,
             )
-
-
-def handoff_key(frame: ext.ProcessingRequest) -> str:
-    """The key the routing answer wrote, as Envoy forwards it to the observer."""
-    namespaces = frame.metadata_context.filter_metadata
-    if HANDOFF_NAMESPACE not in namespaces:
-        return ""
-    value = namespaces[HANDOFF_NAMESPACE].fields.get(HANDOFF_KEY_FIELD)
-    return value.string_value if value is not None else ""

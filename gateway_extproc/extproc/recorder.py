@@ -15,7 +15,11 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from google.protobuf import json_format, struct_pb2
 
-from gateway_extproc.extproc.responses import DESTINATION_HEADER, LB_METADATA_NAMESPACE
+from gateway_extproc.extproc.envoy_names import (
+    DESTINATION_HEADER,
+    LB_METADATA_NAMESPACE,
+    REQUEST_ID_HEADER,
+)
 from gateway_extproc.proto_gen import recording_pb2 as rec
 
 Recording = rec.Recording
@@ -23,7 +27,7 @@ Recording = rec.Recording
 # Headers whose value is a pod address chosen at the moment of the pick.
 POD_HEADERS = frozenset({DESTINATION_HEADER, "target-pod"})
 # Headers whose value is made up per request.
-VOLATILE_HEADERS = frozenset({"x-request-id"})
+VOLATILE_HEADERS = frozenset({REQUEST_ID_HEADER})
 
 
 def load(path: Path) -> rec.Recording:

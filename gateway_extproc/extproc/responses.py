@@ -14,14 +14,18 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from gateway_extproc.errors import GatewayError
+from gateway_extproc.extproc.envoy_names import (
+    DESTINATION_HEADER,
+    HANDOFF_KEY_FIELD,
+    HANDOFF_NAMESPACE,
+    LB_METADATA_NAMESPACE,
+    REQUEST_ID_HEADER,
+)
 from gateway_extproc.openai.errors import body_of
 
 # Envoy splits what it sends upstream at this size in FULL_DUPLEX_STREAMED; the Gateway
 # API Inference Extension protocol asks for chunks under 64 KiB.
 STREAMED_CHUNK_BYTES = 62 * 1024
-
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-LB_METADATA_NAMESPACE = "envoy.lb"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -57,12 +61,6 @@ def routed_common(headers: Iterable[tuple[str, str]]) -> ext.CommonResponse:
         ),
         clear_route_cache=True,
     )
-
-
-# Namespace and field of the key that ties the routing stream to the observer stream
-# (extproc/handoff.py).
-HANDOFF_NAMESPACE = "gateway_extproc"
-HANDOFF_KEY_FIELD = "session"
 
 
 def destination_metadata(destination: str, handoff_key: str = "") -> struct_pb2.Struct:
@@ -138,7 +136,7 @@ def immediate(
 
 
 def rejection(error: GatewayError, request_id: str) -> ext.ProcessingResponse:
-    headers = [("content-type", "application/json"), ("x-request-id", request_id)]
+    headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, request_id)]
     if error.retry_after is not None:
         headers.append(("retry-after", str(error.retry_after)))
     return immediate(
@@ -150,5 +148,5 @@ def json_answer(status: int, body: bytes, request_id: str) -> ext.ProcessingResp
     return immediate(
         status,
         body,
-        headers=[("content-type", "application/json"), ("x-request-id", request_id)],
+        headers=[("content-type", "application/json"), (REQUEST_ID_HEADER, request_id)],
     )

@@ -22,13 +22,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from gateway_extproc import telemetry
 from gateway_extproc.extproc import responses
-from gateway_extproc.extproc.handoff import (
-    OBSERVE_ROLE,
-    ROLE_METADATA,
-    ROUTE_ROLE,
-    Handoff,
-)
-from gateway_extproc.extproc.handoff import handoff_key as handoff_key_of
+from gateway_extproc.extproc.envoy_names import OBSERVE_ROLE, ROLE_METADATA, ROUTE_ROLE
+from gateway_extproc.extproc.envoy_names import handoff_key as handoff_key_of
+from gateway_extproc.extproc.handoff import Handoff
 from gateway_extproc.extproc.recorder import StreamRecorder, save
 from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
 from gateway_extproc.routing.router import Router

@@ -26,6 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
 from gateway_extproc import errors, telemetry
 from gateway_extproc.errors import GatewayError
+from gateway_extproc.extproc import envoy_names as names
 from gateway_extproc.extproc import responses
 from gateway_extproc.extproc.accounting import ResponseAccounting
 from gateway_extproc.models.registry import ModelState
@@ -55,11 +56,6 @@ MODE_NAMES = {
     BUFFERED_PARTIAL: "BUFFERED_PARTIAL",
     FULL_DUPLEX: "FULL_DUPLEX_STREAMED",
 }
-
-# In body modes where the processor never sees the whole body before the request leaves
-# (NONE, STREAMED), the model must come from a header; this is the name the Gateway API
-# Inference Extension's body-based routing uses.
-MODEL_HEADER = "x-gateway-model-name"
 
 
 class Phase(Enum):
@@ -190,15 +186,15 @@ class Session:
         if self.req_phase is not Phase.HEADERS:
             return self._noop("request_headers", "duplicate request headers")
         message = frame.request_headers
-        self._headers = _header_dict(message)
+        self._headers = names.header_dict(message)
         self._path = strip_query(self._headers.get(":path", ""))
         self._method = self._headers.get(":method", "")
-        self._request_id = self._headers.get("x-request-id", "")
+        self._request_id = self._headers.get(names.REQUEST_ID_HEADER, "")
         if not self._request_id:
             self._request_id = uuid.uuid4().hex
             self._request_id_generated = True
-        self._strategy_name = self._headers.get("routing-strategy", "")
-        self._subset = _subset_hint(frame)
+        self._strategy_name = self._headers.get(names.ROUTING_STRATEGY_HEADER, "")
+        self._subset = names.subset_hint(frame)
         self.req_phase = Phase.DONE if message.end_of_stream else Phase.BODY
         try:
             if self._method == "GET" and self._path == MODELS_PATH:
@@ -305,17 +301,17 @@ class Session:
     # -- routing ------------------------------------------------------------------------
 
     def _model_from_header(self, header_only: bool) -> str:
-        model = self._headers.get(MODEL_HEADER, "").strip()
+        model = self._headers.get(names.MODEL_HEADER, "").strip()
         if model:
             return model
         if header_only:
             raise errors.model_required(
                 "the request has no body; send a JSON body naming `model` "
-                f"(or the {MODEL_HEADER} header)"
+                f"(or the {names.MODEL_HEADER} header)"
             )
         raise errors.model_required(
             f"request body mode {MODE_NAMES.get(self.req_mode, self.req_mode)} routes before "
-            f"the body is read; send the {MODEL_HEADER} header"
+            f"the body is read; send the {names.MODEL_HEADER} header"
         )
 
     def _route(self, model: str, prompt: str) -> None:
@@ -325,8 +321,8 @@ class Session:
             model=model,
             request_id=self._request_id,
             prompt=prompt,
-            session_id=self._headers.get("x-session-id", ""),
-            user=self._headers.get("user", ""),
+            session_id=self._headers.get(names.SESSION_ID_HEADER, ""),
+            user=self._headers.get(names.USER_HEADER, ""),
         )
         self._decision = self._router.route(request, strategy, self._subset)
         self._routed_at = time.monotonic()
@@ -339,11 +335,11 @@ class Session:
         assert self._decision is not None
         destination = self._decision.destination
         headers = [
-            (responses.DESTINATION_HEADER, destination),
+            (names.DESTINATION_HEADER, destination),
             (self._cfg.target_pod_header, self._decision.pod.address),
         ]
         if self._request_id_generated:
-            headers.append(("x-request-id", self._request_id))
+            headers.append((names.REQUEST_ID_HEADER, self._request_id))
         return headers
 
     def _routed_headers_response(self) -> ext.ProcessingResponse:
@@ -381,7 +377,7 @@ class Session:
         if self.resp_phase is not Phase.HEADERS:
             return self._noop("response_headers", "duplicate response headers")
         message = frame.response_headers
-        headers = _header_dict(message)
+        headers = names.header_dict(message)
         status = headers.get(":status", "0")
         self._start_response(
             frame, int(status) if status.isdigit() else 0, headers.get("content-type", "")
@@ -395,7 +391,7 @@ class Session:
             # Envoy skips the response headers phase (envoy/envoy.yaml's observer filter
             # does: nothing in them needs an answer): the status comes as an attribute of
             # the first body frame, and accounting tells JSON from SSE by the body itself.
-            self._start_response(frame, _response_status(frame), content_type="")
+            self._start_response(frame, names.response_status(frame), content_type="")
         if self.resp_phase is not Phase.BODY:
             return self._noop("response_body", "response body after end of stream")
         body = frame.response_body
@@ -413,7 +409,7 @@ class Session:
     def _start_response(self, frame: ext.ProcessingRequest, status: int, content_type: str) -> None:
         self._status = status
         if self._decision is not None:
-            self._served = _served_endpoint(frame)
+            self._served = names.served_endpoint(frame)
             self._accounting = ResponseAccounting(self._started)
             self._accounting.on_headers(content_type)
         self.resp_phase = Phase.BODY
@@ -492,62 +488,3 @@ class Session:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
         )
-
-
-def _header_dict(message: ext.HttpHeaders) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for header in message.headers.headers:
-        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
-        out[header.key.lower()] = value
-    return out
-
-
-# Where Envoy puts the values of `response_attributes`, keyed by the expression as
-# configured; envoy/envoy.yaml asks for the status when it skips the response headers.
-# (Envoy 1.40 cannot evaluate `response.headers[...]` on a body frame, so the content
-# type is not asked for.)
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
-STATUS_ATTRIBUTE = "response.code"
-
-
-def _response_status(frame: ext.ProcessingRequest) -> int:
-    """The response status from the frame's attributes; 0 when not sent."""
-    if ATTRIBUTES_KEY not in frame.attributes:
-        return 0
-    fields = frame.attributes[ATTRIBUTES_KEY].fields
-    status = fields[STATUS_ATTRIBUTE].number_value if STATUS_ATTRIBUTE in fields else 0.0
-    return int(status) if 0 < status < 1000 else 0
-
-
-SERVED_NAMESPACE = "envoy.lb"
-SERVED_KEY = "x-gateway-destination-endpoint-served"
-SUBSET_NAMESPACE = "envoy.lb.subset_hint"
-SUBSET_KEY = "x-gateway-destination-endpoint-subset"
-
-
-def _subset_hint(frame: ext.ProcessingRequest) -> frozenset[str] | None:
-    """The endpoint subset Envoy asks us to pick inside, if it sent one."""
-    namespaces = frame.metadata_context.filter_metadata
-    if SUBSET_NAMESPACE not in namespaces:
-        return None
-    fields = namespaces[SUBSET_NAMESPACE].fields
-    if SUBSET_KEY not in fields:
-        return None
-    value = fields[SUBSET_KEY]
-    kind = value.WhichOneof("kind")
-    if kind == "list_value":
-        items = [v.string_value for v in value.list_value.values]
-    elif kind == "string_value":
-        items = value.string_value.split(",")
-    else:
-        items = []
-    return frozenset(item.strip() for item in items if item.strip())
-
-
-def _served_endpoint(frame: ext.ProcessingRequest) -> str:
-    """`envoy.lb/x-gateway-destination-endpoint-served`, when Envoy forwards it."""
-    namespaces = frame.metadata_context.filter_metadata
-    if SERVED_NAMESPACE not in namespaces:
-        return ""
-    value = namespaces[SERVED_NAMESPACE].fields.get(SERVED_KEY)
-    return value.string_value.strip() if value is not None else ""

@@ -11,7 +11,7 @@ import yaml
 
 from gateway_extproc.config import Settings
 from gateway_extproc.devtools import localstack
-from gateway_extproc.extproc import handoff, responses, session
+from gateway_extproc.extproc import envoy_names
 
 CONFIGS = [localstack.ENVOY_CONFIG, localstack.ENVOY_FULL_DUPLEX_CONFIG]
 
@@ -113,7 +113,7 @@ def observer_filter(doc: dict[str, Any]) -> dict[str, Any]:
 
 def role(config: dict[str, Any]) -> str:
     (entry,) = config["grpc_service"]["initial_metadata"]
-    assert entry["key"] == handoff.ROLE_METADATA
+    assert entry["key"] == envoy_names.ROLE_METADATA
     value: str = entry["value"]
     return value
 
@@ -132,9 +132,9 @@ def test_processing_modes_are_the_documented_ones() -> None:
         "response_body_mode": "NONE",
         "response_trailer_mode": "SKIP",
     }
-    assert role(routing) == handoff.ROUTE_ROLE
+    assert role(routing) == envoy_names.ROUTE_ROLE
     assert (
-        responses.HANDOFF_NAMESPACE
+        envoy_names.HANDOFF_NAMESPACE
         in routing["metadata_options"]["receiving_namespaces"]["untyped"]
     )
     # ...and the observer sees the response without holding it, tied to the routing
@@ -149,11 +149,11 @@ def test_processing_modes_are_the_documented_ones() -> None:
         "response_body_mode": "STREAMED",
         "response_trailer_mode": "SKIP",
     }
-    assert role(observer) == handoff.OBSERVE_ROLE
+    assert role(observer) == envoy_names.OBSERVE_ROLE
     assert observer["metadata_options"]["forwarding_namespaces"]["untyped"] == [
-        responses.HANDOFF_NAMESPACE
+        envoy_names.HANDOFF_NAMESPACE
     ]
-    assert observer["response_attributes"] == [session.STATUS_ATTRIBUTE]
+    assert observer["response_attributes"] == [envoy_names.STATUS_ATTRIBUTE]
     # envoy-full-duplex.yaml: one filter, the whole exchange on one stream.
     assert duplex["processing_mode"] == {
         "request_header_mode": "SEND",

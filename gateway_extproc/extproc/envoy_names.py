@@ -1,0 +1,115 @@
+"""Envoy's vocabulary, in one place: the header names, dynamic-metadata namespaces and
+keys, attribute names and gRPC metadata the processor and envoy/*.yaml agree on, and the
+readers that pull those values out of a ProcessingRequest frame.
+
+Changing a name here changes the contract with the Envoy configuration (envoy/*.yaml,
+the Helm chart's EnvoyPatchPolicy, the Gateway API Inference Extension protocol);
+tests/unit/test_envoy_config.py checks the shipped bootstraps against these names.
+"""
+
+from __future__ import annotations
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+
+# -- request headers the processor reads ----------------------------------------------
+
+# In body modes where the processor never sees the whole body before the request leaves
+# (NONE, STREAMED), the model must come from a header; this is the name the Gateway API
+# Inference Extension's body-based routing uses.
+MODEL_HEADER = "x-gateway-model-name"
+ROUTING_STRATEGY_HEADER = "routing-strategy"
+SESSION_ID_HEADER = "x-session-id"
+USER_HEADER = "user"
+REQUEST_ID_HEADER = "x-request-id"
+
+# -- the routing answer ---------------------------------------------------------------
+
+# The picked endpoint, as a request header and as `envoy.lb` dynamic metadata (the
+# Gateway API Inference Extension protocol: Envoy's ORIGINAL_DST cluster reads either).
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+LB_METADATA_NAMESPACE = "envoy.lb"
+
+# The key that ties the routing stream to the observer stream (extproc/handoff.py):
+# written under this namespace by the routing answer, forwarded by Envoy to the observer.
+HANDOFF_NAMESPACE = "gateway_extproc"
+HANDOFF_KEY_FIELD = "session"
+
+# -- what Envoy tells the processor ---------------------------------------------------
+
+# Which of the two ext_proc filters opened a stream, in the gRPC initial metadata; a
+# stream without it is the single-filter shape (Envoy Gateway, envoy-full-duplex.yaml).
+ROLE_METADATA = "x-gateway-extproc-role"
+ROUTE_ROLE = "route"
+OBSERVE_ROLE = "observe"
+
+# Where Envoy puts the values of `response_attributes`, keyed by the expression as
+# configured; envoy/envoy.yaml asks for the status when it skips the response headers.
+# (Envoy 1.40 cannot evaluate `response.headers[...]` on a body frame, so the content
+# type is not asked for.)
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+STATUS_ATTRIBUTE = "response.code"
+
+# The endpoint that actually served (Envoy may retry on another), and the subset of
+# endpoints Envoy asks the pick to stay inside.
+SERVED_NAMESPACE = "envoy.lb"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+
+
+# -- frame readers --------------------------------------------------------------------
+
+
+def header_dict(message: ext.HttpHeaders) -> dict[str, str]:
+    """The headers of a headers frame, names lower-cased (raw_value preferred)."""
+    out: dict[str, str] = {}
+    for header in message.headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        out[header.key.lower()] = value
+    return out
+
+
+def response_status(frame: ext.ProcessingRequest) -> int:
+    """The response status from the frame's attributes; 0 when not sent."""
+    if ATTRIBUTES_KEY not in frame.attributes:
+        return 0
+    fields = frame.attributes[ATTRIBUTES_KEY].fields
+    status = fields[STATUS_ATTRIBUTE].number_value if STATUS_ATTRIBUTE in fields else 0.0
+    return int(status) if 0 < status < 1000 else 0
+
+
+def subset_hint(frame: ext.ProcessingRequest) -> frozenset[str] | None:
+    """The endpoint subset Envoy asks us to pick inside, if it sent one."""
+    namespaces = frame.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[SUBSET_NAMESPACE].fields
+    if SUBSET_KEY not in fields:
+        return None
+    value = fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        items = [v.string_value for v in value.list_value.values]
+    elif kind == "string_value":
+        items = value.string_value.split(",")
+    else:
+        items = []
+    return frozenset(item.strip() for item in items if item.strip())
+
+
+def served_endpoint(frame: ext.ProcessingRequest) -> str:
+    """`envoy.lb/x-gateway-destination-endpoint-served`, when Envoy forwards it."""
+    namespaces = frame.metadata_context.filter_metadata
+    if SERVED_NAMESPACE not in namespaces:
+        return ""
+    value = namespaces[SERVED_NAMESPACE].fields.get(SERVED_KEY)
+    return value.string_value.strip() if value is not None else ""
+
+
+def handoff_key(frame: ext.ProcessingRequest) -> str:
+    """The key the routing answer wrote, as Envoy forwards it to the observer."""
+    namespaces = frame.metadata_context.filter_metadata
+    if HANDOFF_NAMESPACE not in namespaces:
+        return ""
+    value = namespaces[HANDOFF_NAMESPACE].fields.get(HANDOFF_KEY_FIELD)
+    return value.string_value if value is not None else ""
