@@ -60,7 +60,7 @@ async def probe(kubeconfig: str, pods: int, timeout: float) -> None:
         KubernetesOptions(kubeconfig=kubeconfig, resync_period=0, list_page_size=500),
     )
     started = time.monotonic()
-    source.start()
+    await source.start()
     try:
         if not await source.wait_synced(timeout):
             raise SystemExit(f"not synced within {timeout} s")
@@ -95,8 +95,7 @@ async def probe(kubeconfig: str, pods: int, timeout: float) -> None:
             flush=True,
         )
     finally:
-        source.stop()
-        await source.wait_closed()
+        await source.stop()
 
 
 def main() -> None:

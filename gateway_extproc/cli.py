@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
-    config.add_serve_arguments(serve)
+    from gateway_extproc.models.source import source_names
+
+    config.add_serve_arguments(serve, source_names())
 
     from gateway_extproc.devtools.simulator import app as simulator_app
 

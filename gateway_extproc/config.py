@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -145,7 +145,9 @@ def positive_float(raw: str) -> float:
     return value
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequence[str]) -> None:
+    """The `serve` flags; `discovery_sources` are the names `--discovery` accepts (the
+    caller passes models/source.py's, which this bottom-layer module cannot import)."""
     d = Settings()
     add_flag(parser, "--listen-host", default=d.listen_host, help="address to listen on")
     add_flag(parser, "--grpc-port", type=port, default=d.grpc_port, help="ext_proc gRPC port")
@@ -154,7 +156,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--discovery",
         default=default_discovery(),
-        choices=["static", "kubernetes"],
+        choices=list(discovery_sources),
         help="where the model dictionary comes from (default: kubernetes inside a cluster)",
     )
     add_flag(parser, "--models-file", default=d.models_file, help="YAML model file (static)")

@@ -24,9 +24,8 @@ from gateway_extproc.config import Settings
 from gateway_extproc.extproc.service import ExternalProcessor
 from gateway_extproc.extproc.session import SessionConfig
 from gateway_extproc.metrics import MetricsScraper, MetricsStore
-from gateway_extproc.models.kubernetes import KubernetesOptions, KubernetesSource
 from gateway_extproc.models.registry import ModelRegistry, ModelState
-from gateway_extproc.models.static import StaticModelSource
+from gateway_extproc.models.source import DiscoverySource, create_source
 from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.router import Router
@@ -46,7 +45,7 @@ class Gateway:
     inflight: InFlightCounter
     router: Router
     processor: ExternalProcessor
-    source: StaticModelSource | KubernetesSource
+    source: DiscoverySource
     scraper: MetricsScraper
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
@@ -115,7 +114,8 @@ async def start_gateway(settings: Settings) -> Gateway:
             hint="x-gateway-destination-endpoint now lists several pods; an Envoy ORIGINAL_DST "
             f"cluster takes one host: read it from {settings.target_pod_header} instead",
         )
-    source = await _start_source(settings, registry)
+    source = create_source(settings, registry)
+    await source.start()
     await scraper.start()
 
     max_message = settings.max_body_bytes + GRPC_HEADROOM
@@ -167,46 +167,6 @@ async def start_gateway(settings: Settings) -> Gateway:
     return gateway
 
 
-async def _start_source(
-    settings: Settings, registry: ModelRegistry
-) -> StaticModelSource | KubernetesSource:
-    if settings.discovery == "kubernetes":
-        kube = KubernetesSource(registry, asyncio.get_running_loop(), kubernetes_options(settings))
-        kube.start()
-        return kube
-    if not settings.models_file:
-        log.warning("no_models_file", hint="pass --models-file; every model is unknown (404)")
-        registry.replace_all([])
-    static = StaticModelSource(
-        registry, settings.models_file, interval=settings.models_reload_interval
-    )
-    if settings.models_file:
-        await static.start()
-    return static
-
-
-def kubernetes_options(settings: Settings) -> KubernetesOptions:
-    return KubernetesOptions(
-        kubeconfig=settings.kubeconfig or None,
-        context=settings.kube_context or None,
-        namespaces=settings.namespace,
-        model_label=settings.model_label,
-        port_label=settings.port_label,
-        metric_port_label=settings.metric_port_label,
-        default_port=settings.default_model_port,
-        resync_period=settings.kube_resync_period,
-        adapter_discovery_interval=settings.adapter_discovery_interval,
-    )
-
-
-async def _stop_source(source: StaticModelSource | KubernetesSource) -> None:
-    if isinstance(source, KubernetesSource):
-        source.stop()
-        await source.wait_closed()
-    else:
-        await source.stop()
-
-
 async def _set_serving(gateway: Gateway) -> None:
     status = (
         health_pb2.HealthCheckResponse.SERVING
@@ -222,7 +182,7 @@ async def stop_gateway(gateway: Gateway) -> None:
     for service in ("", EXTPROC_SERVICE):
         await gateway.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await gateway.grpc_server.stop(gateway.settings.grace_period)
-    await _stop_source(gateway.source)
+    await gateway.source.stop()
     await gateway.scraper.stop()
     await gateway.admin.cleanup()
 

@@ -233,8 +233,9 @@ class _Scope:
 class KubernetesSource:
     """Keeps `registry` equal to the model pods the API server reports.
 
-    `start()` runs one thread per scope; `stop()` ends them promptly and guarantees no
-    registry write after it returns; `wait_closed()` waits for the threads to exit.
+    A DiscoverySource (models/source.py): `start()` runs one thread per scope; `stop()`
+    ends them promptly, guarantees no registry write after it returns and waits (up to
+    its timeout) for the threads to exit; `running` says whether one is still alive.
     """
 
     def __init__(
@@ -262,7 +263,7 @@ class KubernetesSource:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._threads:
             return
         if self._options.adapter_discovery_interval > 0:
@@ -284,11 +285,21 @@ class KubernetesSource:
             model_label=self._options.model_label,
         )
 
-    def stop(self) -> None:
-        """Stop the informer threads; no registry write happens after this returns.
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the informer threads and wait up to `timeout` seconds for them to exit.
 
-        Call it on the loop thread (that is where the write guard is checked).
+        No registry write happens after this returns (the write guard is checked on the
+        loop thread, where this runs).
         """
+        self._close()
+        await self._wait_closed(timeout)
+
+    @property
+    def running(self) -> bool:
+        """True while an informer thread is alive (after `stop`: it did not exit in time)."""
+        return any(t.is_alive() for t in self._threads)
+
+    def _close(self) -> None:
         self._closed = True
         with self._lock:
             self._stopping.set()
@@ -298,15 +309,13 @@ class KubernetesSource:
         if self._adapters is not None:
             self._adapters.stop()
 
-    async def wait_closed(self, timeout: float = 5.0) -> bool:
-        """Wait for the threads to exit; False if one is still running after `timeout`."""
+    async def _wait_closed(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             remaining = max(0.0, deadline - time.monotonic())
             await asyncio.to_thread(thread.join, remaining)
         if self._adapters is not None:
             await self._adapters.wait_closed()
-        return not any(t.is_alive() for t in self._threads)
 
     @property
     def synced(self) -> bool:

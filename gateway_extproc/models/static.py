@@ -126,11 +126,17 @@ def _check_address(value: Any, where: str) -> str:
 
 
 class StaticModelSource:
-    """Loads the file into the registry and reloads it when it changes."""
+    """Loads the file into the registry and reloads it when it changes.
+
+    A DiscoverySource (models/source.py). Without a file every model is unknown: the
+    registry gets the empty dictionary and nothing is watched.
+    """
 
     def __init__(self, registry: ModelRegistry, path: str, interval: float = 1.0) -> None:
         self._registry = registry
+        self._given = bool(path)
         self._path = Path(path)
+        self._synced = False
         self._interval = interval
         self._stamp: tuple[int, int, int] | None = None
         self._problem = ""
@@ -158,6 +164,7 @@ class StaticModelSource:
             return False
         self._problem = ""
         self._registry.replace_all(pods)
+        self._synced = True
         log.info(
             "models_file_loaded",
             path=str(self._path),
@@ -166,7 +173,17 @@ class StaticModelSource:
         )
         return True
 
+    @property
+    def synced(self) -> bool:
+        """True once a dictionary (the file's, or the empty one without a file) is in force."""
+        return self._synced
+
     async def start(self) -> None:
+        if not self._given:
+            log.warning("no_models_file", hint="pass --models-file; every model is unknown (404)")
+            self._registry.replace_all([])
+            self._synced = True
+            return
         self.load()
         self._task = asyncio.create_task(self._watch(), name="models-file-watch")
 

@@ -12,11 +12,12 @@ from gateway_extproc.config import (
     settings_from_args,
     unknown_environment,
 )
+from gateway_extproc.models.source import source_names
 
 
 def parse(argv: list[str]):
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    add_serve_arguments(parser, source_names())
     return settings_from_args(parser.parse_args(argv))
 
 
@@ -55,5 +56,5 @@ def test_unknown_gateway_variables_are_named(monkeypatch):
     monkeypatch.setenv("GATEWAY_GRPC_PROT", "9100")  # a typo
     monkeypatch.setenv("GATEWAY_GRPC_PORT", "9100")
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    add_serve_arguments(parser, source_names())
     assert unknown_environment(parser.parse_args([])) == ["GATEWAY_GRPC_PROT"]

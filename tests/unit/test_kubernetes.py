@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ FAST: dict[str, Any] = {
     "watch_timeout": 30.0,
 }
 
-MakeSource = Callable[..., tuple[KubernetesSource, ModelRegistry]]
+MakeSource = Callable[..., Awaitable[tuple[KubernetesSource, ModelRegistry]]]
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
@@ -68,18 +68,18 @@ def kubeconfig(tmp_path: Path, fake: FakeKubeApiServer) -> Path:
 async def make_source(kubeconfig: Path) -> AsyncIterator[MakeSource]:
     started: list[KubernetesSource] = []
 
-    def make(**overrides: Any) -> tuple[KubernetesSource, ModelRegistry]:
+    async def make(**overrides: Any) -> tuple[KubernetesSource, ModelRegistry]:
         registry = ModelRegistry()
         options = KubernetesOptions(kubeconfig=str(kubeconfig), **{**FAST, **overrides})
         source = KubernetesSource(registry, asyncio.get_running_loop(), options)
-        source.start()
+        await source.start()
         started.append(source)
         return source, registry
 
     yield make
     for source in started:
-        source.stop()
-        assert await source.wait_closed(5.0), "informer thread did not stop"
+        await source.stop(5.0)
+        assert not source.running, "informer thread did not stop"
 
 
 async def watching(fake: FakeKubeApiServer, source: KubernetesSource) -> None:
@@ -97,7 +97,7 @@ def lists(fake: FakeKubeApiServer) -> int:
 async def test_pod_lifecycle_drives_model_state(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
-    source, registry = make_source()
+    source, registry = await make_source()
     assert await source.wait_synced(10)
     fake.create_pod(
         "llama-0", model="llama", labels={PORT_LABEL: "8080", METRIC_PORT_LABEL: "9100"}
@@ -130,7 +130,7 @@ async def test_one_pod_terminating_leaves_model_ready_on_the_other(
 ) -> None:
     for i in (1, 2):
         fake.create_pod(f"m-{i}", model="mistral", ip=f"10.0.0.{i}", phase="Running", ready=True)
-    _source, registry = make_source()
+    _source, registry = await make_source()
     await eventually(lambda: len(registry.lookup("mistral").routable) == 2, what="two ready")
 
     fake.mark_terminating("m-2")
@@ -147,7 +147,7 @@ async def test_failed_and_succeeded_pods_are_not_routable(
 ) -> None:
     fake.create_pod("done", model="phi", ip="10.0.0.9", phase="Succeeded", ready=True)
     fake.create_pod("crashed", model="phi", ip="10.0.0.8", phase="Failed", ready=True)
-    source, registry = make_source()
+    source, registry = await make_source()
     assert await source.wait_synced(10)
     assert len(registry.pods()) == 2
     assert state(registry, "phi") is ModelState.UNAVAILABLE
@@ -157,7 +157,7 @@ async def test_relabelled_pod_leaves_the_dictionary(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
     fake.create_pod("p", model="qwen", ip="10.0.0.3", phase="Running", ready=True)
-    source, registry = make_source()
+    source, registry = await make_source()
     await watching(fake, source)
     assert state(registry, "qwen") is ModelState.READY
     fake.update_pod("p", labels={"app": "something-else"})  # the watch sends DELETED
@@ -168,7 +168,7 @@ async def test_relabelled_pod_leaves_the_dictionary(
 async def test_hundred_pods_created_then_deleted_leave_nothing(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
-    source, registry = make_source()
+    source, registry = await make_source()
     assert await source.wait_synced(10)
     for i in range(100):
         fake.create_pod(
@@ -194,7 +194,7 @@ async def test_synced_only_after_first_list(
 ) -> None:
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
     fake.go_down("503")
-    source, registry = make_source()
+    source, registry = await make_source()
     await eventually(lambda: lists(fake) >= 3, what="retried lists")
     assert not source.synced and not registry.synced and registry.pods() == []
 
@@ -210,7 +210,7 @@ async def test_api_server_down_at_start_then_up(
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
     fake.go_down("refuse")
     started = time.monotonic()
-    source, registry = make_source()
+    source, registry = await make_source()
     await asyncio.sleep(0.5)  # a few backoff rounds against a closed port
     assert not source.synced and registry.pods() == []
 
@@ -223,7 +223,7 @@ async def test_api_server_down_at_start_then_up(
 
 async def test_backoff_spaces_out_retries(fake: FakeKubeApiServer, make_source: MakeSource) -> None:
     fake.go_down("503")
-    make_source(backoff_base=0.1, backoff_max=0.4)
+    await make_source(backoff_base=0.1, backoff_max=0.4)
     await asyncio.sleep(1.5)
     # Without backoff this would be hundreds; with it, at most about 1.5 / 0.2 + a few.
     assert 2 <= lists(fake) <= 12
@@ -236,7 +236,7 @@ async def test_dropped_watch_resumes_from_last_resource_version(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
-    source, registry = make_source()
+    source, registry = await make_source()
     await watching(fake, source)
     fake.update_pod("a", ready=False)
     await eventually(lambda: state(registry, "llama") is ModelState.UNAVAILABLE)
@@ -255,7 +255,7 @@ async def test_pod_deleted_while_down_is_gone_after_relist(
 ) -> None:
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
     fake.create_pod("b", model="llama", ip="10.0.0.2", phase="Running")
-    source, registry = make_source()
+    source, registry = await make_source()
     await watching(fake, source)
     assert len(registry.pods()) == 2
 
@@ -277,7 +277,7 @@ async def test_pod_deleted_while_down_is_gone_after_relist(
 
 async def test_http_410_on_watch_relists(fake: FakeKubeApiServer, make_source: MakeSource) -> None:
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
-    source, registry = make_source()
+    source, registry = await make_source()
     await watching(fake, source)
     fake.go_down("refuse")
     fake.gone_as_http = True
@@ -294,7 +294,7 @@ async def test_error_410_event_on_open_watch_relists(
 ) -> None:
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
     fake.create_pod("b", model="gemma", ip="10.0.0.2", phase="Running", ready=True)
-    source, registry = make_source()
+    source, registry = await make_source()
     await watching(fake, source)
     assert len(registry.pods()) == 2
     fake.delete_pod("a", silent=True)  # an event this watcher will never get
@@ -308,7 +308,7 @@ async def test_error_event_other_than_410_relists(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
-    source, registry = make_source()
+    source, registry = await make_source()
     await watching(fake, source)
     fake.delete_pod("a", silent=True)
     fake.send_garbage(
@@ -320,7 +320,7 @@ async def test_error_event_other_than_410_relists(
 
 
 async def test_garbage_line_is_skipped(fake: FakeKubeApiServer, make_source: MakeSource) -> None:
-    source, registry = make_source()
+    source, registry = await make_source()
     await watching(fake, source)
     with capture_logs() as logs:
         fake.send_garbage()
@@ -333,7 +333,7 @@ async def test_garbage_line_is_skipped(fake: FakeKubeApiServer, make_source: Mak
 async def test_bookmark_moves_the_resource_version(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
-    source, _registry = make_source()
+    source, _registry = await make_source()
     await watching(fake, source)
     assert fake.requests(watch=True)[0].query["allowWatchBookmarks"] == "true"
     fake.bump_resource_version(40)  # other objects changed; no pod event carries it
@@ -349,7 +349,7 @@ async def test_periodic_resync_repairs_a_lost_event(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
     fake.create_pod("a", model="llama", ip="10.0.0.1", phase="Running", ready=True)
-    source, registry = make_source(resync_period=1.0)
+    source, registry = await make_source(resync_period=1.0)
     await watching(fake, source)
     assert int(fake.requests(watch=True)[0].query["timeoutSeconds"]) <= 1
     fake.update_pod("a", ready=False, silent=True)
@@ -360,7 +360,7 @@ async def test_periodic_resync_repairs_a_lost_event(
 async def test_paged_list(fake: FakeKubeApiServer, make_source: MakeSource) -> None:
     for i in range(23):
         fake.create_pod(f"p-{i:02}", model="llama", ip=f"10.0.0.{i + 1}", phase="Running")
-    source, registry = make_source(list_page_size=5)
+    source, registry = await make_source(list_page_size=5)
     assert await source.wait_synced(10)
     assert len(registry.pods()) == 23
     pages = fake.requests(watch=False)
@@ -376,7 +376,7 @@ async def test_namespaces_are_watched_separately(
 ) -> None:
     for ns in ("team-a", "team-b", "other"):
         fake.create_pod("engine", ns, model="llama", ip="10.0.0.1", phase="Running", ready=True)
-    source, registry = make_source(namespaces=("team-a", "team-b"))
+    source, registry = await make_source(namespaces=("team-a", "team-b"))
     assert await source.wait_synced(10)
     assert sorted(p.key for p in registry.pods()) == ["team-a/engine", "team-b/engine"]
     paths = {r.path for r in fake.requests()}
@@ -399,7 +399,7 @@ async def test_custom_labels_and_bad_port_values(
     )
     fake.create_pod("y", model="ignored-too", ip="10.0.0.6")
     with capture_logs() as logs:
-        source, registry = make_source(
+        source, registry = await make_source(
             model_label="serving/model",
             port_label="serving/port",
             metric_port_label="serving/metrics",
@@ -425,12 +425,12 @@ async def test_stop_is_prompt_and_final(fake: FakeKubeApiServer, kubeconfig: Pat
     registry = ModelRegistry()
     options = KubernetesOptions(kubeconfig=str(kubeconfig), **FAST)
     source = KubernetesSource(registry, asyncio.get_running_loop(), options)
-    source.start()
+    await source.start()
     assert await source.wait_synced(10)
     await watching(fake, source)
     started = time.monotonic()
-    source.stop()
-    assert await source.wait_closed(2.0)
+    await source.stop(2.0)
+    assert not source.running
     assert time.monotonic() - started < 1.0
     fake.create_pod("late", model="llama", ip="10.0.0.1", phase="Running", ready=True)
     await asyncio.sleep(0.2)
@@ -441,11 +441,11 @@ async def test_stop_while_api_server_is_down(fake: FakeKubeApiServer, kubeconfig
     fake.go_down("refuse")
     options = KubernetesOptions(kubeconfig=str(kubeconfig), backoff_base=5, backoff_max=5)
     source = KubernetesSource(ModelRegistry(), asyncio.get_running_loop(), options)
-    source.start()
+    await source.start()
     await asyncio.sleep(0.2)  # now waiting out a 5 s backoff
     started = time.monotonic()
-    source.stop()
-    assert await source.wait_closed(2.0)
+    await source.stop(2.0)
+    assert not source.running
     assert time.monotonic() - started < 1.0
 
 

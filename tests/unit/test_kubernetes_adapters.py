@@ -89,7 +89,7 @@ async def test_adapters_join_the_pod_and_survive_informer_updates(
         adapter_discovery_interval=0.05,
     )
     source = KubernetesSource(registry, asyncio.get_running_loop(), options)
-    source.start()
+    await source.start()
     try:
         await eventually(lambda: registry.lookup("sql-lora").state is ModelState.READY)
         [pod] = registry.pods()
@@ -117,8 +117,8 @@ async def test_adapters_join_the_pod_and_survive_informer_updates(
         fake.delete_pod("llama-0")
         await eventually(lambda: registry.models() == {})
     finally:
-        source.stop()
-        assert await source.wait_closed(5.0)
+        await source.stop(5.0)
+        assert not source.running
 
 
 def test_adapters_in_reads_parent_then_root() -> None:
