@@ -161,3 +161,45 @@ ROUTING_FALLBACK = Counter(
     "Routing decisions whose pick was made without the data the strategy needed.",
     ["strategy", "reason"],
 )
+
+# -- KV-cache events and precise prefix routing (gateway_extproc.kvevents, .tokenize) ------
+
+KV_EVENTS = Counter(
+    "gateway_kv_events_total",
+    "KV-cache events read from the engines' event streams, by type (unknown: a kind this "
+    "gateway does not know, skipped).",
+    ["type"],
+)
+KV_EVENTS_MALFORMED = Counter(
+    "gateway_kv_events_malformed_total",
+    "KV-cache event messages, payloads or single events that could not be read and were "
+    "skipped, by what was wrong (message, payload, event).",
+    ["what"],
+)
+KV_EVENT_GAPS = Counter(
+    "gateway_kv_event_gaps_total",
+    "Sequence gaps in a pod's event stream (batches lost), each followed by a replay when "
+    "the pod has a replay endpoint.",
+)
+KV_EVENT_REPLAYS = Counter(
+    "gateway_kv_event_replays_total",
+    "Replays asked of a pod's replay endpoint, by outcome (filled: every missing batch "
+    "came; incomplete: the publisher no longer held them; failed: no valid answer).",
+    ["outcome"],
+)
+KV_EVENT_DEAD_STREAMS = Counter(
+    "gateway_kv_event_dead_streams_total",
+    "Times a pod's event socket was found dead (not connected for the dead-after time, or "
+    "its endpoint refused); the pod is routed by approximate prefix matching meanwhile.",
+)
+KV_EVENT_UNRELIABLE_PODS = Gauge(
+    "gateway_kv_event_unreliable_pods",
+    "Pods with an event endpoint whose block index is not used for routing now (not "
+    "connected, or events lost and not yet rebuilt): they get approximate prefix scores.",
+)
+PROMPT_TOKENIZE = Counter(
+    "gateway_prompt_tokenizations_total",
+    "Requests whose prompt was rendered and tokenized for precise prefix routing, by "
+    "outcome (done, no_tokenizer, failed, busy, unsupported).",
+    ["outcome"],
+)

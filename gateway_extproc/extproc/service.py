@@ -67,6 +67,10 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                 else:
                     assert session is not None
                     answers = session.handle(frame)
+                    if session.preparing is not None:
+                        # The prompt is being tokenized off the loop; other streams go on.
+                        await asyncio.wait((session.preparing,))
+                        answers = session.resume()
                     if handoff_key and session.awaiting_response and not parked:
                         # Parked before the routing answer leaves, so the observer
                         # cannot ask for it first.

@@ -11,14 +11,20 @@ cancelled or broken). Rules:
   parsing, a debug log line only;
 - bodies are reassembled from chunks before parsing;
 - bookkeeping (in-flight count, request counter, access log) is finalised exactly once.
+
+One step may wait for work off the event loop: when a strategy needs the prompt tokenized
+(precise prefix routing) and that takes long, `handle` returns no answer yet and sets
+`preparing`; the caller awaits that future and calls `resume()` for the answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import Any
 
 import structlog
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -33,11 +39,12 @@ from gateway_extproc.models.registry import ModelState
 from gateway_extproc.openai.models_list import models_list_body
 from gateway_extproc.openai.requests import (
     MODELS_PATH,
+    InferenceRequest,
     parse_body,
     strip_query,
     with_include_usage,
 )
-from gateway_extproc.routing.base import RoutingRequest
+from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.router import Router, RoutingDecision
 
 log = structlog.get_logger("gateway_extproc.session")
@@ -93,6 +100,7 @@ class Session:
         "_error_code",
         "_handoff_key",
         "_headers",
+        "_held",
         "_method",
         "_model",
         "_path",
@@ -106,6 +114,7 @@ class Session:
         "_strategy_name",
         "_subset",
         "outcome",
+        "preparing",
         "req_mode",
         "req_phase",
         "resp_mode",
@@ -141,6 +150,10 @@ class Session:
         self._decision: RoutingDecision | None = None
         self._status = 0
         self._error_code = ""
+        # Set while the request waits for its prompt to be prepared off the loop; what
+        # the answer needs meanwhile is held in `_held`.
+        self.preparing: asyncio.Future[RoutingRequest] | None = None
+        self._held: tuple[Any, ...] | None = None
 
     @property
     def model(self) -> str:
@@ -247,17 +260,26 @@ class Session:
         if self.req_phase is Phase.DONE:
             return self._noop("request_trailers", "request trailers after end of stream")
         if self.req_phase is Phase.BODY:
-            out = self._decide_on_body(complete=True, body_end=False)
-            if self.outcome is Outcome.REJECTED:
+            out = self._decide_on_body(
+                complete=True, body_end=False, then=[responses.CONTINUE_REQUEST_TRAILERS]
+            )
+            if self.outcome is Outcome.REJECTED or self.preparing is not None:
                 return out
         else:
-            out = []
+            out = [responses.CONTINUE_REQUEST_TRAILERS]
         self.req_phase = Phase.DONE
-        return [*out, responses.CONTINUE_REQUEST_TRAILERS]
+        return out
 
-    def _decide_on_body(self, *, complete: bool, body_end: bool) -> list[ext.ProcessingResponse]:
-        """Parse the collected body, route, and answer; `body_end` is the body's own
-        EndOfStream (false when trailers follow or Envoy sent only a prefix)."""
+    def _decide_on_body(
+        self,
+        *,
+        complete: bool,
+        body_end: bool,
+        then: list[ext.ProcessingResponse] | None = None,
+    ) -> list[ext.ProcessingResponse]:
+        """Parse the collected body, route, and answer (followed by `then`); `body_end` is
+        the body's own EndOfStream (false when trailers follow or Envoy sent only a
+        prefix). Returns nothing yet when the prompt is being prepared off the loop."""
         body = b"".join(self._body)
         self._body = []
         try:
@@ -268,7 +290,44 @@ class Session:
                     # A prefix of a larger body: Envoy's buffer filled before the end.
                     raise errors.request_too_large(self._cfg.max_body_bytes) from None
                 raise
-            self._route(parsed.model, parsed.prompt)
+            request = self._routing_request(parsed.model, parsed.prompt, parsed.document)
+            strategy = self._router.strategy(self._strategy_name)
+            prepared = self._router.prepare(request, strategy)
+        except GatewayError as error:
+            return [self._reject(error)]
+        held = (strategy, parsed, body, complete, body_end, then or [])
+        if isinstance(prepared, RoutingRequest):
+            return self._answer_body(prepared, *held)
+        self.preparing = prepared
+        self._held = (request, *held)
+        return []
+
+    def resume(self) -> list[ext.ProcessingResponse]:
+        """The answers held back while `preparing`; call once that future is done."""
+        preparing, self.preparing = self.preparing, None
+        held, self._held = self._held, None
+        if preparing is None or held is None or self.outcome is not None:
+            return []
+        request, *rest = held
+        if preparing.done() and not preparing.cancelled() and preparing.exception() is None:
+            request = preparing.result()
+        out = self._answer_body(request, *rest)
+        if self.outcome is not Outcome.REJECTED and rest[-1]:  # answered trailers too
+            self.req_phase = Phase.DONE
+        return out
+
+    def _answer_body(
+        self,
+        request: RoutingRequest,
+        strategy: Strategy,
+        parsed: InferenceRequest,
+        body: bytes,
+        complete: bool,
+        body_end: bool,
+        then: list[ext.ProcessingResponse],
+    ) -> list[ext.ProcessingResponse]:
+        try:
+            self._route_request(request, strategy)
         except GatewayError as error:
             return [self._reject(error)]
         self.req_phase = Phase.DONE if body_end else Phase.PASSTHROUGH
@@ -286,11 +345,13 @@ class Session:
                     headers, self._decision_destination(), self._handoff_key
                 ),
                 *responses.streamed_bodies(new_body or body, body_end, response=False),
+                *then,
             ]
         return [
             responses.routed_request_body(
                 headers, self._decision_destination(), new_body, self._handoff_key
-            )
+            ),
+            *then,
         ]
 
     def _pass_request_chunk(self, body: ext.HttpBody) -> list[ext.ProcessingResponse]:
@@ -315,15 +376,24 @@ class Session:
         )
 
     def _route(self, model: str, prompt: str) -> None:
+        request = self._routing_request(model, prompt, None)
+        self._route_request(request, self._router.strategy(self._strategy_name))
+
+    def _routing_request(
+        self, model: str, prompt: str, document: dict[str, Any] | None
+    ) -> RoutingRequest:
         self._model = model
-        strategy = self._router.strategy(self._strategy_name)
-        request = RoutingRequest(
+        return RoutingRequest(
             model=model,
             request_id=self._request_id,
             prompt=prompt,
             session_id=self._headers.get(names.SESSION_ID_HEADER, ""),
             user=self._headers.get(names.USER_HEADER, ""),
+            document=document,
+            endpoint=self._path,
         )
+
+    def _route_request(self, request: RoutingRequest, strategy: Strategy) -> None:
         self._decision = self._router.route(request, strategy, self._subset)
         self._routed_at = time.monotonic()
 

@@ -29,7 +29,9 @@ class Pod:
     """One model-server pod as a discovery source sees it.
 
     `address` is the serving `ip:port` Envoy connects to; `metrics_address` is where the
-    engine's Prometheus text is scraped (defaults to the serving address).
+    engine's Prometheus text is scraped (defaults to the serving address); `kv_events` is
+    the engine's KV-cache event publisher (`tcp://host:port`, empty when it has none) and
+    `kv_events_replay` its replay socket.
     """
 
     name: str
@@ -39,6 +41,8 @@ class Pod:
     terminating: bool = False
     metrics_address: str = ""
     namespace: str = ""
+    kv_events: str = ""
+    kv_events_replay: str = ""
 
     @property
     def key(self) -> str:
@@ -65,6 +69,7 @@ class ModelView:
 
 ModelChangeListener = Callable[[str, ModelState, ModelState], None]
 PodRemovedListener = Callable[[Pod], None]
+PodStoredListener = Callable[[Pod], None]
 
 
 @dataclass
@@ -82,6 +87,7 @@ class ModelRegistry:
     _keys_by_model: dict[str, dict[str, None]] = field(default_factory=dict)
     _model_listeners: list[ModelChangeListener] = field(default_factory=list)
     _pod_listeners: list[PodRemovedListener] = field(default_factory=list)
+    _stored_listeners: list[PodStoredListener] = field(default_factory=list)
     synced: bool = False
 
     # -- reading (hot path) -------------------------------------------------------------
@@ -111,10 +117,17 @@ class ModelRegistry:
     def on_pod_removed(self, listener: PodRemovedListener) -> None:
         self._pod_listeners.append(listener)
 
+    def on_pod_stored(self, listener: PodStoredListener) -> None:
+        """`listener(pod)` after a pod is added or changed (not when written unchanged)."""
+        self._stored_listeners.append(listener)
+
     # -- writing (sources) --------------------------------------------------------------
 
     def upsert_pod(self, pod: Pod) -> None:
-        self._refresh(self._store(pod))
+        touched = self._store(pod)
+        self._refresh(touched)
+        if touched:
+            self._tell_stored(pod)
 
     def delete_pod(self, key: str) -> None:
         touched, removed = self._remove(key)
@@ -130,16 +143,22 @@ class ModelRegistry:
         wanted = {p.key: p for p in pods}
         touched: set[str] = set()
         removed: list[Pod] = []
+        stored: list[Pod] = []
         for key in [k for k in self._pods if k not in wanted]:
             models, pod = self._remove(key)
             touched |= models
             if pod is not None:
                 removed.append(pod)
         for pod in wanted.values():
-            touched |= self._store(pod)
+            models = self._store(pod)
+            if models:
+                stored.append(pod)
+            touched |= models
         self._refresh(touched)
         for pod in removed:
             self._tell_removed(pod)
+        for pod in stored:
+            self._tell_stored(pod)
         self.synced = True
 
     def _store(self, pod: Pod) -> set[str]:
@@ -162,6 +181,10 @@ class ModelRegistry:
 
     def _tell_removed(self, pod: Pod) -> None:
         for listener in self._pod_listeners:
+            listener(pod)
+
+    def _tell_stored(self, pod: Pod) -> None:
+        for listener in self._stored_listeners:
             listener(pod)
 
     # -- derivation ---------------------------------------------------------------------

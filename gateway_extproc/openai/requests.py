@@ -7,7 +7,7 @@ authority on the rest of the schema and answers its own errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -28,6 +28,8 @@ class InferenceRequest:
     stream: bool = False
     prompt: str = ""
     include_usage: bool = False
+    # The parsed body, for rendering the prompt as the engine will (precise prefix routing).
+    document: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def strip_query(path: str) -> str:
@@ -69,6 +71,7 @@ def parse_body(path: str, body: bytes, max_bytes: int) -> InferenceRequest:
         stream=stream,
         prompt=_prompt_text(strip_query(path), doc),
         include_usage=include_usage,
+        document=doc,
     )
 
 

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from gateway_extproc.models.registry import Pod
 
 
 @dataclass(frozen=True, slots=True)
+class PromptBlocks:
+    """The prompt cut into the engines' KV blocks, under the gateway's block keys
+    (kvevents/keys.py): per engine block size, the keys of its leading blocks (keying
+    stops once no pod holds the prefix so far) and the number of blocks of the whole
+    prompt (estimated when keying stopped early)."""
+
+    keys: Mapping[int, Sequence[int]]
+    totals: Mapping[int, int]
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingRequest:
-    """The parts of a request that strategies may use."""
+    """The parts of a request that strategies may use.
+
+    `document` is the parsed body and `endpoint` its path (for rendering the prompt as
+    the engine will); `blocks` is filled in before ranking when a strategy asks for it
+    and the model has a tokenizer (routing/prompt_blocks.py)."""
 
     model: str
     request_id: str = ""
     prompt: str = ""
     session_id: str = ""
     user: str = ""
+    document: Mapping[str, Any] | None = field(default=None, compare=False)
+    endpoint: str = ""
+    blocks: PromptBlocks | None = field(default=None, compare=False)
 
 
 class Strategy(Protocol):

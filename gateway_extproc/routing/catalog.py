@@ -15,6 +15,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
+from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.metrics.store import MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing.affinity import SessionAffinityStrategy
@@ -22,6 +23,7 @@ from gateway_extproc.routing.base import Strategy
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.least_request import LeastRequestStrategy
 from gateway_extproc.routing.picker import ScoredStrategy
+from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
@@ -145,12 +147,15 @@ def build_catalog(
     max_combinations: int = 64,
     fallback_warn_every: float = 60.0,
     clock: Callable[[], float] | None = None,
+    kv_index: KVBlockIndex | None = None,
 ) -> StrategyCatalog:
     """Every strategy the gateway offers, sharing one set of signals and pod state.
 
     `store` None means engine metrics are off: metrics-driven strategies then work from
     our in-flight counts or fall back to random, counted as fallbacks. With `registry`,
     a deleted pod's prefix-index entries and sessions are dropped when the registry says so.
+    `kv_index` holds what the engines' KV-cache events report (precise-prefix-cache);
+    without one, that scorer is the approximate one.
     """
     rng = rng or random.Random()
     signals = PodSignals(
@@ -162,6 +167,7 @@ def build_catalog(
     )
     index = PrefixIndex(block_chars=prefix_block_chars, blocks_per_pod=prefix_blocks_per_pod)
     queue = QueueScorer()
+    approximate = PrefixCacheScorer(index, max_load_gap=prefix_max_load_gap)
     scorers: Mapping[str, Scorer] = {
         s.name: s
         for s in (
@@ -169,7 +175,12 @@ def build_catalog(
             KVCacheScorer(),
             LatencyScorer(),
             ThroughputScorer(),
-            PrefixCacheScorer(index, max_load_gap=prefix_max_load_gap),
+            approximate,
+            PrecisePrefixScorer(
+                kv_index if kv_index is not None else KVBlockIndex(),
+                approximate,
+                max_load_gap=prefix_max_load_gap,
+            ),
         )
     }
 
@@ -190,6 +201,7 @@ def build_catalog(
         scored("least-latency", [("least-latency", 1.0)]),
         scored("throughput", [("throughput", 1.0), ("least-request", BURST_SPREAD_WEIGHT)]),
         scored("prefix-cache", [("prefix-cache", 1.0)]),
+        scored("precise-prefix-cache", [("precise-prefix-cache", 1.0)]),
         affinity,
     ]
     catalog = StrategyCatalog(

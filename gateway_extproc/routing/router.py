@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from gateway_extproc.models.registry import ModelRegistry, ModelState, ModelView
 from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.prompt_blocks import PromptPreparer
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class Router:
         *,
         fallback_endpoints: int = 0,
         retry_after: int = 5,
+        preparer: PromptPreparer | None = None,
     ) -> None:
         default = catalog.resolve(default_strategy)
         if default is None:
@@ -49,6 +52,7 @@ class Router:
         self._default = default
         self._fallbacks = fallback_endpoints
         self._retry_after = retry_after
+        self._preparer = preparer
 
     def strategy(self, name: str | None) -> Strategy:
         """The strategy a request asked for (header), or the default; 400 if unknown."""
@@ -69,6 +73,18 @@ class Router:
         if view.state is ModelState.TERMINATING:
             raise errors.model_terminating(model, self._retry_after)
         raise errors.no_ready_pods(model, self._retry_after)
+
+    def prepare(
+        self, request: RoutingRequest, strategy: Strategy
+    ) -> RoutingRequest | asyncio.Future[RoutingRequest]:
+        """`request` with what the strategy needs beyond the request itself (the prompt's
+        KV blocks for precise prefix scoring), now or as a future that never fails."""
+        if self._preparer is None or not _uses_tokens(strategy):
+            return request
+        view = self.registry.lookup(request.model)
+        if view.state is not ModelState.READY:
+            return request  # route() answers with the error
+        return self._preparer.prepare(request, view.routable)
 
     def route(
         self,
@@ -103,3 +119,8 @@ class Router:
 
     def release(self, decision: RoutingDecision) -> None:
         self.inflight.release(decision.model, decision.pod)
+
+
+def _uses_tokens(strategy: Strategy) -> bool:
+    scorers = getattr(strategy, "scorers", ())
+    return any(getattr(scorer, "uses_tokens", False) for scorer, _ in scorers)

@@ -1,0 +1,349 @@
+"""ModelTokenizer: a request's prompt as the engine tokenizes it.
+
+Loaded from a Hugging Face tokenizer directory: `tokenizer.json` (read by the `tokenizers`
+library) and, when present, `tokenizer_config.json` (special tokens, chat template) or a
+`chat_template.jinja` file beside it (newer repositories keep the template there; it
+wins, as in `transformers`). Chat requests are rendered with the chat template and
+encoded without special tokens (the template writes them); completions prompts are
+encoded with them (the BOS token), as vLLM does; a completions prompt given as token ids
+is used as it is.
+
+Long prompts stay cheap: the text is cut into pieces at line starts (`_cut`) and each
+piece's tokens are kept in a bounded LRU, so a prefix seen before (a system prompt, a
+document, the earlier turns of a conversation) is not tokenized again. Pieces are encoded
+in `encode_batch` calls, which release the GIL, in groups doubling in size, so a reader
+that stops early (no pod holds the prefix so far) leaves the rest untouched. The cut is
+exact only for tokenizers whose pre-tokenizer does not look across it, so at load a
+self-check compares piecewise and whole encodings of probe texts; a tokenizer that fails
+it is encoded whole.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from gateway_extproc.tokenize.chat_template import ChatTemplate, ChatTemplateError
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+
+# Pieces are about this long; a line longer than this is one piece.
+PIECE_CHARS = 8192
+# Tokens kept in the piece cache, per tokenizer (4 bytes each, plus the text's hash).
+CACHE_TOKENS = 4_000_000
+
+_PROBES = (
+    "You are a helpful assistant.\nAnswer briefly.\n\nContext:\nthe quick brown fox",
+    "line one\nline two  \n\tindented\nsecond\r\nthird 123\n456 end.\n\n\nfinal",
+    "def f(x):\n    return x\nclass A:\n  pass\nprint('hi')\n",
+    "Über straße\nnaïve café\n日本語のテキスト\nemoji 🙂 here\nok",
+)
+
+
+_SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+)
+
+
+class TokenizerLoadError(ValueError):
+    """The directory does not hold a usable tokenizer; the message says why."""
+
+
+class PromptError(ValueError):
+    """The request cannot be rendered the way the engine would (bad messages, a template
+    that raises): routing goes on without its tokens."""
+
+
+def _special_token(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken map."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+class ModelTokenizer:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate | None,
+        *,
+        name: str = "",
+        cache_tokens: int = CACHE_TOKENS,
+    ) -> None:
+        self.name = name
+        self._tokenizer = tokenizer
+        self.chat_template = chat_template
+        self._cache: OrderedDict[tuple[int, int], array.array[int]] = OrderedDict()
+        self._cached = 0
+        self._cache_tokens = cache_tokens
+        self._lock = threading.Lock()
+        self._around = self._special_around()
+        self.piecewise = self._check_piecewise()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModelTokenizer:
+        """Blocking (file reads, parsing megabytes of JSON): call off the event loop."""
+        root = Path(directory)
+        path = root / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the library raises its own exception types
+            raise TokenizerLoadError(f"{path}: {exc}") from None
+        config: dict[str, Any] = {}
+        config_path = root / "tokenizer_config.json"
+        if config_path.exists():
+            try:
+                loaded = json.loads(config_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TokenizerLoadError(f"{config_path}: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise TokenizerLoadError(f"{config_path}: not a JSON object")
+            config = loaded
+        source = _template_source(root, config)
+        special = {
+            name: token
+            for name in _SPECIAL_TOKEN_NAMES
+            if (token := _special_token(config.get(name))) is not None
+        }
+        try:
+            template = ChatTemplate(source, special) if source else None
+        except ChatTemplateError as exc:
+            raise TokenizerLoadError(f"{root}: {exc}") from None
+        return cls(tokenizer, template, name=str(root))
+
+    # -- requests -----------------------------------------------------------------------
+
+    def prompt(self, endpoint: str, doc: Mapping[str, Any]) -> PromptTokens | None:
+        """The request body's prompt, to be encoded as the engine will encode it, or None
+        when it is not a generation request with one prompt (embeddings, a batch).
+        Rendering happens here; encoding as the returned object's chunks are read."""
+        if endpoint == CHAT_PATH or (endpoint != COMPLETIONS_PATH and "messages" in doc):
+            return PromptTokens(self, self.render_chat(doc), add_special_tokens=False)
+        if endpoint != COMPLETIONS_PATH and "prompt" not in doc:
+            return None
+        prompt = doc.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            add = doc.get("add_special_tokens", True) is not False
+            return PromptTokens(self, prompt, add_special_tokens=add)
+        if isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
+            return PromptTokens(self, "", add_special_tokens=False, ids=list(prompt))
+        return None
+
+    def prompt_ids(self, endpoint: str, doc: Mapping[str, Any]) -> list[int] | None:
+        """Every token id of the request's prompt (see `prompt`)."""
+        prompt = self.prompt(endpoint, doc)
+        return prompt.ids() if prompt is not None else None
+
+    def render_chat(self, doc: Mapping[str, Any]) -> str:
+        if self.chat_template is None:
+            raise PromptError("the tokenizer has no chat template")
+        messages = doc.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise PromptError("`messages` is not a non-empty list")
+        kwargs = doc.get("chat_template_kwargs")
+        extra = dict(kwargs) if isinstance(kwargs, Mapping) else {}
+        add_generation_prompt = extra.pop("add_generation_prompt", None)
+        if add_generation_prompt is None:
+            add_generation_prompt = doc.get("add_generation_prompt", True)
+        continue_final = bool(doc.get("continue_final_message", False))
+        try:
+            return self.chat_template.render(
+                [_message(m) for m in messages],
+                add_generation_prompt=bool(add_generation_prompt) and not continue_final,
+                continue_final_message=continue_final,
+                tools=doc.get("tools"),
+                documents=doc.get("documents"),
+                extra=extra,
+            )
+        except ChatTemplateError as exc:
+            raise PromptError(f"the chat template failed: {exc}") from None
+
+    # -- encoding -----------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return PromptTokens(self, text, add_special_tokens=add_special_tokens).ids()
+
+    def special_around(self, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+        return self._around if add_special_tokens else ([], [])
+
+    def pieces(self, text: str) -> list[str]:
+        return _cut(text, PIECE_CHARS) if self.piecewise else [text]
+
+    def encode_pieces(self, pieces: Sequence[str]) -> list[array.array[int]]:
+        """Token ids of each piece (no special tokens), from the cache where it has them."""
+        keys = [(len(p), hash(p)) for p in pieces]
+        found: list[array.array[int] | None] = []
+        with self._lock:
+            for key in keys:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                found.append(hit)
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        if missing:
+            encoded = self._tokenizer.encode_batch(
+                [pieces[i] for i in missing], add_special_tokens=False
+            )
+            with self._lock:
+                for i, encoding in zip(missing, encoded, strict=True):
+                    ids = array.array("I", encoding.ids)
+                    found[i] = ids
+                    self._remember(keys[i], ids)
+        return [ids for ids in found if ids is not None]
+
+    def _remember(self, key: tuple[int, int], ids: array.array[int]) -> None:
+        if len(ids) > self._cache_tokens or key in self._cache:
+            return
+        self._cache[key] = ids
+        self._cached += len(ids)
+        while self._cached > self._cache_tokens:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= len(old)
+
+    def _special_around(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after a single sequence (BOS, EOS)."""
+        probe = "probe text"
+        bare = self._tokenizer.encode(probe, add_special_tokens=False).ids
+        full = self._tokenizer.encode(probe, add_special_tokens=True).ids
+        for start in range(len(full) - len(bare) + 1):
+            if full[start : start + len(bare)] == bare:
+                return full[:start], full[start + len(bare) :]
+        return [], []
+
+    def _check_piecewise(self) -> bool:
+        for text in _PROBES:
+            whole = self._tokenizer.encode(text, add_special_tokens=False).ids
+            pieces = self._tokenizer.encode_batch(_cut(text, 1), add_special_tokens=False)
+            if [i for p in pieces for i in p.ids] != whole:
+                return False
+        return True
+
+
+class PromptTokens:
+    """A prompt whose token ids are read in chunks, so that a reader that has seen enough
+    (no pod caches the prefix so far) stops before the rest is tokenized."""
+
+    def __init__(
+        self,
+        tokenizer: ModelTokenizer,
+        text: str,
+        *,
+        add_special_tokens: bool,
+        ids: list[int] | None = None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self.text = text
+        self._add = add_special_tokens
+        self._ids = ids
+
+    def chunks(self) -> Iterator[tuple[list[int], float]]:
+        """(ids, share of the prompt covered so far) in order; the last share is 1.0.
+        Pieces are encoded in groups doubling in size, so stopping early costs little and
+        reading it all costs few calls."""
+        if self._ids is not None:
+            yield self._ids, 1.0
+            return
+        before, after = self._tokenizer.special_around(self._add)
+        pieces = self._tokenizer.pieces(self.text)
+        total = max(len(self.text), 1)
+        done = 0
+        start, group = 0, 2
+        while start < len(pieces):
+            chosen = pieces[start : start + group]
+            ids: list[int] = list(before) if start == 0 else []
+            for piece_ids in self._tokenizer.encode_pieces(chosen):
+                ids.extend(piece_ids)
+            start += group
+            group *= 2
+            done += sum(map(len, chosen))
+            last = start >= len(pieces)
+            if last:
+                ids.extend(after)
+            yield ids, 1.0 if last else done / total
+
+    def ids(self) -> list[int]:
+        out: list[int] = []
+        for ids, _ in self.chunks():
+            out.extend(ids)
+        return out
+
+
+def _cut(text: str, size: int) -> list[str]:
+    """`text` in pieces of about `size` characters, each ending with a newline that has
+    no whitespace on either side: where the common pre-tokenizers end a token anyway."""
+    pieces: list[str] = []
+    start = 0
+    end = len(text)
+    while end - start > size:
+        at = start + size
+        while True:
+            at = text.find("\n", at)
+            if at < 0 or at + 1 >= end:
+                at = -1
+                break
+            if not text[at - 1].isspace() and not text[at + 1].isspace():
+                break
+            at += 1
+        if at < 0:
+            break
+        pieces.append(text[start : at + 1])
+        start = at + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def _message(raw: Any) -> Mapping[str, Any]:
+    """A message as vLLM hands it to the template: text content parts joined by newlines
+    (the "string" content format most templates expect)."""
+    if not isinstance(raw, Mapping):
+        raise PromptError("a message is not an object")
+    content = raw.get("content")
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+        ]
+        if len(texts) != len(content):
+            raise PromptError("a message has content parts other than text")
+        return {**raw, "content": "\n".join(texts)}
+    return raw
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _template_source(root: Path, config: Mapping[str, Any]) -> str | None:
+    jinja_file = root / "chat_template.jinja"
+    if jinja_file.exists():
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TokenizerLoadError(f"{jinja_file}: {exc}") from None
+    source = config.get("chat_template")
+    if isinstance(source, str):
+        return source
+    if isinstance(source, list):  # named templates: the default one serves chat requests
+        for entry in source:
+            if isinstance(entry, Mapping) and entry.get("name") == "default":
+                template = entry.get("template")
+                return template if isinstance(template, str) else None
+    return None
