@@ -268,6 +268,7 @@ def test_catalog_resolves_and_caches_combinations() -> None:
         "least-kv-cache",
         "least-latency",
         "least-request",
+        "precise-prefix-cache",
         "prefix-cache",
         "throughput",
     ]

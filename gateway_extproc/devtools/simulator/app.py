@@ -14,6 +14,11 @@ them the stream is written one event per write, as vLLM does):
   write reaches the client as a read of its own instead of merged with the next. The
   usage chunk and `data: [DONE]` are always one write, so with a pause they arrive
   together in one chunk of their own.
+
+With `--tokenizer DIR` prompts are rendered (chat template) and tokenized with that
+Hugging Face tokenizer, as vLLM does; with `--kv-events-port P` the prefix cache publishes
+vLLM's KV-cache events there (and serves replays on `--kv-events-replay-port`), and
+`POST /reset_prefix_cache` empties it (AllBlocksCleared) as vLLM's endpoint does.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from gateway_extproc.devtools.simulator import protocol, text
 from gateway_extproc.devtools.simulator.config import SimulatorConfig
 from gateway_extproc.devtools.simulator.engine import Engine, EngineRequest
 from gateway_extproc.devtools.simulator.faults import Faults
+from gateway_extproc.devtools.simulator.kv_events import EventPublisher
 from gateway_extproc.devtools.simulator.metrics import CONTENT_TYPE
 from gateway_extproc.devtools.simulator.protocol import ApiError
+from gateway_extproc.tokenize.tokenizer import ModelTokenizer, PromptError
 
 __all__ = [
     "SimulatorConfig",
@@ -73,9 +80,36 @@ class Simulator:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.faults = Faults(config.seed)
-        self.engine = Engine(config, self.faults)
+        self.publisher = (
+            EventPublisher(config.host, config.kv_events_port, config.kv_events_replay_port)
+            if config.kv_events_port is not None
+            else None
+        )
+        self.engine = Engine(
+            config, self.faults, self.publisher.publish if self.publisher else None
+        )
+        # Loaded once at start-up (blocking is fine then); a bad directory stops the start.
+        self.tokenizer = ModelTokenizer.load(config.tokenizer) if config.tokenizer else None
+        if self.tokenizer is not None:
+            tokenizer = self.tokenizer
+            self.engine.reply_ids = lambda tokens: tokenizer.encode(
+                "".join(tokens), add_special_tokens=False
+            )
         self.created = int(time.time())
         self.stopping = asyncio.Event()  # releases hung /metrics scrapes at shutdown
+
+    def prompt_ids(self, doc: dict[str, Any], params: protocol.GenerationRequest) -> list[int]:
+        prompt = params.prompt
+        if self.tokenizer is None or not isinstance(prompt, str):
+            return text.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        path = "/v1/completions" if params.prompt_param == "prompt" else "/v1/chat/completions"
+        try:
+            ids = self.tokenizer.prompt_ids(path, doc)
+        except PromptError as exc:
+            raise protocol.invalid(str(exc), params.prompt_param) from None
+        if ids is None:
+            raise protocol.invalid("the prompt cannot be tokenized", params.prompt_param)
+        return ids
 
     def adapter_for(self, model: str) -> str | None:
         """The LoRA adapter `model` names (None for a base model name); 404 if unknown."""
@@ -128,6 +162,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens-default", type=int, default=16, help="reply length when max_tokens is unset"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for replies and faults")
+    parser.add_argument(
+        "--tokenizer",
+        default="",
+        metavar="DIR",
+        help="Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json)",
+    )
+    parser.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="publish KV-cache events (ZMQ PUB) on this port, as vLLM does (0: any)",
+    )
+    parser.add_argument(
+        "--kv-events-replay-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve replays of recent event batches (ZMQ ROUTER) on this port",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
@@ -144,6 +198,9 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         block_size=args.block_size,
         max_tokens_default=args.max_tokens_default,
         seed=args.seed,
+        tokenizer=args.tokenizer,
+        kv_events_port=args.kv_events_port,
+        kv_events_replay_port=args.kv_events_replay_port,
     )
 
 
@@ -151,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; 0 on a clean stop, 2 for bad flags, 1 if it cannot bind."""
     try:
         config = config_from_args(args)
+        if config.tokenizer:
+            ModelTokenizer.load(config.tokenizer)  # a bad directory is a start-up error
     except ValueError as exc:
         print(f"gateway-extproc simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -216,8 +275,11 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/admin/faults", _get_faults)
     app.router.add_post("/admin/faults", _update_faults)
     app.router.add_post("/admin/faults/reset", _reset_faults)
+    app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
     app.on_response_prepare.append(_name_pod)
+    app.on_startup.append(_start_publisher)
     app.on_shutdown.append(_release_hung)
+    app.on_cleanup.append(_stop_publisher)
     return app
 
 
@@ -285,6 +347,19 @@ async def _release_hung(app: web.Application) -> None:
     app[SIMULATOR].stopping.set()
 
 
+async def _start_publisher(app: web.Application) -> None:
+    publisher = app[SIMULATOR].publisher
+    if publisher is not None:
+        port, replay = await publisher.start()
+        log.info("simulator_kv_events_publishing", port=port, replay_port=replay)
+
+
+async def _stop_publisher(app: web.Application) -> None:
+    publisher = app[SIMULATOR].publisher
+    if publisher is not None:
+        await publisher.close()
+
+
 def _pod(request: web.Request) -> tuple[str, int]:
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
@@ -325,8 +400,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     adapter = sim.adapter_for(params.model)
     if sim.faults.should_fail():
         raise protocol.simulated_failure()
-    prompt = params.prompt
-    prompt_ids = text.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    prompt_ids = sim.prompt_ids(doc, params)
     room = sim.engine.max_new_tokens(len(prompt_ids))
     if params.max_tokens is None:
         max_tokens = min(config.max_tokens_default, room)
@@ -528,6 +602,12 @@ async def _update_faults(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise protocol.invalid(str(exc)) from None
     return _faults_response(settings.to_json())
+
+
+async def _reset_prefix_cache(request: web.Request) -> web.StreamResponse:
+    if not request.app[SIMULATOR].engine.kv.reset():
+        raise ApiError(409, "requests are running; the prefix cache cannot be reset", code="busy")
+    return web.Response()
 
 
 async def _reset_faults(request: web.Request) -> web.StreamResponse:

@@ -26,6 +26,12 @@ class SimulatorConfig:
     block_size: int = 16
     max_tokens_default: int = 16
     seed: int = 0
+    # A Hugging Face tokenizer directory: prompts are rendered and tokenized as vLLM does.
+    tokenizer: str = ""
+    # Publish KV-cache events on this port (None: off; 0: any free port), with a replay
+    # socket on the other when it is set.
+    kv_events_port: int | None = None
+    kv_events_replay_port: int | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience; the stored value stays hashable and frozen.
@@ -40,8 +46,12 @@ class SimulatorConfig:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"names served twice: {', '.join(duplicates)}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is out of range")
+        for name in ("port", "kv_events_port", "kv_events_replay_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} {value} is out of range")
+        if self.kv_events_replay_port is not None and self.kv_events_port is None:
+            raise ValueError("a replay port needs --kv-events-port")
         for field in ("ttft_ms", "itl_ms", "prefill_us_per_token"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must not be negative")

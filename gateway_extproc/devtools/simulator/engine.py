@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from gateway_extproc.devtools.simulator import text
@@ -20,6 +20,7 @@ from gateway_extproc.devtools.simulator.config import SimulatorConfig
 from gateway_extproc.devtools.simulator.faults import Faults
 from gateway_extproc.devtools.simulator.metrics import EngineMetrics, EngineSnapshot
 from gateway_extproc.devtools.simulator.prefix_cache import Allocation, KVCache, block_hashes
+from gateway_extproc.kvevents.wire import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +49,17 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, config: SimulatorConfig, faults: Faults) -> None:
+    def __init__(
+        self,
+        config: SimulatorConfig,
+        faults: Faults,
+        on_kv_event: Callable[[Event], None] | None = None,
+    ) -> None:
         self.config = config
         self.faults = faults
-        self.kv = KVCache(config.kv_blocks, config.block_size)
+        self.kv = KVCache(config.kv_blocks, config.block_size, on_kv_event)
+        # The token ids of a reply's token texts (a real tokenizer replaces this).
+        self.reply_ids: Callable[[Sequence[str]], list[int]] = text.reply_ids
         self.metrics = EngineMetrics(config, self.snapshot)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: set[_Sequence] = set()
@@ -96,7 +104,7 @@ class Engine:
             await _sleep_until(loop, deadline)
             # The prompt's blocks are computed now; later requests can hit them even
             # while this one is still generating.
-            self.kv.commit(allocation, seq.hashes)
+            self.kv.commit(allocation, seq.hashes, request.prompt_ids, request.adapter)
             self.metrics.prompt_tokens.inc(prompt_len)
             last = loop.time()
             for token in request.output:
@@ -165,8 +173,9 @@ class Engine:
             if request.cacheable and seq.generated:
                 # Generated blocks are cached too, so the next turn of a conversation
                 # (which sends this reply back inside its prompt) hits them.
-                ids = [*request.prompt_ids, *text.reply_ids(request.output[: seq.generated])]
-                self.kv.commit(allocation, block_hashes(ids, self.config.block_size, seq.salt))
+                ids = [*request.prompt_ids, *self.reply_ids(request.output[: seq.generated])]
+                hashes = block_hashes(ids, self.config.block_size, seq.salt)
+                self.kv.commit(allocation, hashes, ids, request.adapter)
             self.kv.release(allocation)
         self._schedule()
 

@@ -9,13 +9,21 @@ is blocks in use / total blocks, the same quantity as `vllm:kv_cache_usage_perc`
 Admission reserves every block a request can ever need (prompt + max_tokens) so a
 running request never has to be preempted; blocks are only *in use* once their tokens
 exist, so usage grows while a reply is generated.
+
+With `on_event` set, the cache reports what it holds as vLLM's KV-cache events do:
+BlockStored when blocks become cached (with their tokens), BlockRemoved when cached blocks
+are evicted, AllBlocksCleared on `reset`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from gateway_extproc.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, Event
+
+_UINT64 = (1 << 64) - 1
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, salt: int = 0) -> list[int]:
@@ -43,9 +51,12 @@ class Allocation:
 
 
 class KVCache:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, on_event: Callable[[Event], None] | None = None
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.on_event = on_event
         self._refs: dict[int, int] = {}  # cached block hash -> requests referencing it
         self._idle: OrderedDict[int, None] = OrderedDict()  # refs == 0, oldest first
         self._referenced = 0  # cached blocks with refs > 0
@@ -98,23 +109,73 @@ class KVCache:
             if self._referenced + self._private + len(self._idle) >= self.num_blocks:
                 evicted, _ = self._idle.popitem(last=False)
                 del self._refs[evicted]
+                if self.on_event is not None:
+                    self.on_event(BlockRemoved(block_hashes=(evicted & _UINT64,), medium="GPU"))
             allocation.reserved -= 1
             self._reserved -= 1
             allocation.private += 1
             self._private += 1
 
-    def commit(self, allocation: Allocation, hashes: Sequence[int]) -> None:
+    def commit(
+        self,
+        allocation: Allocation,
+        hashes: Sequence[int],
+        token_ids: Sequence[int] = (),
+        adapter: str | None = None,
+    ) -> None:
         """Turn private blocks into cached ones for `hashes` beyond those already held
-        (`hashes` are the request's full-block hashes from its first block)."""
-        for block_hash in hashes[len(allocation.held) :]:
+        (`hashes` are the request's full-block hashes from its first block, `token_ids`
+        its tokens, for the BlockStored event)."""
+        first_new: int | None = None
+        end = len(allocation.held)
+        for position in range(len(allocation.held), len(hashes)):
             if allocation.private == 0:
                 break
+            block_hash = hashes[position]
             allocation.private -= 1
             self._private -= 1
             # If another request cached the same block meanwhile, share it; our copy
             # simply goes back to the free pool.
+            if block_hash not in self._refs and first_new is None:
+                first_new = position
             self._ref(block_hash)
             allocation.held.append(block_hash)
+            end = position + 1
+        if first_new is not None and self.on_event is not None:
+            self._stored(hashes, token_ids, first_new, end, adapter)
+
+    def reset(self) -> bool:
+        """Drop every cached block, as vLLM's /reset_prefix_cache; False (nothing done)
+        while requests hold blocks."""
+        if self._referenced or self._private or self._reserved:
+            return False
+        self._refs.clear()
+        self._idle.clear()
+        if self.on_event is not None:
+            self.on_event(AllBlocksCleared())
+        return True
+
+    def _stored(
+        self,
+        hashes: Sequence[int],
+        token_ids: Sequence[int],
+        start: int,
+        end: int,
+        adapter: str | None,
+    ) -> None:
+        size = self.block_size
+        if len(token_ids) < end * size:
+            return  # no tokens to tell (a caller that does not publish)
+        self.on_event(  # type: ignore[misc]
+            BlockStored(
+                block_hashes=tuple(h & _UINT64 for h in hashes[start:end]),
+                parent_hash=hashes[start - 1] & _UINT64 if start else None,
+                token_ids=tuple(token_ids[start * size : end * size]),
+                block_size=size,
+                lora_name=adapter,
+                medium="GPU",
+            )
+        )
 
     def release(self, allocation: Allocation) -> None:
         # The tail goes into the LRU queue first so it is evicted before the prefix
