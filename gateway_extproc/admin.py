@@ -1,8 +1,9 @@
-"""Admin HTTP: /metrics (Prometheus), /healthz, /readyz, /debug/models."""
+"""Admin HTTP: /metrics (Prometheus), /healthz, /readyz, /debug/models, /debug/kv-events."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -36,7 +37,10 @@ def models_debug_view(registry: ModelRegistry, inflight: InFlightCounter) -> dic
 
 
 def build_admin_app(
-    registry: ModelRegistry, inflight: InFlightCounter, is_ready: Callable[[], bool]
+    registry: ModelRegistry,
+    inflight: InFlightCounter,
+    is_ready: Callable[[], bool],
+    kv_events: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -55,7 +59,15 @@ def build_admin_app(
             content_type="application/json",
         )
 
+    async def debug_kv_events(_: web.Request) -> web.Response:
+        view = kv_events() if kv_events is not None else {}
+        return web.Response(
+            body=orjson.dumps({"pods": view}, option=orjson.OPT_INDENT_2),
+            content_type="application/json",
+        )
+
     app = web.Application()
+    app.router.add_get("/debug/kv-events", debug_kv_events)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -42,6 +42,10 @@ class Settings:
     metrics_concurrency: int = 64
     slow_start_window: float = 30.0
     routing_seed: int | None = None
+    # precise prefix routing: the models' tokenizers and the engines' KV-cache events
+    tokenizers_dir: str = ""
+    kv_events_port: int = 5557
+    kv_events_dead_after: float = 10.0
     # Kubernetes discovery
     kubeconfig: str = ""
     kube_context: str = ""
@@ -276,6 +280,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         type=int,
         default=d.routing_seed,
         help="seed the strategies' random choices (reproducible benchmarks); default: unseeded",
+    )
+    add_flag(
+        parser,
+        "--tokenizers-dir",
+        default=d.tokenizers_dir,
+        help="Hugging Face tokenizer directories as DIR/<model name>/ (precise prefix routing)",
+    )
+    add_flag(
+        parser,
+        "--kv-events-port",
+        type=port,
+        default=d.kv_events_port,
+        help="Kubernetes: port on each pod's IP where its engine publishes KV-cache events "
+        "(used with --tokenizers-dir; 0: none)",
+    )
+    add_flag(
+        parser,
+        "--kv-events-dead-after",
+        type=positive_float,
+        default=d.kv_events_dead_after,
+        help="seconds a pod's event socket may stay unconnected before it counts as dead",
     )
     add_kubernetes_arguments(parser, d)
 

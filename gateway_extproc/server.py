@@ -23,12 +23,16 @@ from gateway_extproc.admin import build_admin_app
 from gateway_extproc.config import Settings
 from gateway_extproc.extproc.service import ExternalProcessor
 from gateway_extproc.extproc.session import SessionConfig
+from gateway_extproc.kvevents.index import KVBlockIndex
+from gateway_extproc.kvevents.subscriber import KVEventSubscriber
 from gateway_extproc.metrics import MetricsScraper, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.source import DiscoverySource, create_source
 from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.prompt_blocks import PromptPreparer
 from gateway_extproc.routing.router import Router
+from gateway_extproc.tokenize.catalog import TokenizerCatalog
 
 log = structlog.get_logger("gateway_extproc.server")
 
@@ -50,6 +54,8 @@ class Gateway:
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
     admin: web.AppRunner
+    kv_events: KVEventSubscriber
+    preparer: PromptPreparer
     grpc_port: int = 0
     admin_port: int = 0
 
@@ -81,12 +87,18 @@ async def start_gateway(settings: Settings) -> Gateway:
         timeout=settings.metrics_timeout,
         concurrency=settings.metrics_concurrency,
     )
+    kv_index = KVBlockIndex()
+    kv_events = KVEventSubscriber(registry, kv_index, dead_after=settings.kv_events_dead_after)
+    # The models file's `tokenizer:` entries reach the registry; --tokenizers-dir is the rest.
+    tokenizers = TokenizerCatalog(registry.tokenizers, root=settings.tokenizers_dir)
+    preparer = PromptPreparer(tokenizers, kv_index)
     catalog = build_catalog(
         store,
         inflight,
         slow_start_window=settings.slow_start_window,
         registry=registry,
         rng=random.Random(settings.routing_seed),
+        kv_index=kv_index,
     )
     router = Router(
         registry,
@@ -95,6 +107,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         inflight,
         fallback_endpoints=settings.fallback_endpoints,
         retry_after=settings.retry_after_seconds,
+        preparer=preparer,
     )
     processor = ExternalProcessor(
         router,
@@ -114,6 +127,7 @@ async def start_gateway(settings: Settings) -> Gateway:
             hint="x-gateway-destination-endpoint now lists several pods; an Envoy ORIGINAL_DST "
             f"cluster takes one host: read it from {settings.target_pod_header} instead",
         )
+    kv_events.start()  # before the source fills the registry: every pod gets its stream
     source = create_source(settings, registry)
     await source.start()
     await scraper.start()
@@ -134,7 +148,9 @@ async def start_gateway(settings: Settings) -> Gateway:
     await grpc_server.start()
 
     gateway_ref: list[Gateway] = []
-    admin_app = build_admin_app(registry, inflight, lambda: gateway_ref[0].ready())
+    admin_app = build_admin_app(
+        registry, inflight, lambda: gateway_ref[0].ready(), kv_events=kv_events.streams
+    )
     admin = web.AppRunner(admin_app, access_log=None)
     await admin.setup()
     site = web.TCPSite(admin, settings.listen_host, settings.admin_port)
@@ -152,6 +168,8 @@ async def start_gateway(settings: Settings) -> Gateway:
         grpc_server=grpc_server,
         health=health_servicer,
         admin=admin,
+        kv_events=kv_events,
+        preparer=preparer,
         grpc_port=grpc_port,
         admin_port=admin_port,
     )
@@ -184,6 +202,8 @@ async def stop_gateway(gateway: Gateway) -> None:
     await gateway.grpc_server.stop(gateway.settings.grace_period)
     await gateway.source.stop()
     await gateway.scraper.stop()
+    await gateway.kv_events.stop()
+    gateway.preparer.close()
     await gateway.admin.cleanup()
 
 

@@ -40,6 +40,10 @@ log = structlog.get_logger("gateway_extproc.kubernetes")
 DEFAULT_MODEL_LABEL = "model.aibrix.ai/name"
 DEFAULT_PORT_LABEL = "model.aibrix.ai/port"
 DEFAULT_METRIC_PORT_LABEL = "model.aibrix.ai/metric-port"
+# Pod annotations overriding where the engine publishes KV-cache events: a port (on the
+# pod IP), a full `tcp://host:port`, or `off`.
+KV_EVENTS_ANNOTATION = "gateway-extproc.io/kv-events"
+KV_EVENTS_REPLAY_ANNOTATION = "gateway-extproc.io/kv-events-replay"
 
 # A watch event is one JSON object per line; a line this long means the stream is broken.
 _MAX_EVENT_LINE = 16 * 1024 * 1024
@@ -70,6 +74,7 @@ class KubernetesOptions:
     list_page_size: int = 500
     adapter_discovery_interval: float = 0.0  # poll /v1/models for LoRA adapters; 0: off
     adapter_request_timeout: float = 2.0
+    kv_events_port: int = 0  # KV-cache events on the pod IP at this port; 0: none
 
     def __post_init__(self) -> None:
         # A bad value is a start-up error, not a thread that retries forever.
@@ -120,6 +125,11 @@ class PodMapper:
         metric_port = self._port(labels, self._options.metric_port_label, port, key)
         ip = status.get("podIP") or ""
         phase = status.get("phase") or ""
+        annotations = meta.get("annotations") or {}
+        kv_events = self._kv_endpoint(
+            annotations, KV_EVENTS_ANNOTATION, self._options.kv_events_port, ip, key
+        )
+        replay = self._kv_endpoint(annotations, KV_EVENTS_REPLAY_ANNOTATION, 0, ip, key)
         return Pod(
             name=name,
             namespace=namespace,
@@ -128,7 +138,28 @@ class PodMapper:
             models=(model,),
             ready=phase == "Running" and _condition_true(status, "Ready"),
             terminating=bool(meta.get("deletionTimestamp")),
+            kv_events=kv_events,
+            kv_events_replay=replay if kv_events else "",
         )
+
+    def _kv_endpoint(
+        self, annotations: Mapping[str, Any], name: str, default_port: int, ip: str, key: str
+    ) -> str:
+        raw = annotations.get(name) if isinstance(annotations, Mapping) else None
+        port = default_port
+        if isinstance(raw, str) and raw.strip():
+            value = raw.strip()
+            if value.lower() == "off":
+                return ""
+            if value.startswith("tcp://"):
+                return value
+            if value.isdigit() and 0 < int(value) < 65536:
+                port = int(value)
+            else:
+                self._warn_once(key, name, value, port or "no KV-cache events")
+        if not ip or not port:
+            return ""
+        return f"tcp://{_join_host_port(ip, port)}"
 
     def _port(self, labels: Mapping[str, Any], label: str, default: int, key: str) -> int:
         raw = labels.get(label)
@@ -140,15 +171,18 @@ class PodMapper:
             value = 0
         if 0 < value < 65536:
             return value
-        seen = (key, label, str(raw))
+        self._warn_once(key, label, str(raw), default)
+        return default
+
+    def _warn_once(self, key: str, label: str, raw: str, using: object) -> None:
+        seen = (key, label, raw)
         with self._lock:
             if seen in self._warned:
-                return default
+                return
             if len(self._warned) >= _MAX_WARNED:
                 self._warned.clear()
             self._warned.add(seen)
-        log.warning("kubernetes_bad_port_label", pod=key, label=label, value=raw, using=default)
-        return default
+        log.warning("kubernetes_bad_port_label", pod=key, label=label, value=raw, using=using)
 
 
 def _condition_true(status: Mapping[str, Any], kind: str) -> bool:

@@ -8,7 +8,7 @@ that the per-request lookup is one dict access.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -89,6 +89,9 @@ class ModelRegistry:
     _pod_listeners: list[PodRemovedListener] = field(default_factory=list)
     _stored_listeners: list[PodStoredListener] = field(default_factory=list)
     synced: bool = False
+    # Model -> its Hugging Face tokenizer directory, where a source knows one (the models
+    # file's `tokenizer:`); read live by the tokenizer catalog.
+    tokenizers: dict[str, str] = field(default_factory=dict)
 
     # -- reading (hot path) -------------------------------------------------------------
 
@@ -116,6 +119,11 @@ class ModelRegistry:
 
     def on_pod_removed(self, listener: PodRemovedListener) -> None:
         self._pod_listeners.append(listener)
+
+    def set_tokenizers(self, directories: Mapping[str, str]) -> None:
+        """The models' tokenizer directories, as the source now says (replacing all)."""
+        self.tokenizers.clear()
+        self.tokenizers.update(directories)
 
     def on_pod_stored(self, listener: PodStoredListener) -> None:
         """`listener(pod)` after a pod is added or changed (not when written unchanged)."""

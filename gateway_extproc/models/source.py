@@ -61,6 +61,8 @@ def kubernetes_source(settings: Settings, registry: ModelRegistry) -> DiscoveryS
         default_port=settings.default_model_port,
         resync_period=settings.kube_resync_period,
         adapter_discovery_interval=settings.adapter_discovery_interval,
+        # Engines' KV-cache events are only worth following when prompts can be tokenized.
+        kv_events_port=settings.kv_events_port if settings.tokenizers_dir else 0,
     )
     return KubernetesSource(registry, asyncio.get_running_loop(), options)
 

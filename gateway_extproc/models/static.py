@@ -2,14 +2,19 @@
 
     models:
       - name: llama-3-8b
+        tokenizer: /models/llama-3-8b     # optional: precise prefix routing
         pods:
-          - {name: llama-0, address: 127.0.0.1:8001}
+          - {name: llama-0, address: 127.0.0.1:8001, kv_events: tcp://127.0.0.1:5557}
           - {name: llama-1, address: 127.0.0.1:8002, state: terminating}
 
 A pod's `state` is `ready` (default), `not-ready` or `terminating`; `metrics_address`
-is optional. The same pod name may appear under several models (a pod serving a base
-model and its LoRA adapters). The file is re-read when it changes; a bad file is
-rejected with a log line naming the problem and the last good dictionary stays.
+is optional, and so are `kv_events` (where its engine publishes KV-cache events,
+`tcp://host:port`) and `kv_events_replay` (its replay socket). A model's `tokenizer` is a
+Hugging Face tokenizer directory (tokenizer.json, optionally tokenizer_config.json); a
+relative path is relative to the file. The same pod name may appear under several models
+(a pod serving a base model and its LoRA adapters). The file is re-read when it changes;
+a bad file is rejected with a log line naming the problem and the last good dictionary
+stays.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,18 @@ class ModelFileError(ValueError):
     """The model file cannot be used; the message names the problem and where it is."""
 
 
+@dataclass(frozen=True)
+class ModelsFile:
+    pods: list[Pod]
+    tokenizers: dict[str, str] = field(default_factory=dict)  # model -> directory
+
+
 def parse_models_file(text: str) -> list[Pod]:
+    return parse_models(text).pods
+
+
+def parse_models(text: str, base: Path | None = None) -> ModelsFile:
+    """The pods and the models' tokenizer directories (relative ones joined to `base`)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -48,6 +65,7 @@ def parse_models_file(text: str) -> list[Pod]:
     if unknown:
         raise ModelFileError(f"unknown top-level keys: {', '.join(sorted(map(str, unknown)))}")
     pods: dict[str, dict[str, Any]] = {}
+    tokenizers: dict[str, str] = {}
     for m_index, model in enumerate(doc.get("models") or []):
         where = f"models[{m_index}]"
         if not isinstance(model, dict):
@@ -55,6 +73,12 @@ def parse_models_file(text: str) -> list[Pod]:
         name = model.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ModelFileError(f"{where}.name must be a non-empty string")
+        tokenizer = model.get("tokenizer")
+        if tokenizer is not None:
+            if not isinstance(tokenizer, str) or not tokenizer.strip():
+                raise ModelFileError(f"{where}.tokenizer must be a directory path")
+            path = Path(tokenizer).expanduser()
+            tokenizers[name] = str(base / path if base is not None else path)
         model_pods = model.get("pods")
         if model_pods is None:
             model_pods = []
@@ -62,23 +86,35 @@ def parse_models_file(text: str) -> list[Pod]:
             raise ModelFileError(f"{where}.pods must be a list")
         for p_index, raw in enumerate(model_pods):
             _add_pod(pods, raw, name, f"{where}.pods[{p_index}]")
-    return [
-        Pod(
-            name=p["name"],
-            address=p["address"],
-            models=tuple(p["models"]),
-            ready=p["state"] != "not-ready",
-            terminating=p["state"] == "terminating",
-            metrics_address=p["metrics_address"],
-        )
-        for p in pods.values()
-    ]
+    return ModelsFile(
+        pods=[
+            Pod(
+                name=p["name"],
+                address=p["address"],
+                models=tuple(p["models"]),
+                ready=p["state"] != "not-ready",
+                terminating=p["state"] == "terminating",
+                metrics_address=p["metrics_address"],
+                kv_events=p["kv_events"],
+                kv_events_replay=p["kv_events_replay"],
+            )
+            for p in pods.values()
+        ],
+        tokenizers=tokenizers,
+    )
 
 
 def _add_pod(pods: dict[str, dict[str, Any]], raw: Any, model: str, where: str) -> None:
     if not isinstance(raw, dict):
         raise ModelFileError(f"{where} must be a mapping with `name` and `address`")
-    unknown = set(raw) - {"name", "address", "state", "metrics_address"}
+    unknown = set(raw) - {
+        "name",
+        "address",
+        "state",
+        "metrics_address",
+        "kv_events",
+        "kv_events_replay",
+    }
     if unknown:
         raise ModelFileError(f"{where} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
     name = raw.get("name")
@@ -88,6 +124,10 @@ def _add_pod(pods: dict[str, dict[str, Any]], raw: Any, model: str, where: str) 
     metrics_address = raw.get("metrics_address") or ""
     if metrics_address:
         metrics_address = _check_address(metrics_address, f"{where}.metrics_address")
+    kv_events = _check_endpoint(raw.get("kv_events"), f"{where}.kv_events")
+    kv_events_replay = _check_endpoint(raw.get("kv_events_replay"), f"{where}.kv_events_replay")
+    if kv_events_replay and not kv_events:
+        raise ModelFileError(f"{where}.kv_events_replay needs kv_events")
     state = raw.get("state", "ready")
     if state not in POD_STATES:
         raise ModelFileError(f"{where}.state must be one of {', '.join(POD_STATES)}, not {state!r}")
@@ -98,6 +138,8 @@ def _add_pod(pods: dict[str, dict[str, Any]], raw: Any, model: str, where: str) 
             "address": address,
             "state": state,
             "metrics_address": metrics_address,
+            "kv_events": kv_events,
+            "kv_events_replay": kv_events_replay,
             "models": [model],
         }
         return
@@ -105,6 +147,11 @@ def _add_pod(pods: dict[str, dict[str, Any]], raw: Any, model: str, where: str) 
         raise ModelFileError(
             f"{where}: pod {name!r} appears again with a different address or state"
         )
+    # Event endpoints need saying once per pod; said twice, they must agree.
+    for key, value in (("kv_events", kv_events), ("kv_events_replay", kv_events_replay)):
+        if value and seen[key] and seen[key] != value:
+            raise ModelFileError(f"{where}: pod {name!r} appears again with a different {key}")
+        seen[key] = seen[key] or value
     if model not in seen["models"]:
         seen["models"].append(model)
 
@@ -125,8 +172,26 @@ def _check_address(value: Any, where: str) -> str:
     return value
 
 
+def _check_endpoint(value: Any, where: str) -> str:
+    """A ZMQ endpoint to connect to: `tcp://host:port` (or `ipc://path`); empty if unset."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ModelFileError(f"{where} must be a string `tcp://host:port`")
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme == "ipc" and rest:
+        return value
+    host, colon, port = rest.rpartition(":")
+    if scheme != "tcp" or not sep or not colon or not host or "*" in host:
+        raise ModelFileError(f"{where} {value!r} is not `tcp://host:port`")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ModelFileError(f"{where} {value!r} has no valid port")
+    return value
+
+
 class StaticModelSource:
-    """Loads the file into the registry and reloads it when it changes.
+    """Loads the file into the registry (pods, and the models' tokenizer directories)
+    and reloads it when it changes.
 
     A DiscoverySource (models/source.py). Without a file every model is unknown: the
     registry gets the empty dictionary and nothing is watched.
@@ -150,7 +215,7 @@ class StaticModelSource:
             if stamp == self._stamp:
                 return False
             self._stamp = stamp
-            pods = parse_models_file(self._path.read_text(encoding="utf-8"))
+            parsed = parse_models(self._path.read_text(encoding="utf-8"), self._path.parent)
         except (OSError, UnicodeDecodeError, ModelFileError) as exc:
             problem = str(exc)
             if problem != self._problem:  # once per distinct problem, not once per poll
@@ -163,12 +228,13 @@ class StaticModelSource:
                 )
             return False
         self._problem = ""
-        self._registry.replace_all(pods)
+        self._registry.replace_all(parsed.pods)
+        self._registry.set_tokenizers(parsed.tokenizers)
         self._synced = True
         log.info(
             "models_file_loaded",
             path=str(self._path),
-            pods=len(pods),
+            pods=len(parsed.pods),
             models=len(self._registry.models()),
         )
         return True

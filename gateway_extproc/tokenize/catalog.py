@@ -31,17 +31,14 @@ class TokenizerCatalog:
         retry_after: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._directories = dict(directories or {})
+        # Read live: the registry updates it when the models file changes.
+        self._directories: Mapping[str, str] = directories if directories is not None else {}
         self._root = Path(root) if root else None
         self._retry_after = retry_after
         self._clock = clock
         self._loaded: dict[Path, ModelTokenizer] = {}
         self._failed: dict[Path, float] = {}  # directory -> when loading last failed
         self._lock = threading.Lock()
-
-    def set_directories(self, directories: Mapping[str, str]) -> None:
-        """Model -> tokenizer directory, as the models file says now (on reload)."""
-        self._directories = dict(directories)
 
     def directory_for(self, model: str) -> Path | None:
         explicit = self._directories.get(model)
