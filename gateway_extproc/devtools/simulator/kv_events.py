@@ -45,6 +45,9 @@ class EventPublisher:
         self._flush_scheduled = False
         self._seq = 0
         self._replays: asyncio.Task[None] | None = None
+        # A fault: the next this-many batches are kept for replay but never sent, as if
+        # the network lost them (subscribers see a sequence gap).
+        self.drop_next = 0
 
     async def start(self) -> tuple[int, int | None]:
         """Bind; returns the (events, replay) ports actually bound (0 picks free ones)."""
@@ -81,6 +84,9 @@ class EventPublisher:
         seq = self._seq
         self._seq += 1
         self._buffer.append((seq, payload))
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            return
         # A PUB socket never blocks: with no subscriber, or one too slow, it drops.
         self._pub.send_multipart(message(self.topic, seq, payload), flags=zmq.NOBLOCK)
 
