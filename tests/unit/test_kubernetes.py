@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gateway_extproc.models.kubernetes import KubernetesOptions, KubernetesSource, PodMapper
+from gateway_extproc.models.kubernetes import (
+    KV_EVENTS_ANNOTATION,
+    KV_EVENTS_REPLAY_ANNOTATION,
+    KubernetesOptions,
+    KubernetesSource,
+    PodMapper,
+)
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from tests.fakes.kube_apiserver import (
     MODEL_LABEL,
@@ -468,6 +474,27 @@ def test_mapper_reads_ipv6_ports_and_phases() -> None:
     assert mapper({"kind": "Pod"}) is None and mapper("garbage") is None
     obj["metadata"]["labels"][PORT_LABEL] = "70000"
     assert mapper(obj).address == "[fd00::5]:8000"  # type: ignore[union-attr]
+
+
+def test_mapper_points_event_streams_at_the_pod_ip_unless_an_annotation_says_otherwise() -> None:
+    obj = pod_object("e", "ns", model="llama", ip="10.9.0.7", phase="Running", ready=True)
+    assert PodMapper(KubernetesOptions())(obj).kv_events == ""  # type: ignore[union-attr]
+    mapper = PodMapper(KubernetesOptions(kv_events_port=5557))
+    assert mapper(obj).kv_events == "tcp://10.9.0.7:5557"  # type: ignore[union-attr]
+    annotations = obj["metadata"].setdefault("annotations", {})
+    annotations[KV_EVENTS_ANNOTATION] = "6000"
+    annotations[KV_EVENTS_REPLAY_ANNOTATION] = "6001"
+    pod = mapper(obj)
+    assert pod is not None
+    assert (pod.kv_events, pod.kv_events_replay) == ("tcp://10.9.0.7:6000", "tcp://10.9.0.7:6001")
+    annotations[KV_EVENTS_ANNOTATION] = "tcp://events.ns.svc:7000"
+    assert mapper(obj).kv_events == "tcp://events.ns.svc:7000"  # type: ignore[union-attr]
+    annotations[KV_EVENTS_ANNOTATION] = "off"
+    assert mapper(obj).kv_events_replay == ""  # type: ignore[union-attr]
+    annotations[KV_EVENTS_ANNOTATION] = "not a port"
+    assert mapper(obj).kv_events == "tcp://10.9.0.7:5557"  # type: ignore[union-attr]
+    no_ip = pod_object("n", "ns", model="llama", phase="Pending")
+    assert mapper(no_ip).kv_events == ""  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

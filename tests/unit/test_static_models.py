@@ -128,3 +128,59 @@ def test_missing_file_is_reported_and_nothing_is_synced(tmp_path, capsys):
     assert not registry.synced
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("models_file_rejected") == 1
+
+
+EVENTS = """
+models:
+  - name: base
+    tokenizer: tokenizers/base
+    pods:
+      - {name: p, address: 10.0.0.1:8000, kv_events: 'tcp://10.0.0.1:5557', kv_events_replay: 'tcp://10.0.0.1:5558'}
+  - name: lora
+    tokenizer: /abs/lora
+    pods:
+      - {name: p, address: 10.0.0.1:8000}
+"""
+
+
+def test_event_endpoints_and_tokenizer_directories_are_read(tmp_path):
+    path = tmp_path / "models.yaml"
+    write(path, EVENTS)
+    registry = ModelRegistry()
+    told: list[dict[str, str]] = []
+    assert StaticModelSource(registry, str(path), on_tokenizers=told.append).load()
+    pod = registry.pod("p")
+    assert pod is not None
+    assert (pod.kv_events, pod.kv_events_replay) == ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558")
+    assert pod.models == ("base", "lora")  # the endpoints, said once, hold for the pod
+    assert told == [{"base": str(tmp_path / "tokenizers" / "base"), "lora": "/abs/lora"}]
+
+
+@pytest.mark.parametrize(
+    ("pod", "named"),
+    [
+        ("kv_events: '10.0.0.1:5557'", "not `tcp://host:port`"),
+        ("kv_events: 'tcp://*:5557'", "not `tcp://host:port`"),
+        ("kv_events: 'tcp://10.0.0.1:0'", "no valid port"),
+        ("kv_events: 5557", "must be a string"),
+        ("kv_events_replay: 'tcp://10.0.0.1:5558'", "needs kv_events"),
+    ],
+)
+def test_bad_event_endpoints_are_rejected_naming_the_problem(pod, named):
+    text = f"models: [{{name: m, pods: [{{name: p, address: '10.0.0.1:80', {pod}}}]}}]"
+    with pytest.raises(ModelFileError, match=named.replace("*", r"\*")):
+        parse_models_file(text)
+
+
+def test_a_pod_whose_entries_disagree_on_its_endpoint_is_rejected():
+    text = (
+        "models:\n - {name: a, pods: [{name: p, address: '10.0.0.1:80', kv_events: 'tcp://h:1'}]}\n"
+        " - {name: b, pods: [{name: p, address: '10.0.0.1:80', kv_events: 'tcp://h:2'}]}"
+    )
+    with pytest.raises(ModelFileError, match="different kv_events"):
+        parse_models_file(text)
+
+
+def test_a_tokenizer_must_be_a_path():
+    with pytest.raises(ModelFileError, match=r"models\[0\].tokenizer"):
+        parse_models_file("models: [{name: m, tokenizer: 3, pods: []}]")

@@ -1,0 +1,151 @@
+"""Precise prefix routing inside the running processor: real gRPC streams, engines'
+events over real ZMQ, prompts tokenized with the model's tokenizer off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import orjson
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+
+from gateway_extproc.config import Settings
+from gateway_extproc.kvevents.wire import BlockStored
+from gateway_extproc.server import Gateway, start_gateway, stop_gateway
+from gateway_extproc.simulator.kv_events import EventPublisher
+from gateway_extproc.tokenize.tokenizer import ModelTokenizer
+from tests import frames
+
+TINY = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
+SIZE = 16
+DOCUMENT = "the quick brown fox jumps over the lazy dog policy customer support\n" * 800  # 55 KB
+STRATEGY = {"routing-strategy": "precise-prefix-cache"}
+
+
+def chat_body(question: str) -> bytes:
+    return orjson.dumps(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": DOCUMENT},
+                {"role": "user", "content": question},
+            ],
+        }
+    )
+
+
+@pytest.fixture
+async def engines() -> AsyncIterator[list[EventPublisher]]:
+    publishers = [EventPublisher("127.0.0.1", 0, 0) for _ in range(3)]
+    for publisher in publishers:
+        await publisher.start()
+    yield publishers
+    for publisher in publishers:
+        await publisher.close()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterator[Gateway]:
+    pods = "\n".join(
+        f"      - {{name: e{i}, address: 127.0.0.1:{18101 + i}, "
+        f"kv_events: 'tcp://127.0.0.1:{e.port}', kv_events_replay: 'tcp://127.0.0.1:{e.replay_port}'}}"
+        for i, e in enumerate(engines)
+    )
+    path = tmp_path / "models.yaml"
+    path.write_text(f"models:\n  - name: m\n    tokenizer: {TINY}\n    pods:\n{pods}\n")
+    gateway = await start_gateway(
+        Settings(
+            listen_host="127.0.0.1",
+            grpc_port=0,
+            admin_port=0,
+            models_file=str(path),
+            grace_period=1.0,
+            access_log=False,
+            slow_start_window=0.0,  # no engine metrics here: no pod is ramping up
+        )
+    )
+    yield gateway
+    await stop_gateway(gateway)
+
+
+async def wait_for(what: str, condition, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def engine_served(gateway: Gateway, engine: EventPublisher, pod: str, body: bytes) -> None:
+    """The engine cached the request's full blocks and published them."""
+    ids = ModelTokenizer.load(TINY).prompt_ids("/v1/chat/completions", orjson.loads(body))
+    assert ids is not None
+    blocks = len(ids) // SIZE
+    engine.publish(
+        BlockStored(tuple(range(blocks)), None, tuple(ids[: blocks * SIZE]), SIZE, medium="GPU")
+    )
+    await wait_for(
+        "the blocks indexed", lambda: gateway.kv_events.streams()[pod]["blocks"] == blocks
+    )
+
+
+async def process(gateway: Gateway, sent: list) -> list:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = ext_grpc.ExternalProcessorStub(channel)
+        return [r async for r in stub.Process(iter(sent))]
+
+
+async def test_a_long_chat_goes_to_the_engine_holding_its_prefix(gateway, engines) -> None:
+    await wait_for(
+        "every stream connected",
+        lambda: all(s["trusted"] for s in gateway.kv_events.streams().values()),
+    )
+    await engine_served(gateway, engines[2], "e2", chat_body("first question"))
+    for question in ("second question", "a third one"):
+        got = await process(
+            gateway,
+            [frames.request_headers(headers=STRATEGY), frames.request_body(chat_body(question))],
+        )
+        assert [r.WhichOneof("response") for r in got] == ["request_headers", "request_body"]
+        assert frames.set_headers(got[1])["target-pod"] == "127.0.0.1:18103"
+
+
+async def test_with_trailers_the_body_and_trailers_answers_come_in_order(gateway, engines) -> None:
+    await wait_for(
+        "every stream connected",
+        lambda: all(s["trusted"] for s in gateway.kv_events.streams().values()),
+    )
+    await engine_served(gateway, engines[1], "e1", chat_body("first question"))
+    got = await process(
+        gateway,
+        [
+            frames.request_headers(headers=STRATEGY),
+            frames.request_body(chat_body("next"), end_of_stream=False),
+            frames.request_trailers(),
+            frames.response_headers(200),
+            frames.response_body(b"{}", end_of_stream=True),
+        ],
+    )
+    assert [r.WhichOneof("response") for r in got] == [
+        "request_headers",
+        "request_body",
+        "request_trailers",
+        "response_headers",
+        "response_body",
+    ]
+    assert frames.set_headers(got[1])["target-pod"] == "127.0.0.1:18102"
+    assert gateway.inflight.total() == 0
+
+
+async def test_debug_view_shows_each_pods_stream(gateway, engines) -> None:
+    await wait_for(
+        "every stream connected",
+        lambda: all(s["connected"] for s in gateway.kv_events.streams().values()),
+    )
+    view = gateway.kv_events.streams()
+    assert set(view) == {"e0", "e1", "e2"}
+    assert view["e0"]["endpoint"] == f"tcp://127.0.0.1:{engines[0].port}"
