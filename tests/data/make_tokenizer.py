@@ -28,14 +28,15 @@ SPECIAL = [BOS, EOS, "<|end|>", *(f"<|{role}|>" for role in ROLES)]
 
 # Words of the simulator's replies and of the tests' prompts, plus filler: what the
 # tokenizer sees most should become single tokens, as common words do in real ones.
-WORDS = """
+_WORDS_TEXT = """
 the quick brown fox jumps over lazy dog a simulated engine answers every request with
 tokens paced by its clock while gateway routes traffic between pods that share nothing
 but prefix cache of blocks kept warm repeated prompts and long conversations about
 queues latency batches adapters models metrics faults you are helpful assistant system
 prompt document policy customer support question answer please explain summarise the
 following text in one sentence translate into french code review tenant user session
-""".split()
+"""
+WORDS = _WORDS_TEXT.split()
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
