@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 import structlog
+import zmq
 from aiohttp import web
 
 from gateway_extproc.devtools.simulator import protocol, text
@@ -224,6 +225,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         where = _host_port(config.host, config.port)
         print(f"gateway-extproc simulate: cannot listen on {where}: {exc}", file=sys.stderr)
+        return 1
+    except zmq.ZMQError as exc:
+        ports = f"{config.kv_events_port} / replay {config.kv_events_replay_port}"
+        print(
+            f"gateway-extproc simulate: cannot publish KV events ({ports}): {exc}", file=sys.stderr
+        )
         return 1
     return 0
 
