@@ -15,7 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import kube_scale, notes, overhead, profiling, quality, report, routing_cost, streaming
+from bench import (
+    kube_scale,
+    long_prompt,
+    notes,
+    overhead,
+    profiling,
+    quality,
+    report,
+    routing_cost,
+    streaming,
+)
 from bench.common import (
     REPO_ROOT,
     RunMode,
@@ -35,6 +45,7 @@ MODULES: tuple[ModuleType, ...] = (
     quality,
     kube_scale,
     profiling,
+    long_prompt,
 )
 BENCHMARKS: dict[str, Callable[[RunMode], Section]] = {m.NAME: m.run for m in MODULES}
 TITLES = {m.NAME: m.TITLE for m in MODULES}

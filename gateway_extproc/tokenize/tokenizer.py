@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,11 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from gateway_extproc.tokenize.chat_template import ChatTemplate, ChatTemplateError
+
+# The library's own thread pool (rayon) would encode the pieces of one prompt in parallel:
+# the processor already tokenizes off the event loop in its own worker threads, and that
+# pool's idle spinning costs CPU on cores shared with gRPC. An explicit setting wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
