@@ -23,9 +23,9 @@ import pytest
 import yaml
 import zmq
 
-from gateway_extproc import localstack
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import ProcessGroup
 from gateway_extproc.kvevents.wire import AllBlocksCleared, BlockStored, encode_batch, message
-from gateway_extproc.localstack import ProcessGroup
 from tests.integration.stack import (
     LOCALHOST,
     Gateway,

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"server"},
     {"admin", "extproc"},
     {"routing", "openai"},
-    {"metrics"},
+    {"metrics", "kvevents", "tokenize"},
     {"models"},
     # The package's own __init__ (the version) and the leaves everything may use.
     {"__init__", "config", "errors", "telemetry", "proto_gen"},

@@ -14,6 +14,8 @@ import zmq
 import zmq.asyncio
 from prometheus_client import REGISTRY
 
+from gateway_extproc.devtools.localstack import free_port
+from gateway_extproc.devtools.simulator.kv_events import EventPublisher
 from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.kvevents.keys import chain_keys, root_key
 from gateway_extproc.kvevents.subscriber import KVEventSubscriber
@@ -25,9 +27,7 @@ from gateway_extproc.kvevents.wire import (
     encode_batch,
     message,
 )
-from gateway_extproc.localstack import free_port
 from gateway_extproc.models.registry import ModelRegistry, Pod
-from gateway_extproc.simulator.kv_events import EventPublisher
 
 SIZE = 4
 TOKENS = list(range(1000, 1032))  # eight blocks

@@ -13,9 +13,9 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from gateway_extproc.config import Settings
+from gateway_extproc.devtools.simulator.kv_events import EventPublisher
 from gateway_extproc.kvevents.wire import BlockStored
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
-from gateway_extproc.simulator.kv_events import EventPublisher
 from gateway_extproc.tokenize.tokenizer import ModelTokenizer
 from tests import frames
 

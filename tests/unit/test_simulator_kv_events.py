@@ -12,6 +12,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from gateway_extproc.devtools.localstack import free_port
+from gateway_extproc.devtools.simulator import SimulatorConfig, running_simulator
 from gateway_extproc.kvevents.replay import request_replay
 from gateway_extproc.kvevents.wire import (
     AllBlocksCleared,
@@ -21,8 +23,6 @@ from gateway_extproc.kvevents.wire import (
     decode_batch,
     split_message,
 )
-from gateway_extproc.localstack import free_port
-from gateway_extproc.simulator import SimulatorConfig, running_simulator
 from gateway_extproc.tokenize.tokenizer import ModelTokenizer
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"

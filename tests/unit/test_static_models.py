@@ -147,13 +147,18 @@ def test_event_endpoints_and_tokenizer_directories_are_read(tmp_path):
     path = tmp_path / "models.yaml"
     write(path, EVENTS)
     registry = ModelRegistry()
-    told: list[dict[str, str]] = []
-    assert StaticModelSource(registry, str(path), on_tokenizers=told.append).load()
+    assert StaticModelSource(registry, str(path)).load()
     pod = registry.pod("p")
     assert pod is not None
     assert (pod.kv_events, pod.kv_events_replay) == ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558")
     assert pod.models == ("base", "lora")  # the endpoints, said once, hold for the pod
-    assert told == [{"base": str(tmp_path / "tokenizers" / "base"), "lora": "/abs/lora"}]
+    assert registry.tokenizers == {
+        "base": str(tmp_path / "tokenizers" / "base"),
+        "lora": "/abs/lora",
+    }
+    write(path, "models: []")  # a reload replaces them
+    assert StaticModelSource(registry, str(path)).load()
+    assert registry.tokenizers == {}
 
 
 @pytest.mark.parametrize(

@@ -231,11 +231,12 @@ def test_special_tokens_written_as_added_token_maps_are_read(tmp_path: Path) -> 
 
 def test_models_find_their_directory_in_the_file_or_below_the_root(tmp_path: Path) -> None:
     shutil.copytree(TINY, tmp_path / "org" / "model-a")
-    catalog = TokenizerCatalog(root=str(tmp_path))
+    from_file: dict[str, str] = {}
+    catalog = TokenizerCatalog(from_file, root=str(tmp_path))
     assert catalog.get("org/model-a") is not None
     assert catalog.get("org/model-a") is catalog.get("org/model-a")  # loaded once
     assert catalog.get("other") is None
-    catalog.set_directories({"other": str(TINY)})
+    from_file["other"] = str(TINY)  # the models file, reloaded, names one: read live
     assert catalog.get("other") is not None
 
 
