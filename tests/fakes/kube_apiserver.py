@@ -1,11 +1,15 @@
-"""A fake Kubernetes API server for pods, speaking the list/watch wire protocol.
+"""A fake Kubernetes API server for pods and InferencePools, speaking the list/watch
+wire protocol.
 
-It serves what the `kubernetes` Python client uses for pods:
+It serves what the `kubernetes` Python client uses for pods and for the
+`inference.networking.k8s.io/v1` InferencePool custom resource:
 
-- `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`: a JSON `PodList` with
-  `metadata.resourceVersion`, `labelSelector` filtering (`k`, `!k`, `k=v`, `k==v`, `k!=v`,
-  `k in (a,b)`, `k notin (a,b)`, comma-joined) and `limit`/`continue` paging over a
-  snapshot;
+- `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods` (and the custom-resource paths
+  `/apis/inference.networking.k8s.io/v1[/namespaces/{ns}]/inferencepools`): a JSON list
+  with `metadata.resourceVersion`, `labelSelector` filtering (`k`, `!k`, `k=v`, `k==v`,
+  `k!=v`, `k in (a,b)`, `k notin (a,b)`, comma-joined), `fieldSelector` on
+  `metadata.name` / `metadata.namespace` (`=`, `==`, `!=`) and `limit`/`continue` paging
+  over a snapshot;
 - the same paths with `watch=true|1`: a chunked stream of newline-delimited
   `{"type": ..., "object": ...}` events from `resourceVersion` on, BOOKMARKs when
   `allowWatchBookmarks` is set, ending after `timeoutSeconds`. Objects that start or stop
@@ -15,10 +19,10 @@ It serves what the `kubernetes` Python client uses for pods:
   Status (or, with `gone_as_http`, an HTTP 410), and an expired `continue` token an HTTP 410.
 
 Tests drive it with thread-safe controls: create / update / mark terminating / delete pods,
-send bookmarks, drop every watch connection, write a garbage line, compact the history,
-go down (refuse connections, or answer 503) and come back on the same port, and read the
-request log. The server runs its own event loop in a thread, so the controls are plain
-calls usable from sync or async tests.
+create / edit / delete InferencePools, send bookmarks, drop every watch connection, write a
+garbage line, compact the history, go down (refuse connections, or answer 503) and come
+back on the same port, and read the request log. The server runs its own event loop in a
+thread, so the controls are plain calls usable from sync or async tests.
 """
 
 from __future__ import annotations
@@ -36,13 +40,27 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
 MODEL_LABEL = "model.aibrix.ai/name"
 
-_PATH = re.compile(r"^/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?pods$")
+POOL_GROUP = "inference.networking.k8s.io"
+POOL_VERSION = "v1"
+PODS = "pods"
+POOLS = "inferencepools"
+
+_PATHS = {
+    PODS: re.compile(r"^/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?pods$"),
+    POOLS: re.compile(
+        rf"^/apis/{re.escape(POOL_GROUP)}/{POOL_VERSION}/(?:namespaces/(?P<ns>[^/]+)/)?inferencepools$"
+    ),
+}
+_POOL_API = f"{POOL_GROUP}/{POOL_VERSION}"
+_LIST_KINDS = {PODS: ("v1", "PodList"), POOLS: (_POOL_API, "InferencePoolList")}
+_KINDS = {PODS: ("v1", "Pod"), POOLS: (_POOL_API, "InferencePool")}
+_FIELD_REQ = re.compile(r"^(?P<field>[a-zA-Z.]+)\s*(?P<op>==|!=|=)\s*(?P<value>[^,]*)$")
 _SET_REQ = re.compile(r"^(?P<key>[^\s!=,()]+)\s+(?P<op>in|notin)\s+\((?P<values>[^()]*)\)$")
 _EQ_REQ = re.compile(r"^(?P<key>[^\s!=,()]+)\s*(?P<op>==|!=|=)\s*(?P<value>[^\s!=,()]*)$")
 _KEY = re.compile(r"^(?P<neg>!?)\s*(?P<key>[^\s!=,()]+)$")
@@ -70,6 +88,26 @@ def parse_selector(text: str) -> Selector:
 
     def matches(labels: dict[str, str]) -> bool:
         return all(_requirement_holds(labels, *req) for req in reqs)
+
+    return matches
+
+
+FieldSelector = Callable[[dict[str, Any]], bool]
+
+
+def parse_field_selector(text: str) -> FieldSelector:
+    """Compile a field selector on metadata.name / metadata.namespace (what CRDs support
+    besides their own selectable fields); raises ValueError otherwise."""
+    reqs: list[tuple[str, bool, str]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = _FIELD_REQ.match(part)
+        if m is None or m["field"] not in ("metadata.name", "metadata.namespace"):
+            raise ValueError(f"field label not supported: {part!r}")
+        reqs.append((m["field"].partition(".")[2], m["op"] != "!=", m["value"].strip()))
+
+    def matches(obj: dict[str, Any]) -> bool:
+        meta = obj["metadata"]
+        return all((meta.get(key) == value) is equal for key, equal, value in reqs)
 
     return matches
 
@@ -150,6 +188,40 @@ def pod_object(
     return pod
 
 
+def pool_object(
+    name: str,
+    namespace: str = "default",
+    *,
+    selector: dict[str, str],
+    target_ports: list[int],
+    picker: str = "gateway-extproc",
+    picker_port: int = 9002,
+) -> dict[str, Any]:
+    """An InferencePool as the API server returns it (spec as in the v1 CRD)."""
+    return {
+        "apiVersion": f"{POOL_GROUP}/{POOL_VERSION}",
+        "kind": "InferencePool",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": str(uuid.uuid4()),
+            "generation": 1,
+            "creationTimestamp": _now(),
+        },
+        "spec": {
+            "selector": {"matchLabels": dict(selector)},
+            "targetPorts": [{"number": port} for port in target_ports],
+            "endpointPickerRef": {
+                "group": "",
+                "kind": "Service",
+                "name": picker,
+                "port": {"number": picker_port},
+                "failureMode": "FailClose",
+            },
+        },
+    }
+
+
 def _set_status(
     pod: dict[str, Any], *, ip: str | None, phase: str | None, ready: bool | None
 ) -> None:
@@ -188,15 +260,29 @@ class RecordedRequest:
 
 @dataclass
 class _Watcher:
+    resource: str
     namespace: str | None
     selector: Selector
+    fields: FieldSelector
     bookmarks: bool
     queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     transport: asyncio.Transport | None = None
 
-    def sees(self, pod: dict[str, Any]) -> bool:
-        ns_ok = self.namespace is None or pod["metadata"]["namespace"] == self.namespace
-        return ns_ok and self.selector(_labels(pod))
+    def sees(self, obj: dict[str, Any]) -> bool:
+        return _selected(obj, self.resource, self.namespace, self.selector, self.fields)
+
+
+def _selected(
+    obj: dict[str, Any],
+    resource: str,
+    namespace: str | None,
+    selector: Selector,
+    fields: FieldSelector,
+) -> bool:
+    if obj["kind"] != _KINDS[resource][1]:
+        return False
+    ns_ok = namespace is None or obj["metadata"]["namespace"] == namespace
+    return ns_ok and selector(_labels(obj)) and fields(obj)
 
 
 class FakeKubeApiServer:
@@ -204,7 +290,9 @@ class FakeKubeApiServer:
 
     def __init__(self, *, history_limit: int = 1000, start_resource_version: int = 100) -> None:
         self._lock = threading.RLock()
-        self._pods: dict[tuple[str, str], dict[str, Any]] = {}
+        # resource -> (namespace, name) -> object; one store per kind served.
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {PODS: {}, POOLS: {}}
+        self._pods = self._objects[PODS]
         self._rv = start_resource_version
         # Events with rv > _floor are all in _history; a watch from below _floor is 410.
         self._floor = start_resource_version
@@ -369,6 +457,59 @@ class FakeKubeApiServer:
             old = self._pods[(namespace, name)]
             self._commit("DELETED", old, copy.deepcopy(old), silent=silent)
 
+    # -- InferencePools ---------------------------------------------------------------------
+
+    def get_pool(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        with self._lock:
+            pool = self._objects[POOLS].get((namespace, name))
+            return copy.deepcopy(pool) if pool else None
+
+    def create_pool(
+        self,
+        name: str,
+        namespace: str = "default",
+        *,
+        selector: dict[str, str],
+        target_ports: list[int],
+        picker: str = "gateway-extproc",
+    ) -> dict[str, Any]:
+        pool = pool_object(
+            name, namespace, selector=selector, target_ports=target_ports, picker=picker
+        )
+        with self._lock:
+            if (namespace, name) in self._objects[POOLS]:
+                raise ValueError(f"inferencepool {namespace}/{name} already exists")
+            self._commit("ADDED", None, pool, resource=POOLS)
+            return copy.deepcopy(pool)
+
+    def update_pool(
+        self,
+        name: str,
+        namespace: str = "default",
+        *,
+        selector: dict[str, str] | None = None,
+        target_ports: list[int] | None = None,
+        spec: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Edit a pool's selector and/or ports (or replace its whole spec, valid or not)."""
+        with self._lock:
+            old = self._objects[POOLS][(namespace, name)]
+            pool = copy.deepcopy(old)
+            if spec is not None:
+                pool["spec"] = copy.deepcopy(spec)
+            if selector is not None:
+                pool["spec"]["selector"] = {"matchLabels": dict(selector)}
+            if target_ports is not None:
+                pool["spec"]["targetPorts"] = [{"number": port} for port in target_ports]
+            pool["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+            self._commit("MODIFIED", old, pool, resource=POOLS)
+            return copy.deepcopy(pool)
+
+    def delete_pool(self, name: str, namespace: str = "default") -> None:
+        with self._lock:
+            old = self._objects[POOLS][(namespace, name)]
+            self._commit("DELETED", old, copy.deepcopy(old), resource=POOLS)
+
     def bump_resource_version(self, count: int = 1) -> int:
         """Other objects changed in etcd: the resourceVersion moves with no pod event."""
         with self._lock:
@@ -376,15 +517,22 @@ class FakeKubeApiServer:
             return self._rv
 
     def _commit(
-        self, kind: str, old: dict[str, Any] | None, pod: dict[str, Any], *, silent: bool = False
+        self,
+        kind: str,
+        old: dict[str, Any] | None,
+        pod: dict[str, Any],
+        *,
+        silent: bool = False,
+        resource: str = PODS,
     ) -> None:
         self._rv += 1
         pod["metadata"]["resourceVersion"] = str(self._rv)
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+        store = self._objects[resource]
         if kind == "DELETED":
-            self._pods.pop(key, None)
+            store.pop(key, None)
         else:
-            self._pods[key] = pod
+            store[key] = pod
         if silent:
             return
         snapshot = copy.deepcopy(pod)
@@ -401,13 +549,14 @@ class FakeKubeApiServer:
     def send_bookmark(self) -> int:
         """Send a BOOKMARK at the current resourceVersion to watches that asked for them."""
         with self._lock:
-            obj = {
-                "kind": "Pod",
-                "apiVersion": "v1",
-                "metadata": {"resourceVersion": str(self._rv)},
-            }
             for watcher in self._watchers:
                 if watcher.bookmarks:
+                    api_version, kind = _KINDS[watcher.resource]
+                    obj = {
+                        "kind": kind,
+                        "apiVersion": api_version,
+                        "metadata": {"resourceVersion": str(self._rv)},
+                    }
                     self._push(watcher, "event", {"type": "BOOKMARK", "object": obj})
             return self._rv
 
@@ -444,8 +593,9 @@ class FakeKubeApiServer:
         with self._lock:
             return len(self._watchers)
 
-    def requests(self, *, watch: bool | None = None) -> list[RecordedRequest]:
-        """Pod list (`watch=False`) and watch (`watch=True`) requests, oldest first.
+    def requests(self, *, watch: bool | None = None, resource: str = PODS) -> list[RecordedRequest]:
+        """List (`watch=False`) and watch (`watch=True`) requests of `resource` (pods by
+        default), oldest first.
 
         Requests for other paths are left out: on a shared machine a stray client may
         probe any port.
@@ -454,7 +604,7 @@ class FakeKubeApiServer:
             return [
                 r
                 for r in self._requests
-                if _PATH.match(r.path) and (watch is None or r.watch == watch)
+                if _PATHS[resource].match(r.path) and (watch is None or r.watch == watch)
             ]
 
     def _push(self, watcher: _Watcher, kind: str, payload: Any) -> None:
@@ -472,23 +622,23 @@ class FakeKubeApiServer:
             mode = self._mode
         if mode != "up":
             return _status_response(status_object(503, "ServiceUnavailable", "apiserver is down"))
-        match = _PATH.match(request.path)
-        if match is None:
+        matches = [(r, m) for r, path in _PATHS.items() if (m := path.match(request.path))]
+        if not matches:
             return _status_response(status_object(404, "NotFound", "the server could not find it"))
+        resource, match = matches[0]
         if request.method != "GET":
             return _status_response(status_object(405, "MethodNotAllowed", "only GET is faked"))
         try:
             selector = parse_selector(query.get("labelSelector", ""))
+            fields = parse_field_selector(query.get("fieldSelector", ""))
         except ValueError as exc:
             return _status_response(status_object(400, "BadRequest", str(exc)))
-        namespace = match["ns"]
+        scope = _Scope(resource, match["ns"], selector, fields)
         if query.get("watch") in ("true", "1"):
-            return await self._watch(request, namespace, selector, query)
-        return self._list(namespace, selector, query)
+            return await self._watch(request, scope, query)
+        return self._list(scope, query)
 
-    def _list(
-        self, namespace: str | None, selector: Selector, query: dict[str, str]
-    ) -> web.Response:
+    def _list(self, scope: _Scope, query: dict[str, str]) -> web.Response:
         token = query.get("continue")
         with self._lock:
             if token:
@@ -504,9 +654,8 @@ class FakeKubeApiServer:
                 rv = str(self._rv)
                 items = [
                     copy.deepcopy(p)
-                    for _, p in sorted(self._pods.items())
-                    if (namespace is None or p["metadata"]["namespace"] == namespace)
-                    and selector(_labels(p))
+                    for _, p in sorted(self._objects[scope.resource].items())
+                    if _selected(p, *scope)
                 ]
             limit = int(query.get("limit") or 0)
             page = items[offset : offset + limit] if limit > 0 else items[offset:]
@@ -519,20 +668,17 @@ class FakeKubeApiServer:
                 meta["remainingItemCount"] = len(items) - offset - limit
             else:
                 self._snapshots.pop(snap_id, None)
-        body = {"apiVersion": "v1", "kind": "PodList", "metadata": meta, "items": page}
+        api_version, list_kind = _LIST_KINDS[scope.resource]
+        body = {"apiVersion": api_version, "kind": list_kind, "metadata": meta, "items": page}
         return web.json_response(body)
 
     async def _watch(
-        self,
-        request: web.BaseRequest,
-        namespace: str | None,
-        selector: Selector,
-        query: dict[str, str],
+        self, request: web.BaseRequest, scope: _Scope, query: dict[str, str]
     ) -> web.StreamResponse:
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
         since_raw = query.get("resourceVersion") or "0"
-        watcher = _Watcher(namespace, selector, query.get("allowWatchBookmarks") == "true")
+        watcher = _Watcher(*scope, bookmarks=query.get("allowWatchBookmarks") == "true")
         with self._lock:
             since = int(since_raw) if since_raw.isdigit() else -1
             if since < 0:
@@ -541,7 +687,7 @@ class FakeKubeApiServer:
                 # "Any version": synthetic ADDED for what exists now, then live events.
                 initial = [
                     {"type": "ADDED", "object": copy.deepcopy(p)}
-                    for _, p in sorted(self._pods.items())
+                    for _, p in sorted(self._objects[scope.resource].items())
                     if watcher.sees(p)
                 ]
             elif since < self._floor:
@@ -595,6 +741,15 @@ class FakeKubeApiServer:
                     if watcher in self._watchers:
                         self._watchers.remove(watcher)
         return resp
+
+
+class _Scope(NamedTuple):
+    """What one list or watch request asks for."""
+
+    resource: str
+    namespace: str | None
+    selector: Selector
+    fields: FieldSelector
 
 
 def _event_for(
