@@ -56,6 +56,21 @@ class Settings:
     default_model_port: int = 8000
     kube_resync_period: float = 300.0
     adapter_discovery_interval: float = 0.0
+    # InferencePool discovery and the endpoint picker's serving contract
+    pool_name: str = ""
+    pool_namespace: str = ""  # empty: the namespace this process runs in
+    secure_serving: bool | None = None  # None: TLS exactly with inferencepool discovery
+    cert_path: str = ""  # directory with tls.crt and tls.key; empty: self-signed
+    grpc_health_port: int = 9003  # gRPC health on its own port (inferencepool discovery)
+    conformance_mode: bool = False
+
+    @property
+    def serves_tls(self) -> bool:
+        """Is the ext_proc port TLS? By default only for InferencePool discovery, where
+        the gateways calling the picker connect with TLS."""
+        if self.secure_serving is None:
+            return self.discovery == "inferencepool"
+        return self.secure_serving
 
 
 def default_discovery() -> str:
@@ -303,6 +318,62 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         help="seconds a pod's event socket may stay unconnected before it counts as dead",
     )
     add_kubernetes_arguments(parser, d)
+    add_picker_arguments(parser, d)
+
+
+def add_go_bool(parser: argparse.ArgumentParser, flag: str, *, default: Any, help: str) -> None:
+    """A boolean flag spelled as Go programs take it: `--flag`, `--flag=false`, `--flag
+    true`; its GATEWAY_* variable sets the default."""
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    if raw is not None:
+        try:
+            default = boolean(raw)
+        except ValueError as exc:
+            parser.error(f"{env}={raw!r} is not valid for {flag}: {exc}")
+    parser.add_argument(
+        flag, nargs="?", const=True, type=boolean, default=default, help=f"{help} [env {env}]"
+    )
+
+
+def add_picker_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
+    """InferencePool discovery and the serving contract of an endpoint picker, with the
+    Gateway API Inference Extension's reference picker's flag names."""
+    add_flag(
+        parser, "--pool-name", default=d.pool_name, help="InferencePool to serve (inferencepool)"
+    )
+    add_flag(
+        parser,
+        "--pool-namespace",
+        default=d.pool_namespace,
+        help="namespace of the InferencePool (default: the one this pod runs in, else default)",
+    )
+    add_go_bool(
+        parser,
+        "--secure-serving",
+        default=d.secure_serving,
+        help="serve ext_proc over TLS (default: true with --discovery inferencepool, else false)",
+    )
+    add_flag(
+        parser,
+        "--cert-path",
+        default=d.cert_path,
+        help="directory holding tls.crt and tls.key for --secure-serving (default: self-signed)",
+    )
+    add_flag(
+        parser,
+        "--grpc-health-port",
+        type=port,
+        default=d.grpc_health_port,
+        help="plaintext gRPC health port (liveness, readiness) with --discovery inferencepool",
+    )
+    add_go_bool(
+        parser,
+        "--conformance-mode",
+        default=d.conformance_mode,
+        help="honour test-epp-endpoint-selection and echo x-conformance-test-served-endpoint "
+        "(the upstream conformance suite; never in production)",
+    )
 
 
 def add_kubernetes_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:

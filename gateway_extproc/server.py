@@ -18,7 +18,7 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway_extproc import telemetry
+from gateway_extproc import telemetry, tls
 from gateway_extproc.admin import build_admin_app
 from gateway_extproc.config import Settings
 from gateway_extproc.extproc.service import ExternalProcessor
@@ -37,6 +37,10 @@ from gateway_extproc.tokenize.catalog import TokenizerCatalog
 log = structlog.get_logger("gateway_extproc.server")
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# The endpoint-picker protocol's health services: the process is up / it can route.
+LIVENESS_SERVICE = "liveness"
+READINESS_SERVICE = "readiness"
+READY_SERVICES = ("", EXTPROC_SERVICE, READINESS_SERVICE)
 GRPC_HEADROOM = 1024 * 1024  # headers and framing on top of the largest body
 
 
@@ -58,6 +62,9 @@ class Gateway:
     preparer: PromptPreparer
     grpc_port: int = 0
     admin_port: int = 0
+    # The endpoint picker's plaintext health port (inferencepool discovery only).
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
 
     def ready(self) -> bool:
         return self.registry.synced
@@ -74,6 +81,8 @@ def _track_model_states(registry: ModelRegistry) -> None:
 
 
 async def start_gateway(settings: Settings) -> Gateway:
+    # Checked before anything starts: a bad certificate is a start-up error, nothing else.
+    key_pair = tls.server_key_pair(settings.cert_path) if settings.serves_tls else None
     registry = ModelRegistry()
     _track_model_states(registry)
     inflight = InFlightCounter()
@@ -116,6 +125,7 @@ async def start_gateway(settings: Settings) -> Gateway:
             target_pod_header=settings.target_pod_header,
             inject_include_usage=settings.inject_include_usage,
             access_log=settings.access_log,
+            conformance_mode=settings.conformance_mode,
         ),
         record_dir=settings.record_dir,
     )
@@ -142,10 +152,20 @@ async def start_gateway(settings: Settings) -> Gateway:
     ext_grpc.add_ExternalProcessorServicer_to_server(processor, grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    grpc_port = grpc_server.add_insecure_port(f"{settings.listen_host}:{settings.grpc_port}")
-    if grpc_port == 0:
-        raise OSError(f"cannot listen on {settings.listen_host}:{settings.grpc_port}")
+    grpc_port = _add_port(grpc_server, f"{settings.listen_host}:{settings.grpc_port}", key_pair)
     await grpc_server.start()
+    health_server, health_port = None, 0
+    if settings.discovery == "inferencepool":
+        # Kubelet gRPC probes speak plaintext, so health gets a port of its own.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(
+            f"{settings.listen_host}:{settings.grpc_health_port}"
+        )
+        if health_port == 0:
+            raise OSError(f"cannot listen on {settings.listen_host}:{settings.grpc_health_port}")
+        await health_server.start()
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     gateway_ref: list[Gateway] = []
     admin_app = build_admin_app(
@@ -172,6 +192,8 @@ async def start_gateway(settings: Settings) -> Gateway:
         preparer=preparer,
         grpc_port=grpc_port,
         admin_port=admin_port,
+        health_server=health_server,
+        health_port=health_port,
     )
     gateway_ref.append(gateway)
     await _set_serving(gateway)
@@ -179,10 +201,25 @@ async def start_gateway(settings: Settings) -> Gateway:
         "gateway_started",
         grpc_port=grpc_port,
         admin_port=admin_port,
+        health_port=health_port or None,
+        tls=settings.serves_tls,
         discovery=settings.discovery,
         default_strategy=settings.default_strategy,
     )
     return gateway
+
+
+def _add_port(server: grpc.aio.Server, address: str, key_pair: tls.KeyPair | None) -> int:
+    """Bind the ext_proc port, with TLS when given a key pair; the bound port."""
+    if key_pair is not None:
+        pair = (key_pair.private_key_pem, key_pair.certificate_pem)
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+        log.info("grpc_tls", certificate="self-signed" if key_pair.self_signed else "cert-path")
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return bound
 
 
 async def _set_serving(gateway: Gateway) -> None:
@@ -191,15 +228,17 @@ async def _set_serving(gateway: Gateway) -> None:
         if gateway.ready()
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    for service in ("", EXTPROC_SERVICE):
+    for service in READY_SERVICES:
         await gateway.health.set(service, status)
 
 
 async def stop_gateway(gateway: Gateway) -> None:
     """Stop taking new streams, let in-flight ones finish within the grace period."""
-    for service in ("", EXTPROC_SERVICE):
+    for service in READY_SERVICES:
         await gateway.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await gateway.grpc_server.stop(gateway.settings.grace_period)
+    if gateway.health_server is not None:
+        await gateway.health_server.stop(0)
     await gateway.source.stop()
     await gateway.scraper.stop()
     await gateway.kv_events.stop()
@@ -240,7 +279,7 @@ def run(settings: Settings, unknown_environment: list[str] | None = None) -> int
         )
     try:
         _run_loop(serve(settings))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a port taken, a bad setting or certificate
         log.error("gateway_failed_to_start", problem=str(exc))
         return 1
     return 0

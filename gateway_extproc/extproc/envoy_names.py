@@ -56,6 +56,13 @@ SERVED_KEY = "x-gateway-destination-endpoint-served"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 
+# The Gateway API Inference Extension's conformance tests steer the picker with this
+# request header (endpoints or bare pod IPs, comma-separated; it wins over the subset
+# hint) and read the endpoint that served back from the response header
+# (--conformance-mode only).
+CONFORMANCE_SELECTION_HEADER = "test-epp-endpoint-selection"
+CONFORMANCE_SERVED_HEADER = "x-conformance-test-served-endpoint"
+
 
 # -- frame readers --------------------------------------------------------------------
 
@@ -89,12 +96,30 @@ def subset_hint(frame: ext.ProcessingRequest) -> frozenset[str] | None:
     value = fields[SUBSET_KEY]
     kind = value.WhichOneof("kind")
     if kind == "list_value":
-        items = [v.string_value for v in value.list_value.values]
+        # An entry may itself be a comma-separated list, as some control planes write it.
+        items = [part for v in value.list_value.values for part in v.string_value.split(",")]
     elif kind == "string_value":
         items = value.string_value.split(",")
     else:
         items = []
-    return frozenset(item.strip() for item in items if item.strip())
+    return _endpoint_set(items)
+
+
+def conformance_selection(headers: dict[str, str]) -> frozenset[str] | None:
+    """The endpoints the conformance header names; None when it is absent or empty."""
+    return _endpoint_set(headers.get(CONFORMANCE_SELECTION_HEADER, "").split(",")) or None
+
+
+def _endpoint_set(items: list[str]) -> frozenset[str]:
+    """Endpoints (ip:port, [ip6]:port) and bare IPs, without blanks; a bracketed bare IPv6
+    address loses its brackets so it compares with the host part of an endpoint."""
+    out = set()
+    for item in (i.strip() for i in items):
+        if item.startswith("[") and item.endswith("]"):
+            item = item[1:-1]
+        if item:
+            out.add(item)
+    return frozenset(out)
 
 
 def served_endpoint(frame: ext.ProcessingRequest) -> str:

@@ -71,6 +71,19 @@ def destination_metadata(destination: str, handoff_key: str = "") -> struct_pb2.
     return metadata
 
 
+def response_headers_set(headers: Iterable[tuple[str, str]]) -> ext.ProcessingResponse:
+    """The answer to the response headers that sets `headers` on the client's response."""
+    return ext.ProcessingResponse(
+        response_headers=ext.HeadersResponse(
+            response=ext.CommonResponse(
+                header_mutation=ext.HeaderMutation(
+                    set_headers=[header_value(name, value) for name, value in headers]
+                )
+            )
+        )
+    )
+
+
 def routed_request_headers(
     headers: Iterable[tuple[str, str]], destination: str, handoff_key: str = ""
 ) -> ext.ProcessingResponse:

@@ -84,6 +84,8 @@ class SessionConfig:
     target_pod_header: str = "target-pod"
     inject_include_usage: bool = False
     access_log: bool = True
+    # The upstream conformance suite's hooks (envoy_names.CONFORMANCE_*); tests only.
+    conformance_mode: bool = False
     # Used when Envoy does not send protocol_config (older Envoy): the shipped config.
     default_request_body_mode: int = BUFFERED
     default_response_body_mode: int = STREAMED
@@ -208,6 +210,8 @@ class Session:
             self._request_id_generated = True
         self._strategy_name = self._headers.get(names.ROUTING_STRATEGY_HEADER, "")
         self._subset = names.subset_hint(frame)
+        if self._cfg.conformance_mode:
+            self._subset = names.conformance_selection(self._headers) or self._subset
         self.req_phase = Phase.DONE if message.end_of_stream else Phase.BODY
         try:
             if self._method == "GET" and self._path == MODELS_PATH:
@@ -454,6 +458,9 @@ class Session:
         )
         if message.end_of_stream:
             self._end_response(time.monotonic())
+        if self._cfg.conformance_mode and self._decision is not None:
+            served = self._served or "fail: missing destination endpoint served metadata"
+            return [responses.response_headers_set([(names.CONFORMANCE_SERVED_HEADER, served)])]
         return [responses.CONTINUE_RESPONSE_HEADERS]
 
     def _on_response_body(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:

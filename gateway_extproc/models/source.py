@@ -67,9 +67,30 @@ def kubernetes_source(settings: Settings, registry: ModelRegistry) -> DiscoveryS
     return KubernetesSource(registry, asyncio.get_running_loop(), options)
 
 
+def inferencepool_source(settings: Settings, registry: ModelRegistry) -> DiscoverySource:
+    from gateway_extproc.models.inferencepool import (
+        InferencePoolSource,
+        PoolOptions,
+        pool_namespace_from,
+    )
+    from gateway_extproc.models.informer import WatchTiming
+
+    options = PoolOptions(
+        name=settings.pool_name,
+        namespace=pool_namespace_from(settings.pool_namespace),
+        kubeconfig=settings.kubeconfig or None,
+        context=settings.kube_context or None,
+        model_label=settings.model_label,
+        timing=WatchTiming(resync_period=settings.kube_resync_period),
+        adapter_discovery_interval=settings.adapter_discovery_interval,
+    )
+    return InferencePoolSource(registry, options)
+
+
 SOURCES: dict[str, SourceFactory] = {
     "static": static_source,
     "kubernetes": kubernetes_source,
+    "inferencepool": inferencepool_source,
 }
 
 

@@ -97,7 +97,7 @@ class Router:
         view = self.check_model(request.model)
         candidates = view.routable
         if subset is not None:
-            candidates = tuple(p for p in candidates if p.address in subset)
+            candidates = tuple(p for p in candidates if in_subset(p.address, subset))
             if not candidates:
                 raise errors.no_ready_pods(
                     request.model, self._retry_after, " inside the requested endpoint subset"
@@ -124,3 +124,9 @@ class Router:
 def _uses_tokens(strategy: Strategy) -> bool:
     scorers = getattr(strategy, "scorers", ())
     return any(getattr(scorer, "uses_tokens", False) for scorer, _ in scorers)
+
+
+def in_subset(address: str, subset: frozenset[str]) -> bool:
+    """Is `address` (ip:port or [ip6]:port) named by `subset`, whose entries are
+    endpoints (ip:port) or bare IPs (every port of that IP: every rank of a pod)?"""
+    return address in subset or address.rpartition(":")[0].strip("[]") in subset

@@ -58,3 +58,27 @@ def test_unknown_gateway_variables_are_named(monkeypatch):
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser, source_names())
     assert unknown_environment(parser.parse_args([])) == ["GATEWAY_GRPC_PROT"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "tls"),
+    [
+        (["--discovery", "inferencepool"], None, True),
+        (["--discovery", "inferencepool", "--secure-serving=false"], None, False),
+        (["--discovery", "inferencepool", "--secure-serving", "false"], None, False),
+        (["--discovery", "inferencepool"], "false", False),
+        (["--discovery", "static"], None, False),
+        (["--discovery", "static", "--secure-serving"], None, True),
+    ],
+)
+def test_secure_serving_takes_the_reference_pickers_spelling(monkeypatch, argv, env, tls):
+    if env is not None:
+        monkeypatch.setenv("GATEWAY_SECURE_SERVING", env)
+    assert parse(argv).serves_tls is tls
+
+
+def test_picker_flags_and_defaults():
+    settings = parse(["--discovery", "inferencepool", "--pool-name", "p", "--conformance-mode"])
+    assert (settings.pool_name, settings.pool_namespace) == ("p", "")
+    assert (settings.grpc_health_port, settings.conformance_mode) == (9003, True)
+    assert parse(["--conformance-mode=false"]).conformance_mode is False
