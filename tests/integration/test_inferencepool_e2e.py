@@ -37,6 +37,9 @@ SECOND_HOST = "127.0.0.2"  # loopback too: a second pod IP on this machine
 ENVOY_INFERENCEPOOL = localstack.REPO_ROOT / "envoy" / "envoy-inferencepool.yaml"
 SELECTION = "test-epp-endpoint-selection"
 ECHO = "x-conformance-test-served-endpoint"
+HEADER_TO_METADATA = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config"
+)
 
 
 @dataclass
@@ -237,7 +240,7 @@ def reporting_gateway(
     to_metadata = {
         "name": "envoy.filters.http.header_to_metadata",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
+            "@type": HEADER_TO_METADATA,
             "response_rules": [
                 {
                     "header": served,
