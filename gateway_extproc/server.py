@@ -38,9 +38,12 @@ log = structlog.get_logger("gateway_extproc.server")
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 # The endpoint-picker protocol's health services: the process is up / it can route.
+# `inference-extension` is what the upstream conformance suite's manifests probe.
 LIVENESS_SERVICE = "liveness"
 READINESS_SERVICE = "readiness"
-READY_SERVICES = ("", EXTPROC_SERVICE, READINESS_SERVICE)
+READY_SERVICES = ("", EXTPROC_SERVICE, READINESS_SERVICE, "inference-extension")
+# How soon gRPC health follows the dictionary's sync (admin /readyz follows it at once).
+HEALTH_INTERVAL = 0.2
 GRPC_HEADROOM = 1024 * 1024  # headers and framing on top of the largest body
 
 
@@ -222,14 +225,18 @@ def _add_port(server: grpc.aio.Server, address: str, key_pair: tls.KeyPair | Non
     return bound
 
 
-async def _set_serving(gateway: Gateway) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if gateway.ready()
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for service in READY_SERVICES:
-        await gateway.health.set(service, status)
+async def _set_serving(gateway: Gateway, previous: bool | None = None) -> bool:
+    """Publish readiness on the gRPC health services when it differs from `previous`."""
+    ready = gateway.ready()
+    if ready is not previous:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in READY_SERVICES:
+            await gateway.health.set(service, status)
+    return ready
 
 
 async def stop_gateway(gateway: Gateway) -> None:
@@ -252,10 +259,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    ready = await _set_serving(gateway)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
-        await _set_serving(gateway)
+            await asyncio.wait_for(stop.wait(), timeout=HEALTH_INTERVAL)
+        ready = await _set_serving(gateway, ready)
     log.info("gateway_stopping", open_streams=gateway.processor.open_streams)
     await stop_gateway(gateway)
 

@@ -1,7 +1,7 @@
 """Shared pieces of the deployment tests: rendering the chart with the real Helm engine
 (helm-python-sdk embeds Helm's Go library), reading manifests, and validating objects
-against the Kubernetes schemas (kubernetes-validate, offline) or the CRD schemas kept in
-tests/deploy/schemas.
+against the Kubernetes schemas (kubernetes-validate, offline) or the published CRDs kept
+unchanged in tests/deploy/crds (tests/deploy/crd_schema.py says how).
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
-import jsonschema
 import kubernetes_validate
 import yaml
+
+from tests.deploy.crd_schema import CustomResourceSchema, schemas_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "gateway-extproc"
 PLAIN = ROOT / "envoy" / "gateway"
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
+PLAIN_INFERENCEPOOL = ROOT / "envoy" / "inferencepool"
+CRDS = Path(__file__).resolve().parent / "crds"
 DATA = Path(__file__).resolve().parent / "data"
 
 RELEASE = "gw"
@@ -32,6 +34,10 @@ KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 
 # Every optional part of the chart switched on, the Gateway in another namespace (so
 # the cross-namespace pieces render too) and cluster-wide RBAC.
+# The labels the example model servers (envoy/gateway/examples) carry for the Service the
+# endpoint override routes through.
+MODEL_PODS = {"app.kubernetes.io/component": "model-server"}
+
 ALL_ON: dict[str, Any] = {
     "replicaCount": 3,
     "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
@@ -63,7 +69,11 @@ ALL_ON: dict[str, Any] = {
         "enabled": True,
         "gateway": {"name": "eg", "namespace": "envoy-gateway-system", "listenerName": "http"},
         "attachTo": "Gateway",
-        "httpRoute": {"hostnames": ["llm.example.com"]},
+        "httpRoute": {
+            "hostnames": ["llm.example.com"],
+            "backendRef": {"selector": MODEL_PODS},
+        },
+        "extProc": {"statusOnErrorField": True},
     },
 }
 
@@ -84,10 +94,46 @@ STATIC: dict[str, Any] = {
     },
 }
 
-ENVOY_GATEWAY: dict[str, Any] = {"envoyGateway": {"enabled": True}}
+ENVOY_GATEWAY: dict[str, Any] = {
+    "envoyGateway": {"enabled": True, "httpRoute": {"backendRef": {"selector": MODEL_PODS}}}
+}
+
+# Envoy Gateway v1.4: the ORIGINAL_DST cluster by patch instead of the endpoint override.
+ORIGINAL_DST: dict[str, Any] = {"envoyGateway": {"enabled": True, "routing": "originalDst"}}
 
 FULL_DUPLEX: dict[str, Any] = {
-    "envoyGateway": {"enabled": True, "extProc": {"fullDuplexStreamed": True}}
+    "envoyGateway": {
+        "enabled": True,
+        "extProc": {"fullDuplexStreamed": True},
+        "httpRoute": {"backendRef": {"selector": MODEL_PODS}},
+    }
+}
+
+# The endpoint picker of an InferencePool, with both kinds of route to it.
+INFERENCEPOOL: dict[str, Any] = {
+    "config": {"discovery": "inferencepool"},
+    "inferencePool": {
+        "selector": {"app": "vllm-qwen"},
+        "targetPorts": [8000, 8001],
+        "httpRoute": {"enabled": True, "gateway": {"listenerName": "http"}},
+        "aiGatewayRoute": {"enabled": True, "models": ["qwen2.5-0.5b"]},
+    },
+}
+
+# An existing pool served with a certificate of its own, routes to a Gateway elsewhere.
+INFERENCEPOOL_EXISTING: dict[str, Any] = {
+    "config": {"discovery": "inferencepool"},
+    "inferencePool": {
+        "create": False,
+        "name": "shared-pool",
+        "certSecretName": "picker-tls",
+        "httpRoute": {
+            "enabled": True,
+            "gateway": {"name": "eg", "namespace": "envoy-gateway-system"},
+            "hostnames": ["llm.example.com"],
+        },
+        "aiGatewayRoute": {"enabled": True, "gateway": {"namespace": "envoy-gateway-system"}},
+    },
 }
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -95,7 +141,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "all-on": ALL_ON,
     "static": STATIC,
     "envoy-gateway": ENVOY_GATEWAY,
+    "original-dst": ORIGINAL_DST,
     "full-duplex": FULL_DUPLEX,
+    "inferencepool": INFERENCEPOOL,
+    "inferencepool-existing": INFERENCEPOOL_EXISTING,
 }
 
 
@@ -159,50 +208,43 @@ def settings(objects: Iterable[dict[str, Any]]) -> dict[str, str]:
     return env
 
 
-def plain_manifests() -> list[dict[str, Any]]:
+def plain_manifests(folder: Path = PLAIN) -> list[dict[str, Any]]:
+    """The objects of the plain manifests in `folder` (envoy/gateway by default)."""
     objects: list[dict[str, Any]] = []
-    for path in sorted(PLAIN.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         objects.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
     return objects
+
+
+def every_plain_manifest() -> list[dict[str, Any]]:
+    """envoy/gateway/ and envoy/inferencepool/ together."""
+    return plain_manifests(PLAIN) + plain_manifests(PLAIN_INFERENCEPOOL)
 
 
 # -- schema validation ---------------------------------------------------------------------
 
 
 @cache
-def _crds() -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> JSON Schema, from the CRDs in tests/deploy/schemas."""
-    schemas: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(SCHEMAS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-        for version in crd["spec"]["versions"]:
-            schema = _strict(version["schema"]["openAPIV3Schema"])
-            schemas[(f"{group}/{version['name']}", kind)] = schema
-    return schemas
+def _crds() -> dict[tuple[str, str], CustomResourceSchema]:
+    """(apiVersion, kind) -> its schema, for every served version of the CRDs kept."""
+    return {
+        (schema.api_version, schema.kind): schema
+        for crd in crd_documents()
+        for schema in schemas_of(crd)
+    }
+
+
+@cache
+def _crd_documents() -> tuple[dict[str, Any], ...]:
+    documents = []
+    for path in sorted(CRDS.glob("*.yaml")):
+        documents += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return tuple(documents)
 
 
 def crd_documents() -> list[dict[str, Any]]:
-    return [yaml.safe_load(p.read_text()) for p in sorted(SCHEMAS.glob("*.yaml"))]
-
-
-def _strict(schema: dict[str, Any]) -> dict[str, Any]:
-    """A CRD's structural schema as JSON Schema that rejects fields it does not name.
-
-    The API server would drop (prune) such a field, and `kubectl apply`'s strict field
-    validation refuses it; either way the setting is lost, so here it is an error.
-    """
-    schema = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
-    if "properties" in schema:
-        schema["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
-        schema.setdefault("additionalProperties", False)
-    elif isinstance(schema.get("additionalProperties"), dict):
-        schema["additionalProperties"] = _strict(schema["additionalProperties"])
-    if "items" in schema:
-        schema["items"] = _strict(schema["items"])
-    if "anyOf" in schema:
-        schema["anyOf"] = [_strict(s) for s in schema["anyOf"]]
-    return schema
+    """Every CustomResourceDefinition in tests/deploy/crds (some files hold several)."""
+    return list(_crd_documents())
 
 
 def is_custom(obj: dict[str, Any]) -> bool:
@@ -213,18 +255,17 @@ def validate(obj: dict[str, Any]) -> None:
     """Raise if `obj` is not a valid object of its kind.
 
     Built-in kinds are checked with kubernetes-validate's strict schemas (unknown fields
-    are errors) for every version in KUBE_VERSIONS; custom resources with the CRD schema
-    from tests/deploy/schemas, plus their metadata as Kubernetes ObjectMeta. A kind with
-    neither is an error, so nothing the chart creates goes unchecked.
+    are errors) for every version in KUBE_VERSIONS; custom resources against their CRD in
+    tests/deploy/crds as the API server would check them (defaults, pruning as an error,
+    schema, CEL rules), plus their metadata as Kubernetes ObjectMeta. A kind with neither
+    is an error, so nothing the chart creates goes unchecked.
     """
     where = f"{obj.get('kind')} {obj.get('metadata', {}).get('name')}"
     key = (obj["apiVersion"], obj["kind"])
     if key in _crds():
-        try:
-            jsonschema.validate(obj, _crds()[key])
-        except jsonschema.ValidationError as exc:
-            path = "/".join(str(p) for p in exc.absolute_path)
-            raise AssertionError(f"{where}: {path}: {exc.message}") from None
+        problems = _crds()[key].problems(obj)
+        if problems:
+            raise AssertionError(f"{where}: " + "; ".join(problems))
         # Any built-in kind checks ObjectMeta the same way; a ConfigMap carries nothing else.
         validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})
         return

@@ -331,7 +331,7 @@ def test_attaching_to_a_gateway_in_another_namespace() -> None:
 
 
 def test_patch_policy_adds_the_original_dst_cluster_for_the_route() -> None:
-    objects = helpers.render(helpers.ENVOY_GATEWAY)
+    objects = helpers.render(helpers.ORIGINAL_DST)
     patch = helpers.one(objects, "EnvoyPatchPolicy")
     cluster_patch, route_patch, *_ = patch["spec"]["jsonPatches"]
     cluster = cluster_patch["operation"]["value"]
@@ -358,7 +358,9 @@ def test_patch_policy_adds_the_original_dst_cluster_for_the_route() -> None:
 
 
 def test_dots_in_names_match_only_dots() -> None:
-    objects = helpers.render({"envoyGateway": {"enabled": True, "httpRoute": {"name": "llm.v1"}}})
+    objects = helpers.render(
+        {"envoyGateway": {**helpers.ORIGINAL_DST["envoyGateway"], "httpRoute": {"name": "llm.v1"}}}
+    )
     route_patch = helpers.one(objects, "EnvoyPatchPolicy")["spec"]["jsonPatches"][1]
     pattern = re.compile(re.search(r"'([^']*)'", route_patch["operation"]["jsonPath"]).group(1))  # type: ignore[union-attr]
 
@@ -368,21 +370,23 @@ def test_dots_in_names_match_only_dots() -> None:
 
 def test_with_fallbacks_the_cluster_reads_the_single_pick_header() -> None:
     # With fallbacks the destination header is a list, which ORIGINAL_DST cannot take.
-    objects = helpers.render(
-        {"envoyGateway": {"enabled": True}, "config": {"fallbackEndpoints": 2}}
-    )
+    objects = helpers.render({**helpers.ORIGINAL_DST, "config": {"fallbackEndpoints": 2}})
     cluster = helpers.one(objects, "EnvoyPatchPolicy")["spec"]["jsonPatches"][0]["operation"]
     env = helpers.settings(objects)
 
     assert env["GATEWAY_FALLBACK_ENDPOINTS"] == "2"
     assert cluster["value"]["original_dst_lb_config"]["http_header_name"] == "target-pod"
     assert env["GATEWAY_TARGET_POD_HEADER"] == "target-pod"
+    # The endpoint override takes the list itself, in order.
+    objects = helpers.render({**helpers.ENVOY_GATEWAY, "config": {"fallbackEndpoints": 2}})
+    override = helpers.one(objects, "BackendTrafficPolicy")["spec"]["loadBalancer"]
+    assert override["endpointOverride"] == {
+        "extractFrom": [{"header": "x-gateway-destination-endpoint"}]
+    }
 
 
 def test_client_buffer_follows_the_processors_body_limit() -> None:
-    objects = helpers.render(
-        {"envoyGateway": {"enabled": True}, "config": {"maxBodyBytes": 1048576}}
-    )
+    objects = helpers.render({**helpers.ENVOY_GATEWAY, "config": {"maxBodyBytes": 1048576}})
     ctp = helpers.one(objects, "ClientTrafficPolicy")
 
     assert ctp["spec"]["connection"]["bufferLimit"] == 1048576
@@ -398,7 +402,7 @@ def test_client_buffer_follows_the_processors_body_limit() -> None:
 
 
 def test_http_route_has_a_resolvable_placeholder_backend() -> None:
-    objects = helpers.render(helpers.ENVOY_GATEWAY)
+    objects = helpers.render(helpers.ORIGINAL_DST)
     route = helpers.one(objects, "HTTPRoute")
     (rule,) = route["spec"]["rules"]
     (backend,) = rule["backendRefs"]
@@ -424,7 +428,12 @@ def test_your_own_backend_and_route() -> None:
     assert len(helpers.all_of(objects, "Service")) == 1  # no placeholder
 
     objects = helpers.render(
-        {"envoyGateway": {"enabled": True, "httpRoute": {"enabled": False, "name": "mine"}}}
+        {
+            "envoyGateway": {
+                **helpers.ORIGINAL_DST["envoyGateway"],
+                "httpRoute": {"enabled": False, "name": "mine"},
+            }
+        }
     )
     assert not helpers.all_of(objects, "HTTPRoute")
     assert helpers.one(objects, "EnvoyExtensionPolicy")["spec"]["targetRefs"][0]["name"] == "mine"
@@ -439,6 +448,176 @@ def test_your_own_backend_and_route() -> None:
         {"envoyGateway": {"enabled": True, "httpRoute": {"enabled": False}}}
     )
     assert "httpRoute" in message
+
+
+def test_endpoint_override_replaces_the_original_dst_patch() -> None:
+    objects = helpers.render(helpers.ENVOY_GATEWAY)
+    route = helpers.one(objects, "HTTPRoute")
+    (backend,) = route["spec"]["rules"][0]["backendRefs"]
+    service = helpers.one(objects, "Service", backend["name"])
+    policy = helpers.one(objects, "BackendTrafficPolicy")
+
+    # The route's backend is the model-server pods themselves...
+    assert service["spec"]["selector"] == helpers.MODEL_PODS
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"}
+    ]
+    # ...and its load balancer goes to the endpoint the processor named.
+    assert policy["metadata"]["namespace"] == route["metadata"]["namespace"]
+    assert policy["spec"]["targetRefs"] == [
+        {
+            "group": "gateway.networking.k8s.io",
+            "kind": "HTTPRoute",
+            "name": route["metadata"]["name"],
+        }
+    ]
+    assert policy["spec"]["loadBalancer"] == {
+        "type": "LeastRequest",
+        "endpointOverride": {"extractFrom": [{"header": "x-gateway-destination-endpoint"}]},
+    }
+    assert policy["spec"]["circuitBreaker"]["maxParallelRequests"] == 100000
+    # The patch keeps only what no policy says: the 503 and the OpenAI error bodies.
+    patch = helpers.one(objects, "EnvoyPatchPolicy")
+    assert {p["type"].rsplit(".", 1)[-1] for p in patch["spec"]["jsonPatches"]} == {"Listener"}
+    assert [p["operation"]["path"] for p in patch["spec"]["jsonPatches"]] == [
+        "typed_config/status_on_error",
+        "typed_config/local_reply_config",
+    ]
+
+
+def test_endpoint_override_needs_the_model_pods() -> None:
+    message = helpers.render_error({"envoyGateway": {"enabled": True}})
+    assert "envoyGateway.httpRoute.backendRef.selector" in message
+    # A Service of your own that selects them is fine too.
+    objects = helpers.render(
+        {"envoyGateway": {"enabled": True, "httpRoute": {"backendRef": {"name": "vllm"}}}}
+    )
+    assert helpers.one(objects, "BackendTrafficPolicy")
+    assert len(helpers.all_of(objects, "Service")) == 1
+
+
+def test_the_processor_cluster_has_room_and_a_retryable_error() -> None:
+    entry = ext_proc(helpers.render(helpers.ENVOY_GATEWAY))
+    assert entry["backendSettings"]["circuitBreaker"] == {
+        "maxConnections": 1024,
+        "maxPendingRequests": 100000,
+        "maxParallelRequests": 100000,
+    }
+    assert "statusOnError" not in entry  # the patch says it (Envoy Gateway before v1.9)
+    # With the policy field, the patch leaves the 503 to it.
+    objects = helpers.render(helpers.ALL_ON)
+    assert ext_proc(objects)["statusOnError"] == 503
+    patch = helpers.one(objects, "EnvoyPatchPolicy")
+    assert [p["operation"]["path"] for p in patch["spec"]["jsonPatches"]] == [
+        "typed_config/local_reply_config"
+    ]
+    # Nothing left to patch: no EnvoyPatchPolicy (none to enable in Envoy Gateway either).
+    values = {
+        "envoyGateway": {
+            **helpers.ENVOY_GATEWAY["envoyGateway"],
+            "extProc": {"statusOnErrorField": True},
+            "patchPolicy": {"openAIErrorBodies": False},
+        }
+    }
+    assert not helpers.all_of(helpers.render(values), "EnvoyPatchPolicy")
+
+
+# -- InferencePool ------------------------------------------------------------------------
+
+
+def test_inferencepool_mode_is_the_pools_endpoint_picker() -> None:
+    objects = helpers.render(helpers.INFERENCEPOOL)
+    pool = helpers.one(objects, "InferencePool")
+    service = helpers.one(objects, "Service")
+    env = helpers.settings(objects)
+    c = helpers.container(objects)
+
+    assert pool["metadata"]["namespace"] == helpers.NAMESPACE
+    assert pool["spec"]["selector"] == {"matchLabels": {"app": "vllm-qwen"}}
+    assert pool["spec"]["targetPorts"] == [{"number": 8000}, {"number": 8001}]
+    assert pool["spec"]["endpointPickerRef"] == {
+        "group": "",
+        "kind": "Service",
+        "name": service["metadata"]["name"],
+        "port": {"number": 9002},
+        "failureMode": "FailClose",
+    }
+    # The processor serves that pool, over TLS, with gRPC health on its own port.
+    assert env["GATEWAY_DISCOVERY"] == "inferencepool"
+    assert env["GATEWAY_POOL_NAME"] == pool["metadata"]["name"]
+    assert env["GATEWAY_POOL_NAMESPACE"] == helpers.NAMESPACE
+    assert env["GATEWAY_SECURE_SERVING"] == "true"
+    assert env["GATEWAY_GRPC_HEALTH_PORT"] == "9003"
+    ports = {p["name"]: (p["port"], p.get("appProtocol")) for p in service["spec"]["ports"]}
+    assert ports == {
+        "grpc": (9002, "http2"),
+        "metrics": (9090, "http"),
+        "grpc-health": (9003, "kubernetes.io/h2c"),
+    }
+    assert {p["name"] for p in c["ports"]} == {"grpc", "metrics", "grpc-health"}
+    # It reads the pool and the pods of its namespace, nothing more.
+    (role,) = helpers.all_of(objects, "Role")
+    assert role["metadata"]["namespace"] == helpers.NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {
+            "apiGroups": ["inference.networking.k8s.io"],
+            "resources": ["inferencepools"],
+            "verbs": ["get", "list", "watch"],
+        },
+    ]
+    pod = helpers.one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    # No Envoy Gateway ext_proc wiring: the gateway builds the picker's filter itself.
+    assert not {o["kind"] for o in objects} & {"EnvoyExtensionPolicy", "EnvoyPatchPolicy"}
+
+
+def test_inferencepool_routes_name_the_pool() -> None:
+    objects = helpers.render(helpers.INFERENCEPOOL)
+    name = helpers.one(objects, "InferencePool")["metadata"]["name"]
+    pool_ref = {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": name}
+    route = helpers.one(objects, "HTTPRoute")
+    assert route["spec"]["rules"][0]["backendRefs"] == [pool_ref]
+    assert route["spec"]["parentRefs"][0]["sectionName"] == "http"
+    ai_route = helpers.one(objects, "AIGatewayRoute")
+    (rule,) = ai_route["spec"]["rules"]
+    assert rule["backendRefs"] == [pool_ref]
+    assert rule["matches"] == [
+        {"headers": [{"type": "Exact", "name": "x-ai-eg-model", "value": "qwen2.5-0.5b"}]}
+    ]
+
+
+def test_an_existing_pool_with_a_certificate_of_its_own() -> None:
+    objects = helpers.render(helpers.INFERENCEPOOL_EXISTING)
+    env = helpers.settings(objects)
+    pod = helpers.one(objects, "Deployment")["spec"]["template"]["spec"]
+    c = helpers.container(objects)
+
+    assert not helpers.all_of(objects, "InferencePool")
+    assert env["GATEWAY_POOL_NAME"] == "shared-pool"
+    assert helpers.one(objects, "HTTPRoute")["spec"]["rules"][0]["backendRefs"][0]["name"] == (
+        "shared-pool"
+    )
+    assert env["GATEWAY_CERT_PATH"] == "/etc/gateway-extproc/tls"
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env["GATEWAY_CERT_PATH"]]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {"secretName": "picker-tls"}
+    (parent,) = helpers.one(objects, "AIGatewayRoute")["spec"]["parentRefs"]
+    assert parent["namespace"] == "envoy-gateway-system"
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"config": {"discovery": "inferencepool"}}, "inferencePool.selector"),
+        (
+            {**helpers.INFERENCEPOOL, "envoyGateway": {"enabled": True}},
+            "envoyGateway.enabled must be false",
+        ),
+    ],
+)
+def test_inferencepool_mode_refuses_what_cannot_work(values: dict[str, Any], problem: str) -> None:
+    assert problem in helpers.render_error(values)
 
 
 # -- documentation ------------------------------------------------------------------------

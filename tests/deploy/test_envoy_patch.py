@@ -5,9 +5,11 @@ No Envoy Gateway control plane runs here, so the test builds what it would serve
 listener, route table and clusters shaped and named the way Envoy Gateway names them
 (<namespace>/<gateway>/<listener>, httproute/<ns>/<name>/rule/<i>/match/<j>/<host>,
 envoy.filters.http.ext_proc/envoyextensionpolicy/<ns>/<name>/extproc/<i>), with the
-ext_proc filter translated from the EnvoyExtensionPolicy the way Envoy Gateway does. It
-then applies the EnvoyPatchPolicy's JSON patches (JSONPath selection, RFC 6901 pointers)
-and hands the result to Envoy as a static bootstrap.
+ext_proc filter translated from the EnvoyExtensionPolicy and the route's cluster from
+the BackendTrafficPolicy (endpoint override: the override_host load-balancing policy)
+the way Envoy Gateway does. It then applies the EnvoyPatchPolicy's JSON patches
+(JSONPath selection, RFC 6901 pointers) and hands the result to Envoy as a static
+bootstrap.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ ROUTER = TYPE + "extensions.filters.http.router.v3.Router"
 EXT_PROC = TYPE + "extensions.filters.http.ext_proc.v3.ExternalProcessor"
 HTTP_OPTIONS = TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions"
 FILTER_CONFIG = TYPE + "config.route.v3.FilterConfig"
+OVERRIDE_HOST = TYPE + "extensions.load_balancing_policies.override_host.v3.OverrideHost"
+FALLBACK_POLICIES = {
+    "LeastRequest": ("least_request", "LeastRequest"),
+    "RoundRobin": ("round_robin", "RoundRobin"),
+    "Random": ("random", "Random"),
+}
 BODY_MODES = {
     "Streamed": "STREAMED",
     "Buffered": "BUFFERED",
@@ -91,6 +99,8 @@ def ext_proc_filter(
     }
     if "messageTimeout" in ext:
         config["message_timeout"] = duration(ext["messageTimeout"])
+    if "statusOnError" in ext:
+        config["status_on_error"] = {"code": ext["statusOnError"]}
     writable = ext.get("metadata", {}).get("writableNamespaces")
     if writable:
         config["metadata_options"] = {"receiving_namespaces": {"untyped": writable}}
@@ -127,20 +137,90 @@ def ext_proc_filter(
     limit = ext.get("backendSettings", {}).get("connection", {}).get("bufferLimit")
     if limit is not None:
         grpc_cluster["per_connection_buffer_limit_bytes"] = quantity(limit)
+    breaker = ext.get("backendSettings", {}).get("circuitBreaker")
+    if breaker:
+        grpc_cluster["circuit_breakers"] = circuit_breakers(breaker)
     filter_name = f"envoy.filters.http.ext_proc/envoyextensionpolicy/{ns}/{name}/extproc/0"
     # Envoy Gateway installs policy filters disabled and switches them on per route.
     return {"name": filter_name, "disabled": True, "typed_config": config}, grpc_cluster
 
 
-def gateway_xds(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    """Listener, RouteConfiguration and clusters for the chart's Gateway and HTTPRoute."""
-    patch = helpers.one(objects, "EnvoyPatchPolicy")
+def circuit_breakers(breaker: dict[str, int]) -> dict[str, Any]:
+    """Envoy Gateway's translation of a circuitBreaker block."""
+    names = {
+        "maxConnections": "max_connections",
+        "maxPendingRequests": "max_pending_requests",
+        "maxParallelRequests": "max_requests",
+    }
+    threshold = {names[k]: v for k, v in breaker.items() if k in names}
+    return {"thresholds": [{"priority": "DEFAULT", **threshold}]}
+
+
+def endpoint_override_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """The cluster's load_balancing_policy for a BackendTrafficPolicy endpoint override."""
+    balancer = policy["spec"]["loadBalancer"]
+    name, kind = FALLBACK_POLICIES[balancer["type"]]
+    fallback = {
+        "policies": [
+            {
+                "typed_extension_config": {
+                    "name": f"envoy.load_balancing_policies.{name}",
+                    "typed_config": {
+                        "@type": f"{TYPE}extensions.load_balancing_policies.{name}.v3.{kind}"
+                    },
+                }
+            }
+        ]
+    }
+    sources = [{"header": s["header"]} for s in balancer["endpointOverride"]["extractFrom"]]
+    return {
+        "policies": [
+            {
+                "typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.override_host",
+                    "typed_config": {
+                        "@type": OVERRIDE_HOST,
+                        "override_host_sources": sources,
+                        "fallback_policy": fallback,
+                    },
+                }
+            }
+        ]
+    }
+
+
+def static_endpoints(addresses: list[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "lb_endpoints": [
+                {
+                    "endpoint": {
+                        "address": {
+                            "socket_address": {
+                                "address": address.rpartition(":")[0],
+                                "port_value": int(address.rpartition(":")[2]),
+                            }
+                        }
+                    }
+                }
+                for address in addresses
+            ]
+        }
+    ]
+
+
+def gateway_xds(
+    objects: list[dict[str, Any]], backend_endpoints: list[str] | None = None
+) -> dict[str, Any]:
+    """Listener, RouteConfiguration and clusters for the chart's Gateway and HTTPRoute;
+    `backend_endpoints` stand for what EDS would give for the route's backend Service."""
     route = helpers.one(objects, "HTTPRoute")
     policy = helpers.one(objects, "EnvoyExtensionPolicy")
     ctp = [o for o in objects if o["kind"] == "ClientTrafficPolicy"]
-    gateway = patch["spec"]["targetRef"]["name"]
-    gw_ns = patch["metadata"]["namespace"]
-    listener_name = route["spec"]["parentRefs"][0]["sectionName"]
+    (parent,) = route["spec"]["parentRefs"]
+    gateway = parent["name"]
+    gw_ns = parent.get("namespace", route["metadata"]["namespace"])
+    listener_name = parent["sectionName"]
     xds_name = f"{gw_ns}/{gateway}/{listener_name}"
     ns, name = route["metadata"]["namespace"], route["metadata"]["name"]
 
@@ -213,10 +293,20 @@ def gateway_xds(objects: list[dict[str, Any]]) -> dict[str, Any]:
         }
 
     assert backend["kind"] == "Service"
+    rule_cluster = placeholder(rule_name)
+    for traffic in helpers.all_of(objects, "BackendTrafficPolicy"):
+        if {"kind": "HTTPRoute", "name": name} in [
+            {"kind": t["kind"], "name": t["name"]} for t in traffic["spec"]["targetRefs"]
+        ]:
+            rule_cluster["load_assignment"]["endpoints"] = static_endpoints(
+                backend_endpoints or [f"127.0.0.1:{backend['port']}"]
+            )
+            rule_cluster["load_balancing_policy"] = endpoint_override_policy(traffic)
+            rule_cluster["circuit_breakers"] = circuit_breakers(traffic["spec"]["circuitBreaker"])
     return {
         "listener": listener,
         "routes": routes,
-        "clusters": [placeholder(rule_name), placeholder(decoy_name), grpc_cluster],
+        "clusters": [rule_cluster, placeholder(decoy_name), grpc_cluster],
     }
 
 
@@ -301,18 +391,25 @@ def envoy_validate(config: dict[str, Any], tmp_path: Path) -> subprocess.Complet
     return localstack.validate_envoy_config(path)
 
 
-def patched(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, int]]:
-    xds = gateway_xds(objects)
-    counts = apply_patches(xds, helpers.one(objects, "EnvoyPatchPolicy"))
+def patched(
+    objects: list[dict[str, Any]], backend_endpoints: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, int]]:
+    xds = gateway_xds(objects, backend_endpoints)
+    counts: dict[str, int] = {}
+    for patch in helpers.all_of(objects, "EnvoyPatchPolicy"):
+        counts |= apply_patches(xds, patch)
     return xds, counts
 
 
 SOURCES = {
     "chart": lambda: helpers.render(helpers.ENVOY_GATEWAY),
+    "chart-original-dst": lambda: helpers.render(helpers.ORIGINAL_DST),
     "chart-full-duplex": lambda: helpers.render(helpers.FULL_DUPLEX),
     "chart-all-on": lambda: helpers.render(helpers.ALL_ON),
     "envoy/gateway": helpers.plain_manifests,
 }
+ORIGINAL_DST_SOURCES = ["chart-original-dst"]
+OVERRIDE_SOURCES = sorted(set(SOURCES) - set(ORIGINAL_DST_SOURCES))
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
@@ -327,7 +424,7 @@ def test_envoy_accepts_the_patched_gateway_config(source: str, tmp_path: Path) -
     assert "OK" in result.stdout
 
 
-@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("source", ORIGINAL_DST_SOURCES)
 def test_the_inference_route_goes_to_the_original_dst_cluster(source: str) -> None:
     objects = SOURCES[source]()
     xds, _ = patched(objects)
@@ -348,6 +445,26 @@ def test_the_inference_route_goes_to_the_original_dst_cluster(source: str) -> No
     # Another HTTPRoute's route on the same listener keeps its own backend.
     decoy = routes[DECOY_RULE.format(ns=ns, name=name) + "/match/0/*"]
     assert decoy["route"]["cluster"] == DECOY_RULE.format(ns=ns, name=name)
+
+
+@pytest.mark.parametrize("source", OVERRIDE_SOURCES)
+def test_the_inference_route_overrides_its_endpoint_from_the_header(source: str) -> None:
+    objects = SOURCES[source]()
+    xds, counts = patched(objects)
+    route = helpers.one(objects, "HTTPRoute")
+    ns, name = route["metadata"]["namespace"], route["metadata"]["name"]
+    routes = {r["name"]: r for r in xds["routes"]["virtual_hosts"][0]["routes"]}
+    target = routes[HTTPROUTE_RULE.format(ns=ns, name=name) + "/match/0/*"]
+    (cluster,) = [c for c in xds["clusters"] if c["name"] == target["route"]["cluster"]]
+
+    # The route keeps its own cluster (no patch retargets it)...
+    assert target["route"]["cluster"] == HTTPROUTE_RULE.format(ns=ns, name=name)
+    assert not [k for k in counts if k.endswith("Cluster") or k.endswith("RouteConfiguration")]
+    # ...whose load balancer takes the endpoint the processor named.
+    (policy,) = cluster["load_balancing_policy"]["policies"]
+    config = policy["typed_extension_config"]["typed_config"]
+    assert config["override_host_sources"] == [{"header": "x-gateway-destination-endpoint"}]
+    assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] == 100000
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
@@ -400,13 +517,15 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str,
         return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
-def test_a_request_is_routed_through_the_patched_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["chart", "chart-original-dst"])
+def test_a_request_is_routed_through_the_patched_config(source: str, tmp_path: Path) -> None:
     """Envoy running the patched Envoy Gateway config, the processor and a simulated
-    engine: the request reaches the pod the processor picked through the ORIGINAL_DST
-    cluster, the processor's own answers pass, and a dead processor is a JSON 503."""
+    engine: the request reaches the pod the processor picked (through the endpoint
+    override among the Service's endpoints, or the ORIGINAL_DST cluster), the
+    processor's own answers pass, and a dead processor is a JSON 503."""
     model = "qwen2.5-0.5b"
-    engine_port, grpc_port, admin_port, listen_port, envoy_admin = (
-        localstack.free_port() for _ in range(5)
+    engine_port, other_port, grpc_port, admin_port, listen_port, envoy_admin = (
+        localstack.free_port() for _ in range(6)
     )
     models = tmp_path / "models.yaml"
     models.write_text(
@@ -421,7 +540,10 @@ def test_a_request_is_routed_through_the_patched_config(tmp_path: Path) -> None:
             }
         )
     )
-    xds, _ = patched(helpers.render(helpers.ENVOY_GATEWAY))
+    # The Service's endpoints: the picked engine and another one serving something else,
+    # which the endpoint override must never choose for this model.
+    endpoints = [f"127.0.0.1:{engine_port}", f"127.0.0.1:{other_port}"]
+    xds, _ = patched(SOURCES[source](), endpoints)
     xds["listener"]["address"]["socket_address"] = {
         "address": "127.0.0.1",
         "port_value": listen_port,
@@ -442,6 +564,7 @@ def test_a_request_is_routed_through_the_patched_config(tmp_path: Path) -> None:
 
     with localstack.ProcessGroup() as group:
         group.add(localstack.start_simulator(engine_port, [model], tmp_path, env=env))
+        group.add(localstack.start_simulator(other_port, ["other-model"], tmp_path, env=env))
         processor = group.add(
             localstack.start_processor(
                 models, tmp_path, grpc_port=grpc_port, admin_port=admin_port, env=env
@@ -452,10 +575,11 @@ def test_a_request_is_routed_through_the_patched_config(tmp_path: Path) -> None:
         )
         localstack.wait_ready(group)
 
-        status, headers, body = post(url, {"model": model, **chat})
-        assert status == 200, body
-        assert headers["x-simulator-pod"] == f"127.0.0.1:{engine_port}"
-        assert body["choices"]
+        for _ in range(10):
+            status, headers, body = post(url, {"model": model, **chat})
+            assert status == 200, body
+            assert headers["x-simulator-pod"] == f"127.0.0.1:{engine_port}"
+            assert body["choices"]
 
         status, _, body = post(url, {"model": "no-such-model", **chat})
         assert status == 404 and body["error"]["code"] == "model_not_found"

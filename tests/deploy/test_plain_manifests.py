@@ -1,14 +1,17 @@
-"""envoy/gateway/ holds the chart's resources as plain manifests for users without Helm;
-they must stay the chart rendered with tests/deploy/data/plain-manifests.values.yaml, and
-fit together with the namespace and Gateway shipped beside them."""
+"""envoy/gateway/ and envoy/inferencepool/ hold the chart's resources as plain manifests
+for users without Helm; they must stay the chart rendered with the values in
+tests/deploy/data (tests/deploy/render_plain.py writes them), and fit together with the
+namespace and Gateway shipped beside them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from tests.deploy import helpers
+from tests.deploy import helpers, render_plain
 
 PLAIN_RELEASE = "gateway-extproc"
 PLAIN_NAMESPACE = "inference"
@@ -34,19 +37,55 @@ def key(obj: dict[str, Any]) -> tuple[str, str, str]:
     return obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
 
 
-def chart_for_plain() -> dict[tuple[str, str, str], dict[str, Any]]:
-    values = yaml.safe_load((helpers.DATA / "plain-manifests.values.yaml").read_text())
+FOLDERS = {
+    helpers.PLAIN: "plain-manifests.values.yaml",
+    helpers.PLAIN_INFERENCEPOOL: "plain-inferencepool.values.yaml",
+}
+
+
+def chart_for_plain(values_file: str) -> dict[tuple[str, str, str], dict[str, Any]]:
+    values = yaml.safe_load((helpers.DATA / values_file).read_text())
     objects = helpers.render(values, release=PLAIN_RELEASE, namespace=PLAIN_NAMESPACE)
     return {key(o): without_helm_bookkeeping(o) for o in objects}
 
 
-def test_plain_manifests_are_the_rendered_chart() -> None:
-    plain = {key(o): o for o in helpers.plain_manifests() if o["kind"] not in NOT_FROM_CHART}
-    chart = chart_for_plain()
+@pytest.mark.parametrize("folder", sorted(FOLDERS), ids=lambda p: p.name)
+def test_plain_manifests_are_the_rendered_chart(folder: Path) -> None:
+    plain = {key(o): o for o in helpers.plain_manifests(folder) if o["kind"] not in NOT_FROM_CHART}
+    chart = chart_for_plain(FOLDERS[folder])
 
     assert sorted(plain) == sorted(chart)
     for k in chart:
         assert plain[k] == chart[k], f"{k} differs from the chart's rendering"
+
+
+@pytest.mark.parametrize("plain", render_plain.FILES, ids=lambda f: str(f.path.name))
+def test_plain_files_are_what_the_renderer_writes(plain: render_plain.PlainFile) -> None:
+    # Comments included: a regenerated file is a reviewable diff, never a surprise.
+    assert plain.path.read_text() == render_plain.text_of(plain), (
+        f"{plain.path} is stale: run .venv/bin/python -m tests.deploy.render_plain"
+    )
+
+
+def test_the_pool_manifests_fit_their_namespace_and_gateway() -> None:
+    objects = helpers.plain_manifests(helpers.PLAIN_INFERENCEPOOL)
+    (namespace,) = helpers.all_of(objects, "Namespace")
+    gateway = helpers.one(objects, "Gateway")
+    pool = helpers.one(objects, "InferencePool")
+    service = helpers.one(objects, "Service")
+    namespaced = [o for o in objects if o["kind"] not in ("Namespace", "GatewayClass")]
+    assert {o["metadata"]["namespace"] for o in namespaced} == {namespace["metadata"]["name"]}
+    assert pool["spec"]["endpointPickerRef"]["name"] == service["metadata"]["name"]
+    for kind in ("HTTPRoute", "AIGatewayRoute"):
+        route = helpers.one(objects, kind)
+        (parent,) = route["spec"]["parentRefs"]
+        assert parent["name"] == gateway["metadata"]["name"]
+        assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == pool["metadata"]["name"]
+    # The example model servers are the pool's pods.
+    for path in sorted((helpers.PLAIN / "examples").glob("*.yaml")):
+        for deployment in yaml.safe_load_all(path.read_text()):
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items(), path.name
 
 
 def test_plain_manifests_fit_their_namespace_and_gateway() -> None:

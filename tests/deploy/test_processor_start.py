@@ -4,8 +4,9 @@ with them, and see it become ready and know the models it should.
 
 Only what cannot exist on a test machine is replaced, the way the kubelet would provide
 it: ports (fixed ports may be taken here, so free ephemeral ones), the listen address
-(loopback), volumes (ConfigMap and emptyDir mounts become temporary folders) and, for
-kubernetes discovery, the cluster: no Kubernetes API server can run here and the
+(loopback), volumes (ConfigMap and emptyDir mounts become temporary folders, a TLS
+Secret a freshly made key pair) and, for kubernetes and inferencepool discovery, the
+cluster: no Kubernetes API server can run here and the
 in-cluster config needs a service-account token at a fixed path, so GATEWAY_KUBECONFIG
 points the processor at tests/fakes' protocol-faithful fake API server instead.
 """
@@ -13,15 +14,21 @@ points the processor at tests/fakes' protocol-faithful fake API server instead.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import ssl
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway_extproc import cli, config
+from gateway_extproc import cli, config, tls
 from gateway_extproc.devtools import localstack
 from tests.deploy import helpers
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
@@ -76,6 +83,11 @@ def materialise_volumes(
             cm = helpers.one(objects, "ConfigMap", volume["configMap"]["name"])
             for key, text in cm["data"].items():
                 (folder / key).write_text(text)
+        elif "secret" in volume:
+            # A kubernetes.io/tls Secret projects tls.crt and tls.key.
+            pair = tls.self_signed_key_pair()
+            (folder / "tls.crt").write_bytes(pair.certificate_pem)
+            (folder / "tls.key").write_bytes(pair.private_key_pem)
         else:
             assert "emptyDir" in volume, f"volume {mount['name']} is neither ConfigMap nor emptyDir"
         local[mount["mountPath"]] = str(folder)
@@ -135,6 +147,8 @@ def launch_chart(
         GATEWAY_ADMIN_PORT=str(localstack.free_port()),
         **(extra_env or {}),
     )
+    if "GATEWAY_GRPC_HEALTH_PORT" in env:
+        env["GATEWAY_GRPC_HEALTH_PORT"] = str(localstack.free_port())
     return args, env
 
 
@@ -224,3 +238,64 @@ def test_processor_starts_with_the_charts_static_models_file(tmp_path: Path) -> 
         assert {p["name"]: p["ready"] for p in model["pods"]} == {"llama-0": True, "llama-1": False}
     finally:
         stop(process)
+
+
+async def health_of(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return reply.status
+
+
+def serving_soon(port: int, service: str) -> bool:
+    for _ in range(100):
+        if asyncio.run(health_of(port, service)) == health_pb2.HealthCheckResponse.SERVING:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("value_set", ["inferencepool", "inferencepool-existing"])
+def test_processor_starts_as_the_charts_pool_picker(value_set: str, tmp_path: Path) -> None:
+    values = helpers.VALUE_SETS[value_set]
+    objects = helpers.render(values)
+    created = helpers.all_of(objects, "InferencePool")
+    with FakeKubeApiServer() as api:
+        # The pool the chart creates (or the existing one it names), in its namespace.
+        if created:
+            spec = created[0]["spec"]
+            selector = spec["selector"]["matchLabels"]
+            ports = [p["number"] for p in spec["targetPorts"]]
+        else:
+            selector, ports = {"app": "shared"}, [localstack.free_port()]
+        name = helpers.settings(objects)["GATEWAY_POOL_NAME"]
+        api.create_pool(name, helpers.NAMESPACE, selector=selector, target_ports=ports)
+        # Loopback: the processor scrapes routable endpoints, which must stay here.
+        api.create_pod(
+            "engine-0",
+            helpers.NAMESPACE,
+            model="pool-model",
+            labels=selector,
+            ip="127.0.0.1",
+            phase="Running",
+            ready=True,
+        )
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+        args, env = launch_chart(values, tmp_path, {"GATEWAY_KUBECONFIG": str(kubeconfig)})
+        process = start(args, env, tmp_path)
+        try:
+            model = debug_models(env)["pool-model"]
+            assert {p["address"] for p in model["pods"]} == {f"127.0.0.1:{p}" for p in ports}
+            # ext_proc is TLS, with the Secret's certificate when the chart mounts one.
+            served = ssl.get_server_certificate(("127.0.0.1", int(env["GATEWAY_GRPC_PORT"])))
+            if "GATEWAY_CERT_PATH" in env:
+                mounted = Path(env["GATEWAY_CERT_PATH"]) / "tls.crt"
+                assert x509.load_pem_x509_certificate(served.encode()) == (
+                    x509.load_pem_x509_certificate(mounted.read_bytes())
+                )
+            health_port = int(env["GATEWAY_GRPC_HEALTH_PORT"])
+            for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
+                # gRPC health follows /readyz within a fraction of a second.
+                assert serving_soon(health_port, service), service
+        finally:
+            stop(process)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import LOCALHOST, ProcessGroup
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import LOCALHOST, ProcessGroup
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
 from tests.integration.stack import (
     SIMULATOR_ARGS,

@@ -7,7 +7,7 @@ import subprocess
 
 import yaml
 
-from gateway_extproc import localstack
+from gateway_extproc.devtools import localstack
 
 CONFIG = localstack.REPO_ROOT / "envoy" / "envoy-inferencepool.yaml"
 

@@ -174,12 +174,14 @@ async def test_health_port_answers_liveness_and_readiness(fake, kubeconfig):
             assert await health(gateway, service) == NOT_SERVING
         fake.come_back()
         for _ in range(200):
-            await server._set_serving(gateway)  # what `serve` does every second
+            await server._set_serving(gateway)  # what `serve` does every 0.2 s
             if await health(gateway, "readiness") == SERVING:
                 break
             await asyncio.sleep(0.05)
         for service in ("readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
             assert await health(gateway, service) == SERVING
+        # The upstream conformance manifests probe this one.
+        assert await health(gateway, "inference-extension") == SERVING
     finally:
         await stop_gateway(gateway)
 

@@ -111,3 +111,13 @@ avoids backslash escapes, which JSONPath string literals would reject.
 {{- int .Values.terminationGracePeriodSeconds }}
 {{- end }}
 {{- end }}
+
+{{/* The InferencePool the processor serves (config.discovery: inferencepool). */}}
+{{- define "gateway-extproc.poolName" -}}
+{{- .Values.inferencePool.name | default (include "gateway-extproc.fullname" .) }}
+{{- end }}
+
+{{/* Does the processor read the cluster (pods, or an InferencePool and its pods)? */}}
+{{- define "gateway-extproc.watchesCluster" -}}
+{{- if has .Values.config.discovery (list "kubernetes" "inferencepool") }}true{{ end }}
+{{- end }}
