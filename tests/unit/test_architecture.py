@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"metrics", "kvevents", "tokenize"},
     {"models"},
     # The package's own __init__ (the version) and the leaves everything may use.
-    {"__init__", "config", "errors", "telemetry", "proto_gen"},
+    {"__init__", "config", "errors", "telemetry", "proto_gen", "tls"},
 ]
 LAYER_OF = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 
