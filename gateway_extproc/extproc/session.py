@@ -545,7 +545,10 @@ class Session:
         pod = self._served_pod_key() if self._decision is not None else ""
         accounting = self._accounting
         if accounting is not None and outcome is Outcome.FINISHED:
-            accounting.record(model_label, pod, now)
+            # A pod deleted while its response was finishing has had its series dropped;
+            # recording under it would bring them back for good (a series per dead pod).
+            live_pod = pod if pod and self._router.registry.pod(pod) is not None else ""
+            accounting.record(model_label, live_pod, now)
         if not self._cfg.access_log:
             return
         ttft = accounting.ttft() if accounting is not None else None

@@ -426,3 +426,20 @@ def test_access_log_line_can_be_switched_off(router, capsys):
         session.handle(frames.response_headers(200, end_of_stream=True))
         captured = capsys.readouterr()
         assert ("request_finished" in captured.out + captured.err) is access_log
+
+
+def test_a_response_that_ends_after_its_pod_was_deleted_leaves_no_series_of_that_pod(
+    router, registry
+):
+    session = new_session(router)
+    routed = start_buffered(session)
+    address = frames.set_headers(routed)["x-gateway-destination-endpoint"]
+    pod_key = next(p.key for p in registry.pods() if p.address == address)
+    session.handle(frames.response_headers(200))
+    registry.delete_pod(pod_key)  # its series are forgotten here
+    usage = b'{"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    session.handle(frames.response_body(usage, end_of_stream=True))
+    assert session.outcome is Outcome.FINISHED
+    for kind in ("prompt", "completion"):
+        labels = {"model": "llama", "pod": pod_key, "kind": kind}
+        assert REGISTRY.get_sample_value("gateway_tokens_total", labels) is None
