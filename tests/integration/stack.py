@@ -258,6 +258,26 @@ def model_addresses(pods: dict[str, Pod], model: str) -> set[str]:
     return {pods[name].address for name, served in SIMULATED_PODS.items() if model in served}
 
 
+# Per-pod fields of /debug/models that move with traffic (requests finishing, pods
+# failing), not with the models file: left out when a test compares dictionaries.
+LIVE_POD_FIELDS = frozenset({"in_flight", "health"})
+
+
+def dictionary_seen(processor: Processor) -> dict[str, Any]:
+    """The processor's dictionary from /debug/models without the live per-pod fields:
+    what a models file edit changes, and nothing that moves while responses finish."""
+    models = processor.get("/debug/models").json()["models"]
+    return {
+        name: {
+            **view,
+            "pods": [
+                {k: v for k, v in pod.items() if k not in LIVE_POD_FIELDS} for pod in view["pods"]
+            ],
+        }
+        for name, view in models.items()
+    }
+
+
 class ModelsFile:
     """The processor's models file, for tests that change the dictionary at run time."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import Response, poll
+from tests.integration.stack import Response, dictionary_seen, poll
 from tests.integration.strategy_stack import (
     FLEET_MODEL,
     PREFIX_MODEL,
@@ -206,12 +206,12 @@ def late_pod(healthy: Fleet) -> Iterator[str]:
     warming-up engine's does, so the processor knows nothing of its load yet."""
     fleet = healthy
     set_faults(fleet.engines["c"], metrics="error")
-    before = fleet.processor.get("/debug/models").json()["models"]
+    before = dictionary_seen(fleet.processor)
     yield "c"
     fleet.models.restore()
     poll(
         "the processor is back on the original models file",
-        lambda: fleet.processor.get("/debug/models").json()["models"],
+        lambda: dictionary_seen(fleet.processor),
         lambda seen: seen == before,
     )
 
