@@ -48,6 +48,8 @@ OBSERVE_ROLE = "observe"
 # type is not asked for.)
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 STATUS_ATTRIBUTE = "response.code"
+# Whether the engine answered (`via_upstream`) or Envoy did, and why (passive health).
+DETAILS_ATTRIBUTE = "response.code_details"
 
 # The endpoint that actually served (Envoy may retry on another), and the subset of
 # endpoints Envoy asks the pick to stay inside.
@@ -83,6 +85,16 @@ def response_status(frame: ext.ProcessingRequest) -> int:
     fields = frame.attributes[ATTRIBUTES_KEY].fields
     status = fields[STATUS_ATTRIBUTE].number_value if STATUS_ATTRIBUTE in fields else 0.0
     return int(status) if 0 < status < 1000 else 0
+
+
+def response_details(frame: ext.ProcessingRequest) -> str | None:
+    """Envoy's response code details from the frame's attributes; None when not sent."""
+    if ATTRIBUTES_KEY not in frame.attributes:
+        return None
+    fields = frame.attributes[ATTRIBUTES_KEY].fields
+    if DETAILS_ATTRIBUTE not in fields:
+        return None
+    return fields[DETAILS_ATTRIBUTE].string_value
 
 
 def subset_hint(frame: ext.ProcessingRequest) -> frozenset[str] | None:

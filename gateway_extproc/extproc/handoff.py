@@ -15,9 +15,16 @@ in the gRPC initial metadata `x-gateway-extproc-role` (`route` or `observe`); a 
 without it is the single-filter shape (Envoy Gateway, envoy-full-duplex.yaml), where the
 response comes on the routing stream as before.
 
-A parked session nobody claims (the client left before Envoy reached the observer, or
-the observer filter is missing) is closed as aborted after CLAIM_WINDOW_S, so its pod's
-in-flight count does not stay up.
+Envoy opens the observer stream as soon as it has the routing answer, right after it
+ends the routing stream. So a parked session still unclaimed ORPHAN_GRACE_S after its
+routing stream ended never will be: the client left before Envoy got to the observer (or
+the observer stream was reset before the processor read it, which a client that leaves
+also causes). It is closed as cancelled then, and its pod's in-flight count released,
+rather than counted as a missing observer. The exception is a processor on which no
+observer stream has claimed anything for a while (OBSERVERS_SEEN_S): there the observer
+filter, or the forwarding of its metadata, is probably missing, and the session counts
+as such (`gateway_observer_missing_total`, with a warning). A session whose routing stream
+never ends is closed as aborted after CLAIM_WINDOW_S, counted the same way.
 """
 
 from __future__ import annotations
@@ -38,12 +45,23 @@ log = structlog.get_logger("gateway_extproc.handoff")
 # Envoy opens the observer stream right after the routing answer arrives; only a
 # processor that is far behind takes seconds to read it.
 CLAIM_WINDOW_S = 10.0
+# The observer's first frame normally comes within milliseconds of the routing stream's
+# end (it usually comes first); a processor that lags further than this behind has lost
+# the observer stream anyway (Envoy resets it after its deferred_close_timeout).
+ORPHAN_GRACE_S = 1.0
+# A claim this recent shows the observer filter works: an unclaimed session is then a
+# client that left, not a configuration problem.
+OBSERVERS_SEEN_S = 60.0
 _WARN_EVERY_S = 60.0
 
 
 class Handoff:
-    def __init__(self, claim_window_s: float = CLAIM_WINDOW_S) -> None:
+    def __init__(
+        self, claim_window_s: float = CLAIM_WINDOW_S, orphan_grace_s: float = ORPHAN_GRACE_S
+    ) -> None:
         self._window = claim_window_s
+        self._grace = orphan_grace_s
+        self._claimed_at = float("-inf")
         self._parked: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
         # Unique across processor restarts and replicas sharing one Envoy.
         self._prefix = f"{os.getpid():x}-{secrets.token_hex(4)}-"
@@ -68,15 +86,29 @@ class Handoff:
             return None
         session, timer = entry
         timer.cancel()
+        self._claimed_at = asyncio.get_running_loop().time()
         return session
 
-    def _expire(self, key: str) -> None:
+    def routing_ended(self, key: str) -> None:
+        """The routing stream of `key` ended: its observer comes at once or never."""
+        entry = self._parked.get(key)
+        if entry is None:
+            return  # claimed already (the usual order), or expired
+        session, timer = entry
+        timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._parked[key] = (session, loop.call_later(self._grace, self._expire, key, True))
+
+    def _expire(self, key: str, routing_ended: bool = False) -> None:
         entry = self._parked.pop(key, None)
         if entry is None:
             return
+        now = asyncio.get_running_loop().time()
+        if routing_ended and now - self._claimed_at <= OBSERVERS_SEEN_S:
+            entry[0].close(Outcome.CANCELLED)
+            return
         entry[0].close(Outcome.ABORTED)
         telemetry.HANDOFF_EXPIRED.inc()
-        now = asyncio.get_running_loop().time()
         if now - self._warned_at >= _WARN_EVERY_S:
             self._warned_at = now
             log.warning(

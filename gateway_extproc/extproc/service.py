@@ -55,6 +55,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             session = Session(self._router, self._config, handoff_key)
         looked_up = False  # observer: the first frame has claimed the session (or not)
         parked = False  # routing stream: the session went to the handoff table
+        broken = False  # the stream failed on our side, not because the client left
         recorder = self._recorder()
         self.open_streams += 1
         try:
@@ -85,18 +86,22 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         except asyncio.CancelledError:
             raise  # Envoy cancelled the stream; the session is closed as aborted below
         except Exception:
+            broken = True
             telemetry.FILTER_ERRORS.inc()
             log.exception("stream_failed", outcome=str(session.outcome if session else None))
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in gateway-extproc")
         finally:
             self.open_streams -= 1
-            # A stream that ends before the response is complete was cut short. (How it
-            # ends is no guide: Envoy half-closes and resets every stream at once.) A
-            # routing stream whose session was parked has handed it over: the observer
-            # stream, or the claim window, ends it.
+            # A stream that ends before the response is complete was cut short: the
+            # client left. (How it ends is no guide: Envoy half-closes and resets every
+            # stream at once.) A routing stream whose session was parked has handed it
+            # over: the observer stream ends it, or the handoff table once it is clear
+            # that no observer stream will come.
             cut_short = session is not None and session.outcome is None and not parked
             if session is not None and not parked:
-                session.close(Outcome.ABORTED)
+                session.close(Outcome.ABORTED if broken else Outcome.CANCELLED)
+            if parked:
+                self.handoff.routing_ended(handoff_key)
             if recorder is not None:
                 self._write(recorder, cut_short)
 

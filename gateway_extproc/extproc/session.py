@@ -2,8 +2,9 @@
 
 Plain Python with no I/O: `handle(frame)` returns the responses to send, `close()` ends
 the stream. Each direction moves headers -> body -> done; the session ends `finished`
-(response complete), `rejected` (an ImmediateResponse was sent) or `aborted` (stream
-cancelled or broken). Rules:
+(response complete), `rejected` (an ImmediateResponse was sent), `cancelled` (the stream
+ended before the response did: the client left) or `aborted` (the response was never
+seen, or the stream broke). Rules:
 
 - a body frame after its direction's EndOfStream, a duplicate EndOfStream, or any frame
   after the session ended is a no-op: the empty CONTINUE of its kind (nothing at all in
@@ -75,7 +76,15 @@ class Phase(Enum):
 class Outcome(StrEnum):
     FINISHED = "finished"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"
     ABORTED = "aborted"
+
+
+# How a request cut short by its client is counted and logged: nginx's "client closed
+# request", which no engine or Envoy sends itself.
+CANCELLED_STATUS = 499
+CANCELLED_CODE = "client_cancelled"
+_OUTCOME_CODES = {Outcome.CANCELLED: CANCELLED_CODE, Outcome.ABORTED: "stream_aborted"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +108,7 @@ class Session:
         "_cfg",
         "_configured",
         "_decision",
+        "_details",
         "_error_code",
         "_handoff_key",
         "_headers",
@@ -151,6 +161,7 @@ class Session:
         self._model = ""
         self._decision: RoutingDecision | None = None
         self._status = 0
+        self._details: str | None = None  # Envoy's response code details, when sent
         self._error_code = ""
         # Set while the request waits for its prompt to be prepared off the loop; what
         # the answer needs meanwhile is held in `_held`.
@@ -190,8 +201,9 @@ class Session:
             return self._on_response_body(frame)
         return self._on_response_trailers()
 
-    def close(self, outcome: Outcome = Outcome.ABORTED) -> None:
-        """The stream ended (Envoy closed it, cancelled it, or it broke)."""
+    def close(self, outcome: Outcome = Outcome.CANCELLED) -> None:
+        """The stream ended before the session did: Envoy cancelled it because the client
+        left (CANCELLED), or it broke (ABORTED)."""
         if self.outcome is None:
             self._finish(outcome)
 
@@ -456,6 +468,7 @@ class Session:
         self._start_response(
             frame, int(status) if status.isdigit() else 0, headers.get("content-type", "")
         )
+        self._details = names.response_details(frame)
         if message.end_of_stream:
             self._end_response(time.monotonic())
         if self._cfg.conformance_mode and self._decision is not None:
@@ -469,6 +482,7 @@ class Session:
             # does: nothing in them needs an answer): the status comes as an attribute of
             # the first body frame, and accounting tells JSON from SSE by the body itself.
             self._start_response(frame, names.response_status(frame), content_type="")
+            self._details = names.response_details(frame)
         if self.resp_phase is not Phase.BODY:
             return self._noop("response_body", "response body after end of stream")
         body = frame.response_body
@@ -537,29 +551,32 @@ class Session:
             self._router.release(self._decision)
         known = self._router.registry.lookup(self._model).state is not ModelState.ABSENT
         model_label = self._model if known else telemetry.UNKNOWN_MODEL_LABEL
-        code = self._error_code or ("stream_aborted" if outcome is Outcome.ABORTED else "")
-        telemetry.REQUESTS.labels(model_label, str(self._status), code).inc()
+        status = CANCELLED_STATUS if outcome is Outcome.CANCELLED else self._status
+        code = self._error_code or _OUTCOME_CODES.get(outcome, "")
+        telemetry.REQUESTS.labels(model_label, str(status), code).inc()
         if outcome is Outcome.REJECTED:
             return  # logged once in _reject (or an answer of the processor's own)
         now = time.monotonic()
         pod = self._served_pod_key() if self._decision is not None else ""
+        # A pod deleted while its response finished has had its series dropped:
+        # recording now would bring them back for good.
+        pod_known = bool(pod) and self._router.registry.pod(pod) is not None
         accounting = self._accounting
         if accounting is not None and outcome is Outcome.FINISHED:
-            # A pod deleted while its response was finishing has had its series dropped;
-            # recording under it would bring them back for good (a series per dead pod).
-            live_pod = pod if pod and self._router.registry.pod(pod) is not None else ""
-            accounting.record(model_label, live_pod, now)
+            accounting.record(model_label, pod if pod_known else "", now)
         if not self._cfg.access_log:
             return
+        # A cancelled request also says what the engine (or Envoy) had answered so far.
+        cancelled = {"response_status": self._status} if outcome is Outcome.CANCELLED else {}
         ttft = accounting.ttft() if accounting is not None else None
         usage = accounting.usage if accounting is not None else None
         log.info(
-            "request_finished" if outcome is Outcome.FINISHED else "request_aborted",
+            f"request_{outcome}",
             request_id=self._request_id,
             model=self._model,
             pod=pod,
             strategy=self._decision.strategy if self._decision else "",
-            status=self._status,
+            status=status,
             duration_ms=round((now - self._started) * 1000, 3),
             routing_ms=round((self._routed_at - self._started) * 1000, 3)
             if self._routed_at
@@ -567,4 +584,5 @@ class Session:
             first_token_ms=round(ttft * 1000, 3) if ttft is not None else None,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
+            **cancelled,
         )

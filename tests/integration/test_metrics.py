@@ -3,8 +3,11 @@ counted, and a request stops being in flight once it is over, however it ended."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -132,4 +135,49 @@ def test_a_client_that_leaves_before_the_response_starts_is_released_at_once(
     )
     # Released by the client's leaving, not by the claim window running out (which
     # would count the observer stream as missing).
+    assert observer_missing(processor) == missing_before
+
+
+CANCELLED_STREAMS = 80
+
+
+def hang_up_after(port: int, delay: float) -> None:
+    """Send a long streamed completion and hang up `delay` seconds later, whatever has
+    come back by then (nothing, the headers, some events)."""
+    with socket.create_connection((LOCALHOST, port), timeout=10) as sock:
+        sock.sendall(long_chat(stream=True))
+        sock.settimeout(0.01)
+        end = time.monotonic() + delay
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                if not sock.recv(65536):
+                    return
+
+
+def test_a_burst_of_cancelled_streams_is_counted_as_cancelled_and_released(
+    gateway: Gateway, processor: Processor
+) -> None:
+    before = samples(processor, "gateway_requests_total")
+    missing_before = observer_missing(processor)
+
+    # Clients hang up at every stage: while Envoy asks the processor where to go, just
+    # after the routing answer (before Envoy reaches the observer filter), and mid-stream.
+    with ThreadPoolExecutor(CANCELLED_STREAMS) as pool:
+        hang_ups = [(i % 16) * 0.02 for i in range(CANCELLED_STREAMS)]
+        list(pool.map(lambda delay: hang_up_after(gateway.port, delay), hang_ups))
+
+    poll(
+        "every cancelled stream is released",
+        lambda: sum(in_flight(processor).values()),
+        lambda total: total == 0,
+    )
+    after = samples(processor, "gateway_requests_total")
+    new = {
+        dict(k)["status"] + " " + dict(k)["code"]: v - before.get(k, 0.0) for k, v in after.items()
+    }
+    new = {outcome: count for outcome, count in new.items() if count}
+    # Each one is a client's cancel: nothing recorded with no status (0), nothing taken
+    # for a missing observer filter (which would also hold the pod for 10 s).
+    assert set(new) == {"499 client_cancelled"}, new
+    assert 0 < new["499 client_cancelled"] <= CANCELLED_STREAMS
     assert observer_missing(processor) == missing_before

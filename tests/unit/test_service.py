@@ -168,16 +168,49 @@ async def test_a_routed_request_no_observer_claims_is_released_after_the_window(
 ):
     from prometheus_client import REGISTRY
 
+    # No observer stream has ever claimed a session here: the observer filter is
+    # missing, and the request says so once its routing stream has ended.
     monkeypatch.setattr(gateway.processor.handoff, "_window", 0.05)
+    monkeypatch.setattr(gateway.processor.handoff, "_grace", 0.05)
     missing = REGISTRY.get_sample_value("gateway_observer_missing_total") or 0.0
     await route_one(channel)
     assert gateway.inflight.total() == 1
+    await released(gateway)
+    assert REGISTRY.get_sample_value("gateway_observer_missing_total") == missing + 1
+
+
+async def released(gateway) -> None:
     for _ in range(100):
         if gateway.inflight.total() == 0:
-            break
+            return
         await asyncio.sleep(0.02)
     assert gateway.inflight.total() == 0
-    assert REGISTRY.get_sample_value("gateway_observer_missing_total") == missing + 1
+
+
+def cancelled_requests() -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "llama", "status": "499", "code": "client_cancelled"}
+    return REGISTRY.get_sample_value("gateway_requests_total", labels) or 0.0
+
+
+async def test_a_client_that_leaves_before_envoy_reaches_the_observer_is_a_cancel(
+    gateway, channel, monkeypatch
+):
+    from prometheus_client import REGISTRY
+
+    # Observers work on this processor: one has just claimed a session.
+    await test_the_observer_stream_finishes_what_the_routing_stream_routed(gateway, channel)
+    missing = REGISTRY.get_sample_value("gateway_observer_missing_total") or 0.0
+    cancelled = cancelled_requests()
+    # The claim window stays long: only the routing stream's end may release the pod.
+    monkeypatch.setattr(gateway.processor.handoff, "_grace", 0.05)
+
+    await route_one(channel)  # routed; the client leaves, so no observer stream comes
+
+    await released(gateway)
+    assert REGISTRY.get_sample_value("gateway_observer_missing_total") == missing
+    assert cancelled_requests() == cancelled + 1
 
 
 async def test_an_observer_without_a_known_key_changes_nothing(gateway, channel):

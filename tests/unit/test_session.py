@@ -166,12 +166,24 @@ def test_cancelled_stream_releases_in_flight_exactly_once(router):
     session = new_session(router)
     start_buffered(session)
     session.handle(frames.response_headers(200))
-    before = requests_total("llama", "200", "stream_aborted")
+    before = requests_total("llama", "499", "client_cancelled")
     session.close()
     session.close()
+    # A client that leaves mid-response is counted as a cancel (nginx's 499), not as
+    # the 200 the engine had started.
+    assert session.outcome is Outcome.CANCELLED
+    assert router.inflight.total() == 0
+    assert requests_total("llama", "499", "client_cancelled") == before + 1
+
+
+def test_a_stream_that_breaks_is_aborted_not_cancelled(router):
+    session = new_session(router)
+    start_buffered(session)
+    before = requests_total("llama", "0", "stream_aborted")
+    session.close(Outcome.ABORTED)
     assert session.outcome is Outcome.ABORTED
     assert router.inflight.total() == 0
-    assert requests_total("llama", "200", "stream_aborted") == before + 1
+    assert requests_total("llama", "0", "stream_aborted") == before + 1
 
 
 def test_frames_after_close_are_no_ops(router):
