@@ -10,10 +10,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway_extproc.models.registry import ModelRegistry
+from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 
 
-def models_debug_view(registry: ModelRegistry, inflight: InFlightCounter) -> dict[str, object]:
+def models_debug_view(
+    registry: ModelRegistry, inflight: InFlightCounter, health: PodHealth | None = None
+) -> dict[str, object]:
+    health = health or PodHealth()
     return {
         "synced": registry.synced,
         "models": {
@@ -27,6 +31,7 @@ def models_debug_view(registry: ModelRegistry, inflight: InFlightCounter) -> dic
                         "terminating": pod.terminating,
                         "routable": pod.routable,
                         "in_flight": inflight.count(pod.key),
+                        "health": health.describe(pod.key),
                     }
                     for pod in view.pods
                 ],
@@ -41,6 +46,7 @@ def build_admin_app(
     inflight: InFlightCounter,
     is_ready: Callable[[], bool],
     kv_events: Callable[[], dict[str, Any]] | None = None,
+    health: PodHealth | None = None,
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -55,7 +61,9 @@ def build_admin_app(
 
     async def debug_models(_: web.Request) -> web.Response:
         return web.Response(
-            body=orjson.dumps(models_debug_view(registry, inflight), option=orjson.OPT_INDENT_2),
+            body=orjson.dumps(
+                models_debug_view(registry, inflight, health), option=orjson.OPT_INDENT_2
+            ),
             content_type="application/json",
         )
 

@@ -46,6 +46,11 @@ class Settings:
     tokenizers_dir: str = ""
     kv_events_port: int = 5557
     kv_events_dead_after: float = 10.0
+    # passive health (routing/health.py)
+    eject_after: int = 5
+    eject_base_seconds: float = 5.0
+    eject_max_seconds: float = 60.0
+    eject_max_fraction: float = 0.5
     # Kubernetes discovery
     kubeconfig: str = ""
     kube_context: str = ""
@@ -161,6 +166,13 @@ def positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
         raise ValueError("must be a positive number")
+    return value
+
+
+def fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
     return value
 
 
@@ -317,6 +329,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         default=d.kv_events_dead_after,
         help="seconds a pod's event socket may stay unconnected before it counts as dead",
     )
+    add_health_arguments(parser, d)
     add_kubernetes_arguments(parser, d)
     add_picker_arguments(parser, d)
 
@@ -373,6 +386,38 @@ def add_picker_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
         default=d.conformance_mode,
         help="honour test-epp-endpoint-selection and echo x-conformance-test-served-endpoint "
         "(the upstream conformance suite; never in production)",
+    )
+
+
+def add_health_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
+    add_flag(
+        parser,
+        "--eject-after",
+        type=non_negative_int,
+        default=d.eject_after,
+        help="consecutive failures (connect errors, timeouts, 5xx, refused metrics scrapes) "
+        "after which a pod is left out of routing (0: never)",
+    )
+    add_flag(
+        parser,
+        "--eject-base-seconds",
+        type=positive_float,
+        default=d.eject_base_seconds,
+        help="how long a first ejection lasts; each further one in a row lasts twice as long",
+    )
+    add_flag(
+        parser,
+        "--eject-max-seconds",
+        type=positive_float,
+        default=d.eject_max_seconds,
+        help="the longest an ejection lasts",
+    )
+    add_flag(
+        parser,
+        "--eject-max-fraction",
+        type=fraction,
+        default=d.eject_max_fraction,
+        help="largest share of a model's pods left out at once (at least one pod may be)",
     )
 
 

@@ -29,6 +29,7 @@ from gateway_extproc.metrics import MetricsScraper, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.source import DiscoverySource, create_source
 from gateway_extproc.routing.catalog import build_catalog
+from gateway_extproc.routing.health import HealthPolicy, PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 from gateway_extproc.routing.router import Router
@@ -91,6 +92,8 @@ async def start_gateway(settings: Settings) -> Gateway:
     inflight = InFlightCounter()
     registry.on_pod_removed(inflight.forget)
     registry.on_pod_removed(lambda pod: telemetry.forget_pod_series(pod.key))
+    pod_health = PodHealth(health_policy(settings), in_flight=inflight.count)
+    registry.on_pod_removed(pod_health.forget)
     store = MetricsStore(staleness=settings.metrics_staleness)
     scraper = MetricsScraper(
         registry,
@@ -98,6 +101,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         interval=settings.metrics_interval,
         timeout=settings.metrics_timeout,
         concurrency=settings.metrics_concurrency,
+        on_unreachable=pod_health.scrape_unreachable,
     )
     kv_index = KVBlockIndex()
     kv_events = KVEventSubscriber(registry, kv_index, dead_after=settings.kv_events_dead_after)
@@ -120,6 +124,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         fallback_endpoints=settings.fallback_endpoints,
         retry_after=settings.retry_after_seconds,
         preparer=preparer,
+        health=pod_health,
     )
     processor = ExternalProcessor(
         router,
@@ -172,7 +177,11 @@ async def start_gateway(settings: Settings) -> Gateway:
 
     gateway_ref: list[Gateway] = []
     admin_app = build_admin_app(
-        registry, inflight, lambda: gateway_ref[0].ready(), kv_events=kv_events.streams
+        registry,
+        inflight,
+        lambda: gateway_ref[0].ready(),
+        kv_events=kv_events.streams,
+        health=pod_health,
     )
     admin = web.AppRunner(admin_app, access_log=None)
     await admin.setup()
@@ -237,6 +246,15 @@ async def _set_serving(gateway: Gateway, previous: bool | None = None) -> bool:
         for service in READY_SERVICES:
             await gateway.health.set(service, status)
     return ready
+
+
+def health_policy(settings: Settings) -> HealthPolicy:
+    return HealthPolicy(
+        eject_after=settings.eject_after,
+        base_seconds=settings.eject_base_seconds,
+        max_seconds=max(settings.eject_max_seconds, settings.eject_base_seconds),
+        max_fraction=settings.eject_max_fraction,
+    )
 
 
 async def stop_gateway(gateway: Gateway) -> None:

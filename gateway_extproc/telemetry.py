@@ -203,3 +203,16 @@ PROMPT_TOKENIZE = Counter(
     "outcome (done, no_tokenizer, failed, busy, unsupported).",
     ["outcome"],
 )
+
+# -- passive health (gateway_extproc.routing.health) ---------------------------------------
+
+POD_EJECTIONS = Counter(
+    "gateway_pod_ejections_total",
+    "Times a pod was left out of routing after consecutive failures (connect failures, "
+    "timeouts, 5xx, refused metrics scrapes), by pod.",
+    ["pod"],
+)
+PODS_EJECTED = Gauge(
+    "gateway_pods_ejected",
+    "Pods ejected and not yet let back in by a successful request.",
+)

@@ -137,6 +137,22 @@ def single_filter_shape(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def pod_routes(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The route actions of a parsed shipped bootstrap that send requests to the pods
+    (cluster `inference_pods`), for tests and benchmarks that adjust their timeouts."""
+    return [
+        entry["route"]
+        for listener in doc["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for network_filter in chain["filters"]
+        for host in network_filter.get("typed_config", {})
+        .get("route_config", {})
+        .get("virtual_hosts", [])
+        for entry in host["routes"]
+        if entry.get("route", {}).get("cluster") == "inference_pods"
+    ]
+
+
 # -- ports ----------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from gateway_extproc.openai.requests import (
     with_include_usage,
 )
 from gateway_extproc.routing.base import RoutingRequest, Strategy
+from gateway_extproc.routing.health import verdict
 from gateway_extproc.routing.router import Router, RoutingDecision
 
 log = structlog.get_logger("gateway_extproc.session")
@@ -558,9 +559,11 @@ class Session:
             return  # logged once in _reject (or an answer of the processor's own)
         now = time.monotonic()
         pod = self._served_pod_key() if self._decision is not None else ""
-        # A pod deleted while its response finished has had its series dropped:
-        # recording now would bring them back for good.
+        # A pod deleted while its response finished has had its series dropped (and its
+        # health forgotten): recording now would bring them back for good.
         pod_known = bool(pod) and self._router.registry.pod(pod) is not None
+        if pod_known and outcome is Outcome.FINISHED:
+            self._router.health.record(pod, *verdict(self._status, self._details))
         accounting = self._accounting
         if accounting is not None and outcome is Outcome.FINISHED:
             accounting.record(model_label, pod if pod_known else "", now)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from functools import partial
 
 import aiohttp
@@ -66,6 +67,7 @@ class MetricsScraper:
         concurrency: int = 64,
         max_scrapes_per_second: float = 1000.0,
         path: str = "/metrics",
+        on_unreachable: Callable[[Pod], None] | None = None,
     ) -> None:
         if min(interval, timeout, concurrency, max_scrapes_per_second) <= 0:
             raise ValueError(
@@ -87,6 +89,8 @@ class MetricsScraper:
         self._routable = 0
         self._slow_warned_at: float | None = None
         self.path = path
+        # Told of every scrape that could not connect (passive health counts them).
+        self._on_unreachable = on_unreachable
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._scrapes: dict[str, asyncio.Task[None]] = {}
@@ -312,6 +316,8 @@ class MetricsScraper:
         if self.registry.pod(key) is None:
             return  # deleted meanwhile; its failure series are gone and must stay gone
         self.store.record_failure(key, reason)
+        if reason == "connect" and self._on_unreachable is not None:
+            self._on_unreachable(pod)
         now = time.monotonic()
         last = self._warned_at.get(key)
         if last is None or now - last >= WARN_EVERY_SECONDS:

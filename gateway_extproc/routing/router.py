@@ -10,6 +10,7 @@ from gateway_extproc import errors, telemetry
 from gateway_extproc.models.registry import ModelRegistry, ModelState, ModelView, Pod
 from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import StrategyCatalog
+from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 
@@ -40,6 +41,7 @@ class Router:
         fallback_endpoints: int = 0,
         retry_after: int = 5,
         preparer: PromptPreparer | None = None,
+        health: PodHealth | None = None,
     ) -> None:
         default = catalog.resolve(default_strategy)
         if default is None:
@@ -48,6 +50,8 @@ class Router:
             )
         self.registry = registry
         self.inflight = inflight
+        # Sessions report how each response ended; failing pods drop out of candidates.
+        self.health = health or PodHealth(in_flight=inflight.count)
         self._catalog = catalog
         self._default = default
         self._fallbacks = fallback_endpoints
@@ -102,6 +106,7 @@ class Router:
                 raise errors.no_ready_pods(
                     request.model, self._retry_after, " inside the requested endpoint subset"
                 )
+        candidates = self.health.usable(candidates)
         ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
         # The snapshot may be older than the registry: a pod that turned terminating
         # since must never be chosen.

@@ -113,6 +113,10 @@ class Fleet:
     processor: Processor
     gateway: Gateway
     models: ModelsFile
+    group: ProcessGroup  # every process, the engines' included (restarted ones too)
+    log_dir: Path
+    env: Mapping[str, str]
+    name: str = "strategies"
 
     @property
     def process(self) -> ManagedProcess:
@@ -129,39 +133,62 @@ class Fleet:
     def pod_keys(self) -> int:
         return sum(len(served) for served in MODEL_ENGINES.values())
 
+    def start_engine(self, engine: str) -> ManagedProcess:
+        """Start engine `engine` on its address again (after `kill_engine`)."""
+        return start_engine(self.group, self.engines[engine], self.log_dir, self.env, self.name)
+
+    def kill_engine(self, engine: str) -> None:
+        """SIGKILL engine `engine`: a crashed engine, no goodbye to anyone."""
+        for process in self.group:
+            if process.name == f"simulator-{self.name}-{engine}" and process.alive():
+                process.popen.kill()
+                process.stop()
+
+
+def start_engine(
+    group: ProcessGroup, engine: Pod, log_dir: Path, env: Mapping[str, str], fleet: str
+) -> ManagedProcess:
+    """A simulated engine serving every fleet model at `engine`'s address, in `group`."""
+    return group.add(
+        localstack.start_simulator(
+            engine.port,
+            list(MODEL_ENGINES),
+            log_dir,
+            extra_args=SIMULATOR_ARGS,
+            env=env,
+            name=f"simulator-{fleet}-{engine.name}",
+        )
+    )
+
 
 @contextlib.contextmanager
-def running_fleet(log_dir: Path, env: Mapping[str, str]) -> Iterator[Fleet]:
-    """Start the engines and the processor in parallel, then Envoy; stop all at the end."""
+def running_fleet(
+    log_dir: Path,
+    env: Mapping[str, str],
+    *,
+    name: str = "strategies",
+    processor_args: Sequence[str] = (),
+    envoy_config: Path = localstack.ENVOY_CONFIG,
+) -> Iterator[Fleet]:
+    """Start the engines and the processor in parallel, then Envoy; stop all at the end.
+    `processor_args` come after the fleet's own; `name` keeps logs and files apart."""
     engines = {e: Pod(e, f"{LOCALHOST}:{localstack.free_port()}") for e in ENGINES}
-    models_path = log_dir / "strategies-models.yaml"
+    models_path = log_dir / f"{name}-models.yaml"
     models_path.write_text(yaml.safe_dump(fleet_dictionary(engines), sort_keys=False))
-    served = list(MODEL_ENGINES)
     with ProcessGroup() as group:
-        for name, pod in engines.items():
-            group.add(
-                localstack.start_simulator(
-                    pod.port,
-                    served,
-                    log_dir,
-                    extra_args=SIMULATOR_ARGS,
-                    env=env,
-                    name=f"simulator-strategies-{name}",
-                )
-            )
         processor = add_processor(
             group,
             models_path,
             log_dir,
-            extra_args=PROCESSOR_ARGS,
+            extra_args=[*PROCESSOR_ARGS, *processor_args],
             env=env,
-            name="processor-strategies",
+            name=f"processor-{name}",
         )
+        for engine in engines.values():
+            start_engine(group, engine, log_dir, env, name)
         localstack.wait_ready(group, timeout=30.0)
-        with running_gateway(
-            localstack.ENVOY_CONFIG, processor.grpc_port, log_dir, "envoy-strategies"
-        ) as gateway:
-            yield Fleet(engines, processor, gateway, ModelsFile(models_path))
+        with running_gateway(envoy_config, processor.grpc_port, log_dir, f"envoy-{name}") as gw:
+            yield Fleet(engines, processor, gw, ModelsFile(models_path), group, log_dir, env, name)
 
 
 # -- faults on the engines ------------------------------------------------------------

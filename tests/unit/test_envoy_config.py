@@ -153,7 +153,13 @@ def test_processing_modes_are_the_documented_ones() -> None:
     assert observer["metadata_options"]["forwarding_namespaces"]["untyped"] == [
         envoy_names.HANDOFF_NAMESPACE
     ]
-    assert observer["response_attributes"] == [envoy_names.STATUS_ATTRIBUTE]
+    # The details tell an engine's own 5xx from Envoy's for a pod that failed (passive
+    # health counts both); in full duplex the status comes with the response headers.
+    assert observer["response_attributes"] == [
+        envoy_names.STATUS_ATTRIBUTE,
+        envoy_names.DETAILS_ATTRIBUTE,
+    ]
+    assert duplex["response_attributes"] == [envoy_names.DETAILS_ATTRIBUTE]
     # envoy-full-duplex.yaml: one filter, the whole exchange on one stream.
     assert duplex["processing_mode"] == {
         "request_header_mode": "SEND",
@@ -192,3 +198,15 @@ def test_long_streams_do_not_trip_envoys_default_circuit_breakers(path: Path) ->
         (limits,) = cluster(doc, name)["circuit_breakers"]["thresholds"]
         assert limits["max_requests"] >= 100_000
         assert limits["max_pending_requests"] >= 100_000
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_hung_pod_times_out_but_a_long_stream_does_not(path: Path) -> None:
+    (route,) = localstack.pod_routes(yaml.safe_load(path.read_text()))
+    assert route["timeout"] == "0s"  # no deadline on a whole (streamed) response
+    policy = route["retry_policy"]
+    # ...but an attempt that sends nothing for two minutes is over (a 504 that passive
+    # health counts), and a failed connection is tried once more.
+    assert policy["per_try_idle_timeout"] == "120s"
+    assert set(policy["retry_on"].split(",")) == {"reset", "connect-failure", "refused-stream"}
+    assert policy["num_retries"] == 1
