@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import structlog
 
@@ -106,18 +107,27 @@ class PodHealth:
         self.policy = policy or HealthPolicy()
         self._in_flight = in_flight
         self._clock = clock
-        # Only pods with something to remember: the common case (all well) is an empty
-        # dict and routing pays one truth test.
+        # Only pods with something to remember.
         self._pods: dict[str, _State] = {}
+        # The ejected ones (half-open included): routing looks at these alone, so that
+        # with none (the common case) it pays one truth test, and with a few elsewhere
+        # in the fleet a few set operations, whatever the number of candidates.
+        self._ejected: set[str] = set()
+        # By candidate tuple (the registry's per-model views are long-lived tuples):
+        # its keys, and the last filtered result with the keys it left out.
+        self._keys: dict[int, tuple[tuple[Pod, ...], frozenset[str]]] = {}
+        self._filtered: dict[int, tuple[tuple[Pod, ...], frozenset[str], tuple[Pod, ...]]] = {}
 
     # -- routing ------------------------------------------------------------------------
 
     def healthy(self, pod_key: str) -> bool:
         """Whether routing may send this pod a request now."""
-        state = self._pods.get(pod_key)
-        if state is None or not state.until:
+        if pod_key not in self._ejected:
             return True
-        if self._clock() < state.until:
+        return self._admits(pod_key, self._clock())
+
+    def _admits(self, pod_key: str, now: float) -> bool:
+        if now < self._pods[pod_key].until:
             return False
         # Half-open: one probe at a time, and only once earlier requests have ended.
         return self._in_flight(pod_key) == 0
@@ -125,21 +135,38 @@ class PodHealth:
     def usable(self, candidates: tuple[Pod, ...]) -> tuple[Pod, ...]:
         """`candidates` without the ejected pods, within the policy's max fraction; all of
         them when every one is ejected."""
-        if not self._pods:
+        if not self._ejected:
             return candidates
-        healthy = tuple(p for p in candidates if self.healthy(p.key))
-        if len(healthy) == len(candidates) or not healthy:
+        now = self._clock()
+        out = frozenset(key for key in self._ejected if not self._admits(key, now))
+        if not out:
             return candidates
+        out &= self._keys_of(candidates)
+        if not out:
+            return candidates
+        cached = self._filtered.get(id(candidates))
+        if cached is not None and cached[0] is candidates and cached[1] == out:
+            return cached[2]
+        kept = self._leave_out(candidates, out)
+        _remember(self._filtered, candidates, (candidates, out, kept))
+        return kept
+
+    def _leave_out(self, candidates: tuple[Pod, ...], out: frozenset[str]) -> tuple[Pod, ...]:
+        if len(out) == len(candidates):
+            return candidates  # every one is ejected: route anyway
         allowed = max(1, math.floor(self.policy.max_fraction * len(candidates)))
-        if len(candidates) - len(healthy) <= allowed:
-            return healthy
-        # Over the cap: the pods whose ejection ends soonest are let back in first.
-        left_out = sorted(
-            (p for p in candidates if not self.healthy(p.key)),
-            key=lambda p: self._pods[p.key].until,
-        )[-allowed:]
-        out = {p.key for p in left_out}
+        if len(out) > allowed:
+            # Over the cap: the pods whose ejection ends soonest are let back in first.
+            out = frozenset(sorted(out, key=lambda key: self._pods[key].until)[-allowed:])
         return tuple(p for p in candidates if p.key not in out)
+
+    def _keys_of(self, candidates: tuple[Pod, ...]) -> frozenset[str]:
+        cached = self._keys.get(id(candidates))
+        if cached is not None and cached[0] is candidates:
+            return cached[1]
+        keys = frozenset(p.key for p in candidates)
+        _remember(self._keys, candidates, (candidates, keys))
+        return keys
 
     # -- outcomes -----------------------------------------------------------------------
 
@@ -158,6 +185,7 @@ class PodHealth:
         del self._pods[pod_key]
         if not state.until:
             return  # the run of failures is over
+        self._ejected.discard(pod_key)
         telemetry.PODS_EJECTED.dec()
         log.info(
             "pod_restored",
@@ -195,6 +223,7 @@ class PodHealth:
         """A deleted pod: nothing of it stays (its series go too)."""
         state = self._pods.pop(pod.key, None)
         if state is not None and state.until:
+            self._ejected.discard(pod.key)
             telemetry.PODS_EJECTED.dec()
         telemetry.remove_series(telemetry.POD_EJECTIONS, pod.key)
 
@@ -219,6 +248,7 @@ class PodHealth:
         state.failures = 0
         state.ejected_at = now if not state.until else state.ejected_at
         state.until = now + seconds
+        self._ejected.add(pod_key)
         telemetry.POD_EJECTIONS.labels(pod_key).inc()
         log.warning(
             "pod_ejected",
@@ -228,3 +258,14 @@ class PodHealth:
             ejections=state.ejections,
             hint="left out of routing until then; the first request after it is a probe",
         )
+
+
+# Candidate tuples come from the registry's views (one per model, replaced when the
+# model changes) or from a request's subset hint (new each time): a bounded memory.
+_REMEMBERED = 1024
+
+
+def _remember(cache: dict[int, Any], candidates: tuple[Pod, ...], entry: Any) -> None:
+    if len(cache) >= _REMEMBERED:
+        cache.clear()
+    cache[id(candidates)] = entry
