@@ -125,7 +125,7 @@ def test_a_killed_engine_gets_almost_no_traffic_and_its_share_back_once_restarte
         assert set(seen) <= {(200, "a"), (200, "b"), (503, "?")}, seen
         # Passive health leaves the dead pod out after a few failures (or refused
         # metrics scrapes); what still reaches it are the probes after each ejection.
-        assert failed <= 0.1 * len(responses), seen
+        assert failed <= 0.15 * len(responses), seen
     wait_served_again(fleet, strategy)
 
 
@@ -143,7 +143,7 @@ def test_an_engine_answering_500_gets_almost_no_traffic_and_its_share_back_once_
     failed = seen[(500, FAILING)]
     # The engine's own 500s reach the client (not retryable); only a few were sent.
     assert set(seen) <= {(200, "a"), (200, "b"), (500, FAILING)}, seen
-    assert failed <= 0.1 * len(responses), seen
+    assert failed <= 0.15 * len(responses), seen
     wait_served_again(fleet, strategy)
 
 
@@ -161,5 +161,5 @@ def test_a_hung_engine_is_timed_out_by_envoy_and_then_left_out(fleet: Fleet) -> 
     # Envoy's per-try idle timeout ended each request the hung engine held (a 504 of
     # its own); passive health counted them and left the engine out.
     assert set(seen) <= {(200, "a"), (200, "b"), (504, "?")}, seen
-    assert seen[(504, "?")] <= 0.1 * len(responses), seen
+    assert seen[(504, "?")] <= 0.15 * len(responses), seen
     wait_served_again(fleet, "random")
