@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway_extproc import localstack
+from gateway_extproc.devtools import localstack
 from tests.integration.stack import Response, poll
 from tests.integration.strategy_stack import (
     FLEET_MODEL,
