@@ -84,7 +84,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                 for answer in answers:
                     yield answer
         except asyncio.CancelledError:
-            raise  # Envoy cancelled the stream; the session is closed as aborted below
+            raise  # Envoy cancelled the stream; the session is closed as cancelled below
         except Exception:
             broken = True
             telemetry.FILTER_ERRORS.inc()
