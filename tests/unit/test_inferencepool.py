@@ -4,8 +4,6 @@ pool and of its pods, and empties when the pool goes away."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,20 +28,13 @@ from tests.fakes.kube_apiserver import (
     pool_object,
     write_kubeconfig,
 )
+from tests.waiting import eventually
 
 POOL = "vllm-llama"
 APP = {"app": "vllm-llama"}
 FAST = WatchTiming(backoff_base=0.05, backoff_max=0.3, request_timeout=5.0, watch_timeout=30.0)
 
 MakeSource = Callable[..., tuple[InferencePoolSource, ModelRegistry]]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.02)
 
 
 def addresses(registry: ModelRegistry, model: str) -> set[str]:

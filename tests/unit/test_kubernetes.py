@@ -31,6 +31,7 @@ from tests.fakes.kube_apiserver import (
     pod_object,
     write_kubeconfig,
 )
+from tests.waiting import eventually
 
 PORT_LABEL = "model.aibrix.ai/port"
 METRIC_PORT_LABEL = "model.aibrix.ai/metric-port"
@@ -43,16 +44,6 @@ FAST: dict[str, Any] = {
 }
 
 MakeSource = Callable[..., Awaitable[tuple[KubernetesSource, ModelRegistry]]]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.02)
 
 
 def state(registry: ModelRegistry, model: str) -> ModelState:

@@ -8,8 +8,7 @@ informer's own updates of the same pod.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,11 @@ from gateway_extproc.models.adapters import adapters_in
 from gateway_extproc.models.kubernetes import KubernetesOptions, KubernetesSource
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
+from tests.waiting import eventually
 
 BASE = {"id": "llama", "object": "model", "root": "meta-llama/Llama-3.1-8B", "parent": None}
 SQL = {"id": "sql-lora", "object": "model", "root": "/adapters/sql", "parent": "llama"}
 CHAT = {"id": "chat-lora", "object": "model", "root": "/adapters/chat", "parent": "llama"}
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {check}")
-        await asyncio.sleep(0.02)
 
 
 class Engine:
