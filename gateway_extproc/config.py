@@ -69,6 +69,16 @@ class Settings:
     grpc_health_port: int = 9003  # gRPC health on its own port (inferencepool discovery)
     conformance_mode: bool = False
 
+    # flow control (docs/configuration.md, "Flow control")
+    saturation_queue: int = 5
+    max_inflight_per_pod: int = 512
+    queue_timeout: float = 30.0
+    wait_for_pods: float = 3.0
+    flow_config: str = ""
+    redis_url: str = ""
+    header_policy: tuple[tuple[str, str], ...] = ()
+    flow_metadata: bool = False
+
     @property
     def serves_tls(self) -> bool:
         """Is the ext_proc port TLS? By default only for InferencePool discovery, where
@@ -174,6 +184,40 @@ def fraction(raw: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError("must be between 0 and 1")
     return value
+
+
+# Who may set which request header (--header-policy): the names the flag takes, the
+# headers they stand for, and the policies (flowcontrol/config.py's HeaderTrust).
+PRIORITY = "priority"
+OBJECTIVE = "objective"
+FAIRNESS_ID = "fairness-id"
+ROUTING_STRATEGY = "routing-strategy"
+CONTROLLED_HEADERS = {
+    PRIORITY: "x-gateway-priority",
+    OBJECTIVE: "x-gateway-inference-objective",
+    FAIRNESS_ID: "x-gateway-inference-fairness-id",
+    ROUTING_STRATEGY: "routing-strategy",
+}
+HEADER_POLICIES = ("trusted", "ignored", "rejected")
+
+
+def header_policy(raw: str) -> tuple[tuple[str, str], ...]:
+    """Parse `priority=ignored,routing-strategy=rejected` into (header, policy) pairs."""
+    pairs: dict[str, str] = {}
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, policy = item.partition("=")
+        name, policy = name.strip().lower(), policy.strip().lower()
+        if not sep or name not in CONTROLLED_HEADERS:
+            raise ValueError(
+                f"{item!r} is not NAME=POLICY with NAME one of {', '.join(CONTROLLED_HEADERS)}"
+            )
+        if policy not in HEADER_POLICIES:
+            raise ValueError(f"{item!r}: the policy must be one of {', '.join(HEADER_POLICIES)}")
+        pairs[CONTROLLED_HEADERS[name]] = policy
+    return tuple(pairs.items())
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequence[str]) -> None:
@@ -332,6 +376,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
     add_health_arguments(parser, d)
     add_kubernetes_arguments(parser, d)
     add_picker_arguments(parser, d)
+    add_flow_arguments(parser, d)
 
 
 def add_go_bool(parser: argparse.ArgumentParser, flag: str, *, default: Any, help: str) -> None:
@@ -418,6 +463,64 @@ def add_health_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
         type=fraction,
         default=d.eject_max_fraction,
         help="largest share of a model's pods left out at once (at least one pod may be)",
+    )
+
+
+def add_flow_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
+    add_flag(
+        parser,
+        "--saturation-queue",
+        type=non_negative_int,
+        default=d.saturation_queue,
+        help="a pod whose engine reports more waiting requests than this is full (0: off)",
+    )
+    add_flag(
+        parser,
+        "--max-inflight-per-pod",
+        type=non_negative_int,
+        default=d.max_inflight_per_pod,
+        help="a pod with this many of our requests in flight is full (0: off)",
+    )
+    add_flag(
+        parser,
+        "--queue-timeout",
+        type=positive_float,
+        default=d.queue_timeout,
+        help="seconds a request waits for a pod with room before 429 queue_timeout",
+    )
+    add_flag(
+        parser,
+        "--wait-for-pods",
+        type=non_negative_float,
+        default=d.wait_for_pods,
+        help="seconds a request for a model with no ready pod waits for one (0: 503 at once)",
+    )
+    add_flag(
+        parser,
+        "--flow-config",
+        default=d.flow_config,
+        help="YAML file with objectives (name -> priority) and per-tenant rate limits",
+    )
+    add_flag(
+        parser,
+        "--redis-url",
+        default=d.redis_url,
+        help="count rate limits in this Redis, shared by every replica (default: per process)",
+    )
+    add_flag(
+        parser,
+        "--header-policy",
+        type=header_policy,
+        default=d.header_policy,
+        help="who may set which header: NAME=trusted|ignored|rejected, comma-separated, "
+        "NAME one of priority, objective, fairness-id, routing-strategy",
+    )
+    add_switch(
+        parser,
+        "--flow-metadata",
+        default=d.flow_metadata,
+        help="write the fairness id, priority and token counts into dynamic metadata "
+        "(namespace gateway_extproc) for Envoy's own rate limiting",
     )
 
 

@@ -19,6 +19,7 @@ class GatewayError(Exception):
     type: str = "invalid_request_error"
     param: str | None = None
     retry_after: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers (x-ratelimit-*)
 
 
 def invalid_body(message: str) -> GatewayError:
@@ -78,4 +79,66 @@ def no_ready_pods(model: str, retry_after: int, detail: str = "") -> GatewayErro
 def unsupported_route(method: str, path: str) -> GatewayError:
     return GatewayError(
         404, "unknown_route", f"{method} {path} is not an inference endpoint of this gateway"
+    )
+
+
+def header_not_allowed(header: str) -> GatewayError:
+    return GatewayError(
+        400,
+        "header_not_allowed",
+        f"clients may not set the {header} header on this gateway",
+        param=header,
+    )
+
+
+def invalid_priority(value: str) -> GatewayError:
+    return GatewayError(
+        400,
+        "invalid_priority",
+        f"x-gateway-priority must be an integer, not {value!r}",
+        param="x-gateway-priority",
+    )
+
+
+def queue_timeout(model: str, waited: float, retry_after: int) -> GatewayError:
+    return GatewayError(
+        429,
+        "queue_timeout",
+        f"Every pod of `{model}` stayed busy for the {waited:g} s this request could wait; "
+        "retry later.",
+        type="server_overloaded",
+        param="model",
+        retry_after=retry_after,
+    )
+
+
+def request_shed(model: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        429,
+        "request_shed",
+        f"Every pod of `{model}` is busy and this request's priority is sheddable; retry later.",
+        type="server_overloaded",
+        param="model",
+        retry_after=retry_after,
+    )
+
+
+def rate_limit_exceeded(
+    kind: str,
+    tenant: str,
+    limit: int,
+    window: float,
+    retry_after: int,
+    headers: tuple[tuple[str, str], ...],
+) -> GatewayError:
+    """`kind` is "requests" or "tokens", as OpenAI's error `type` says which limit hit."""
+    per = "minute" if window == 60 else f"{window:g} s"
+    who = f"tenant `{tenant}`" if tenant else "requests without a tenant"
+    return GatewayError(
+        429,
+        "rate_limit_exceeded",
+        f"Rate limit reached for {who} on {kind} per {per}: limit {limit}; retry later.",
+        type=kind,
+        retry_after=retry_after,
+        headers=headers,
     )

@@ -23,6 +23,10 @@ from gateway_extproc.admin import build_admin_app
 from gateway_extproc.config import Settings
 from gateway_extproc.extproc.service import ExternalProcessor
 from gateway_extproc.extproc.session import SessionConfig
+from gateway_extproc.flowcontrol.config import FlowConfigError, HeaderTrust, load_flow_config
+from gateway_extproc.flowcontrol.controller import FlowController
+from gateway_extproc.flowcontrol.limits import RateLimiter, SharedWindows
+from gateway_extproc.flowcontrol.saturation import SaturationDetector
 from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.kvevents.subscriber import KVEventSubscriber
 from gateway_extproc.metrics import MetricsScraper, MetricsStore
@@ -56,6 +60,7 @@ class Gateway:
     registry: ModelRegistry
     inflight: InFlightCounter
     router: Router
+    flow: FlowController
     processor: ExternalProcessor
     source: DiscoverySource
     scraper: MetricsScraper
@@ -116,6 +121,12 @@ async def start_gateway(settings: Settings) -> Gateway:
         rng=random.Random(settings.routing_seed),
         kv_index=kv_index,
     )
+    saturation = SaturationDetector(
+        store,
+        inflight,
+        queue_threshold=settings.saturation_queue,
+        max_inflight=settings.max_inflight_per_pod,
+    )
     router = Router(
         registry,
         catalog,
@@ -125,7 +136,12 @@ async def start_gateway(settings: Settings) -> Gateway:
         retry_after=settings.retry_after_seconds,
         preparer=preparer,
         health=pod_health,
+        filters=(saturation.filter,) if saturation.enabled else (),
     )
+    flow = await _flow_controller(settings, registry, saturation)
+    inflight.on_release(flow.wake)
+    store.on_record(flow.wake)
+    registry.on_model_change(flow.wake)
     processor = ExternalProcessor(
         router,
         SessionConfig(
@@ -136,6 +152,7 @@ async def start_gateway(settings: Settings) -> Gateway:
             conformance_mode=settings.conformance_mode,
         ),
         record_dir=settings.record_dir,
+        flow=flow,
     )
     if settings.record_dir:
         Path(settings.record_dir).mkdir(parents=True, exist_ok=True)
@@ -194,6 +211,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         registry=registry,
         inflight=inflight,
         router=router,
+        flow=flow,
         processor=processor,
         source=source,
         scraper=scraper,
@@ -257,6 +275,38 @@ def health_policy(settings: Settings) -> HealthPolicy:
     )
 
 
+async def _flow_controller(
+    settings: Settings, registry: ModelRegistry, saturation: SaturationDetector
+) -> FlowController:
+    flow_config = load_flow_config(settings.flow_config)  # FlowConfigError stops start-up
+    shared: SharedWindows | None = None
+    if settings.redis_url and not flow_config.has_limits:
+        log.warning("redis_url_unused", hint="no rate limit is configured (--flow-config)")
+    elif settings.redis_url:
+        from gateway_extproc.flowcontrol.redis_limits import RedisWindows
+
+        try:
+            windows = RedisWindows(settings.redis_url)
+        except ValueError as exc:
+            raise FlowConfigError(f"--redis-url: {exc}") from None
+        try:
+            await windows.ping()
+        except Exception as exc:  # not fatal: counting resumes when Redis answers
+            log.warning("redis_unreachable", problem=repr(exc), hint="requests are let through")
+        shared = windows
+    return FlowController(
+        registry,
+        saturation,
+        RateLimiter(flow_config, shared),
+        objectives=flow_config.objectives,
+        header_policy={name: HeaderTrust(trust) for name, trust in settings.header_policy},
+        queue_timeout=settings.queue_timeout,
+        wait_for_pods=settings.wait_for_pods,
+        retry_after=settings.retry_after_seconds,
+        write_metadata=settings.flow_metadata,
+    )
+
+
 async def stop_gateway(gateway: Gateway) -> None:
     """Stop taking new streams, let in-flight ones finish within the grace period."""
     for service in READY_SERVICES:
@@ -268,6 +318,7 @@ async def stop_gateway(gateway: Gateway) -> None:
     await gateway.scraper.stop()
     await gateway.kv_events.stop()
     gateway.preparer.close()
+    await gateway.flow.limiter.close()
     await gateway.admin.cleanup()
 
 

@@ -216,3 +216,42 @@ PODS_EJECTED = Gauge(
     "gateway_pods_ejected",
     "Pods ejected and not yet let back in by a successful request.",
 )
+
+# -- flow control (gateway_extproc.flowcontrol) -------------------------------------------
+
+# Priority labels: the priorities the flow config names (and 0); any other is `other`.
+OTHER_PRIORITY_LABEL = "other"
+FLOW_QUEUE_LENGTH = Gauge(
+    "gateway_flow_queue_length",
+    "Requests held in the processor until a pod has room (or the model's first pod is "
+    "ready), by model and priority.",
+    ["model", "priority"],
+)
+FLOW_QUEUE_WAIT = Histogram(
+    "gateway_flow_queue_wait_seconds",
+    "Time held requests waited in the processor before they were routed or refused, by "
+    "model and priority.",
+    ["model", "priority"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+FLOW_REJECTIONS = Counter(
+    "gateway_flow_rejections_total",
+    "Requests refused by flow control, by model and reason (queue_timeout, request_shed, "
+    "no_ready_pods, rate_limit_requests, rate_limit_tokens).",
+    ["model", "reason"],
+)
+FLOW_ABANDONED = Counter(
+    "gateway_flow_abandoned_total",
+    "Held requests whose client left before they were routed (dropped from the queue).",
+    ["model"],
+)
+TENANT_TOKENS = Counter(
+    "gateway_tenant_tokens_total",
+    "Tokens used, by tenant (fairness id; ids that no rate limit names share `other`) and "
+    "kind (prompt, completion).",
+    ["tenant", "kind"],
+)
+RATE_LIMIT_STORE_ERRORS = Counter(
+    "gateway_rate_limit_store_errors_total",
+    "Failed calls to the shared rate-limit store (Redis); the requests were let through.",
+)

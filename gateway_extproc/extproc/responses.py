@@ -6,7 +6,7 @@ and gRPC only serialises them, so sharing the objects across streams is safe.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
@@ -63,11 +63,21 @@ def routed_common(headers: Iterable[tuple[str, str]]) -> ext.CommonResponse:
     )
 
 
-def destination_metadata(destination: str, handoff_key: str = "") -> struct_pb2.Struct:
+# Flow-control fields written beside the handoff key (--flow-metadata), for Envoy's own
+# rate limiting: `fairness_id` and `priority` with the routing answer, the response's
+# token counts with its last body answer (see docs/protocol.md).
+FlowFields = Mapping[str, str | int]
+
+
+def destination_metadata(
+    destination: str, handoff_key: str = "", flow: FlowFields | None = None
+) -> struct_pb2.Struct:
     metadata = struct_pb2.Struct()
     metadata.get_or_create_struct(LB_METADATA_NAMESPACE)[DESTINATION_HEADER] = destination
     if handoff_key:
         metadata.get_or_create_struct(HANDOFF_NAMESPACE)[HANDOFF_KEY_FIELD] = handoff_key
+    if flow:
+        metadata.get_or_create_struct(HANDOFF_NAMESPACE).update(flow)
     return metadata
 
 
@@ -85,11 +95,14 @@ def response_headers_set(headers: Iterable[tuple[str, str]]) -> ext.ProcessingRe
 
 
 def routed_request_headers(
-    headers: Iterable[tuple[str, str]], destination: str, handoff_key: str = ""
+    headers: Iterable[tuple[str, str]],
+    destination: str,
+    handoff_key: str = "",
+    flow: FlowFields | None = None,
 ) -> ext.ProcessingResponse:
     return ext.ProcessingResponse(
         request_headers=ext.HeadersResponse(response=routed_common(headers)),
-        dynamic_metadata=destination_metadata(destination, handoff_key),
+        dynamic_metadata=destination_metadata(destination, handoff_key, flow),
     )
 
 
@@ -98,14 +111,32 @@ def routed_request_body(
     destination: str,
     new_body: bytes | None = None,
     handoff_key: str = "",
+    flow: FlowFields | None = None,
 ) -> ext.ProcessingResponse:
     common = routed_common(headers)
     if new_body is not None:
         common.body_mutation.body = new_body
     return ext.ProcessingResponse(
         request_body=ext.BodyResponse(response=common),
-        dynamic_metadata=destination_metadata(destination, handoff_key),
+        dynamic_metadata=destination_metadata(destination, handoff_key, flow),
     )
+
+
+def with_flow_metadata(answer: ext.ProcessingResponse, flow: FlowFields) -> ext.ProcessingResponse:
+    """`answer` (copied if it is a shared CONTINUE) also carrying `flow` fields."""
+    out = ext.ProcessingResponse()
+    out.CopyFrom(answer)
+    out.dynamic_metadata.get_or_create_struct(HANDOFF_NAMESPACE).update(flow)
+    return out
+
+
+def extend_message_timeout(seconds: float) -> ext.ProcessingResponse:
+    """Ask Envoy to wait up to `seconds` for the answer to the frame it sent last (the
+    request is held by flow control). Envoy honours it when its ext_proc filter sets
+    `max_message_timeout` at least this long, once per frame; it is not an answer."""
+    out = ext.ProcessingResponse()
+    out.override_message_timeout.FromMilliseconds(round(seconds * 1000))
+    return out
 
 
 def streamed_bodies(
@@ -152,6 +183,7 @@ def rejection(error: GatewayError, request_id: str) -> ext.ProcessingResponse:
     headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, request_id)]
     if error.retry_after is not None:
         headers.append(("retry-after", str(error.retry_after)))
+    headers.extend(error.headers)
     return immediate(
         error.status, body_of(error), headers=headers, details=f"gateway_extproc_{error.code}"
     )

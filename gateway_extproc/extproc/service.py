@@ -5,6 +5,12 @@ back. A routing-role stream parks its routed session for the observer-role strea
 claims it (extproc/handoff.py); any other stream keeps its session to the end. Whatever
 happens (Envoy cancels the stream, the client goes away, a bug) the session is closed
 exactly once, and no Python traceback reaches Envoy or the client.
+
+A request that flow control holds (flowcontrol/controller.py) is awaited here, between
+the frame that asked for a decision and its answer: the stream is simply not answered
+yet, and Envoy is asked to extend its per-message timeout to cover the wait. If the
+client leaves meanwhile, Envoy resets the stream, this coroutine is cancelled, and
+closing the session takes the request out of the queue.
 """
 
 from __future__ import annotations
@@ -26,16 +32,27 @@ from gateway_extproc.extproc.envoy_names import OBSERVE_ROLE, ROLE_METADATA, ROU
 from gateway_extproc.extproc.envoy_names import handoff_key as handoff_key_of
 from gateway_extproc.extproc.handoff import Handoff
 from gateway_extproc.extproc.recorder import StreamRecorder, save
-from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
+from gateway_extproc.extproc.session import FULL_DUPLEX, Outcome, Session, SessionConfig
+from gateway_extproc.flowcontrol.controller import FlowController
 from gateway_extproc.routing.router import Router
 
 log = structlog.get_logger("gateway_extproc.service")
 
+# Asked of Envoy beyond the longest hold: the dispatch and answer after it.
+HOLD_MARGIN_S = 2.0
+
 
 class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
-    def __init__(self, router: Router, config: SessionConfig, record_dir: str = "") -> None:
+    def __init__(
+        self,
+        router: Router,
+        config: SessionConfig,
+        record_dir: str = "",
+        flow: FlowController | None = None,
+    ) -> None:
         self._router = router
         self._config = config
+        self._flow = flow
         self._record_dir = Path(record_dir) if record_dir else None
         self._stream_numbers = itertools.count(1)
         self.handoff = Handoff()
@@ -52,7 +69,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             handoff_key = ""
         else:
             handoff_key = self.handoff.new_key() if role == ROUTE_ROLE else ""
-            session = Session(self._router, self._config, handoff_key)
+            session = Session(self._router, self._config, handoff_key, self._flow)
         looked_up = False  # observer: the first frame has claimed the session (or not)
         parked = False  # routing stream: the session went to the handoff table
         broken = False  # the stream failed on our side, not because the client left
@@ -72,6 +89,13 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                         # The prompt is being tokenized off the loop; other streams go on.
                         await asyncio.wait((session.preparing,))
                         answers = session.resume()
+                    admission = session.admission
+                    if admission is not None:
+                        # Envoy times no answer in full duplex: nothing to extend there.
+                        if not frame.observability_mode and session.req_mode != FULL_DUPLEX:
+                            yield self._hold_notice()
+                        await admission.wait()
+                        answers = session.after_admission()
                     if handoff_key and session.awaiting_response and not parked:
                         # Parked before the routing answer leaves, so the observer
                         # cannot ask for it first.
@@ -104,6 +128,10 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                 self.handoff.routing_ended(handoff_key)
             if recorder is not None:
                 self._write(recorder, cut_short)
+
+    def _hold_notice(self) -> ext.ProcessingResponse:
+        assert self._flow is not None
+        return responses.extend_message_timeout(self._flow.max_hold + HOLD_MARGIN_S)
 
     def _recorder(self) -> StreamRecorder | None:
         if self._record_dir is None:

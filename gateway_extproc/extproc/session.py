@@ -16,6 +16,10 @@ seen, or the stream broke). Rules:
 One step may wait for work off the event loop: when a strategy needs the prompt tokenized
 (precise prefix routing) and that takes long, `handle` returns no answer yet and sets
 `preparing`; the caller awaits that future and calls `resume()` for the answers.
+
+Another may wait for room: flow control (gateway_extproc/flowcontrol/) may hold the
+request until a pod can take it; `handle` (or `resume`) then returns no answer yet and
+sets `admission`; the caller awaits it and calls `after_admission()` for the answers.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from functools import partial
 from typing import Any
 
 import structlog
@@ -36,6 +42,8 @@ from gateway_extproc.errors import GatewayError
 from gateway_extproc.extproc import envoy_names as names
 from gateway_extproc.extproc import responses
 from gateway_extproc.extproc.accounting import ResponseAccounting
+from gateway_extproc.flowcontrol.classify import DEFAULT_KEY
+from gateway_extproc.flowcontrol.controller import Admission, FlowController, FlowRequest
 from gateway_extproc.models.registry import ModelState
 from gateway_extproc.openai.models_list import models_list_body
 from gateway_extproc.openai.requests import (
@@ -101,9 +109,14 @@ class SessionConfig:
     default_response_body_mode: int = STREAMED
 
 
+Answers = list[ext.ProcessingResponse]
+
+
 class Session:
     __slots__ = (
         "_accounting",
+        "_admission",
+        "_answer",
         "_body",
         "_body_size",
         "_cfg",
@@ -111,6 +124,8 @@ class Session:
         "_decision",
         "_details",
         "_error_code",
+        "_flow",
+        "_flow_key",
         "_handoff_key",
         "_headers",
         "_held",
@@ -134,9 +149,21 @@ class Session:
         "resp_phase",
     )
 
-    def __init__(self, router: Router, config: SessionConfig, handoff_key: str = "") -> None:
+    def __init__(
+        self,
+        router: Router,
+        config: SessionConfig,
+        handoff_key: str = "",
+        flow: FlowController | None = None,
+    ) -> None:
         self._router = router
         self._cfg = config
+        # Flow control decides when (and whether) a request is routed; without it every
+        # request is routed at once.
+        self._flow = flow
+        self._flow_key = DEFAULT_KEY
+        self._admission: Admission | None = None  # held by flow control until it settles
+        self._answer: Callable[[], Answers] | None = None  # what to send once it has
         # Set when the response will come on another stream (extproc/handoff.py): the
         # routing answer carries it for Envoy to forward to that stream.
         self._handoff_key = handoff_key
@@ -174,6 +201,11 @@ class Session:
         return self._model
 
     @property
+    def admission(self) -> Admission | None:
+        """Set while flow control holds the request: await it, then `after_admission()`."""
+        return self._admission if self._answer is not None else None
+
+    @property
     def awaiting_response(self) -> bool:
         """Routed, and the response has not ended yet."""
         return self._decision is not None and self.outcome is None
@@ -205,8 +237,23 @@ class Session:
     def close(self, outcome: Outcome = Outcome.CANCELLED) -> None:
         """The stream ended before the session did: Envoy cancelled it because the client
         left (CANCELLED), or it broke (ABORTED)."""
+        if self._admission is not None and self._flow is not None:
+            self._flow.cancel(self._admission)  # a held client left: out of the queue
+            self._admission = self._answer = None
         if self.outcome is None:
             self._finish(outcome)
+
+    def after_admission(self) -> Answers:
+        """The answers for the frame whose request flow control held, now it has
+        settled: routed, or refused."""
+        admission, answer = self._admission, self._answer
+        assert admission is not None and answer is not None, "no request was held"
+        self._admission = self._answer = None
+        if isinstance(admission.error, GatewayError):
+            return [self._reject(admission.error)]
+        if admission.error is not None:
+            raise admission.error
+        return answer()
 
     # -- request path -------------------------------------------------------------------
 
@@ -221,12 +268,15 @@ class Session:
         if not self._request_id:
             self._request_id = uuid.uuid4().hex
             self._request_id_generated = True
+        refused = self._screen_headers()
         self._strategy_name = self._headers.get(names.ROUTING_STRATEGY_HEADER, "")
         self._subset = names.subset_hint(frame)
         if self._cfg.conformance_mode:
             self._subset = names.conformance_selection(self._headers) or self._subset
         self.req_phase = Phase.DONE if message.end_of_stream else Phase.BODY
         try:
+            if refused is not None:
+                raise refused
             if self._method == "GET" and self._path == MODELS_PATH:
                 return [self._answer_models()]
             length = self._headers.get("content-length", "")
@@ -242,10 +292,10 @@ class Session:
                 raise errors.request_too_large(self._cfg.max_body_bytes)
             if message.end_of_stream or self.req_mode in (NONE, STREAMED):
                 # No body will be seen before the request leaves: decide now.
-                self._route(self._model_from_header(message.end_of_stream), prompt="")
-                if self.req_phase is Phase.BODY:
-                    self.req_phase = Phase.PASSTHROUGH
-                return [self._routed_headers_response()]
+                model = self._model_from_header(message.end_of_stream)
+                request = self._routing_request(model, "", None)
+                self._admit(request, self._router.strategy(self._strategy_name))
+                return self._answer_when_admitted(self._answer_routed_headers)
         except GatewayError as error:
             return [self._reject(error)]
         if self.req_mode == FULL_DUPLEX:
@@ -344,10 +394,18 @@ class Session:
         then: list[ext.ProcessingResponse],
     ) -> list[ext.ProcessingResponse]:
         try:
-            self._route_request(request, strategy)
+            self._admit(request, strategy, parsed.user)
         except GatewayError as error:
             return [self._reject(error)]
-        self.req_phase = Phase.DONE if body_end else Phase.PASSTHROUGH
+        return self._answer_when_admitted(
+            partial(self._answer_routed_body, parsed, body, complete, body_end, then)
+        )
+
+    def _answer_routed_body(
+        self, parsed: InferenceRequest, body: bytes, complete: bool, body_end: bool, then: Answers
+    ) -> Answers:
+        # Trailers answered too (`then`): nothing of the request is left to come.
+        self.req_phase = Phase.DONE if body_end or then else Phase.PASSTHROUGH
         headers = self._route_headers()
         # Ask the engine for the streamed usage chunk so tokens can be counted (only a
         # whole body can be rewritten).
@@ -359,14 +417,18 @@ class Session:
         if self.req_mode == FULL_DUPLEX:
             return [
                 responses.routed_request_headers(
-                    headers, self._decision_destination(), self._handoff_key
+                    headers, self._decision_destination(), self._handoff_key, self._flow_fields()
                 ),
                 *responses.streamed_bodies(new_body or body, body_end, response=False),
                 *then,
             ]
         return [
             responses.routed_request_body(
-                headers, self._decision_destination(), new_body, self._handoff_key
+                headers,
+                self._decision_destination(),
+                new_body,
+                self._handoff_key,
+                self._flow_fields(),
             ),
             *then,
         ]
@@ -392,9 +454,43 @@ class Session:
             f"the body is read; send the {names.MODEL_HEADER} header"
         )
 
-    def _route(self, model: str, prompt: str) -> None:
-        request = self._routing_request(model, prompt, None)
-        self._route_request(request, self._router.strategy(self._strategy_name))
+    def _screen_headers(self) -> GatewayError | None:
+        """Apply the header policy (who may set priority, strategy...); the client's
+        error when it sent a header it must not."""
+        if self._flow is None:
+            return None
+        try:
+            self._flow.screen_headers(self._headers)
+        except GatewayError as error:
+            return error
+        return None
+
+    def _admit(self, request: RoutingRequest, strategy: Strategy, body_user: str = "") -> None:
+        """Route now, or leave `_admission` for the service to await (flow control)."""
+        if self._flow is None:
+            self._route_request(request, strategy)
+            return
+        self._flow_key = self._flow.flow_key(self._headers, body_user)
+        flow_request = FlowRequest(request.model, self._flow_key, self._subset)
+        route = partial(self._route_request, request, strategy)
+        self._admission = self._flow.admit(flow_request, route)
+
+    def _answer_when_admitted(self, answer: Callable[[], Answers]) -> Answers:
+        """`answer()` now if the request was routed, else nothing until admitted."""
+        if self._admission is None:
+            return answer()
+        self._answer = answer
+        return []
+
+    def _answer_routed_headers(self) -> Answers:
+        if self.req_phase is Phase.BODY:
+            self.req_phase = Phase.PASSTHROUGH
+        return [self._routed_headers_response()]
+
+    def _flow_fields(self) -> dict[str, str | int] | None:
+        if self._flow is None or not self._flow.write_metadata:
+            return None
+        return {"fairness_id": self._flow_key.fairness_id, "priority": self._flow_key.priority}
 
     def _routing_request(
         self, model: str, prompt: str, document: dict[str, Any] | None
@@ -431,7 +527,10 @@ class Session:
 
     def _routed_headers_response(self) -> ext.ProcessingResponse:
         return responses.routed_request_headers(
-            self._route_headers(), self._decision_destination(), self._handoff_key
+            self._route_headers(),
+            self._decision_destination(),
+            self._handoff_key,
+            self._flow_fields(),
         )
 
     def _answer_models(self) -> ext.ProcessingResponse:
@@ -496,7 +595,21 @@ class Session:
             out = [responses.CONTINUE_RESPONSE_BODY]
         if body.end_of_stream:
             self._end_response(now)
+            tokens = self._token_fields()
+            if tokens and out:
+                out[-1] = responses.with_flow_metadata(out[-1], tokens)
         return out
+
+    def _token_fields(self) -> dict[str, str | int] | None:
+        """The response's token counts for Envoy (--flow-metadata), once usage is known."""
+        usage = self._accounting.usage if self._accounting is not None else None
+        if usage is None or self._flow is None or not self._flow.write_metadata:
+            return None
+        return {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        }
 
     def _start_response(self, frame: ext.ProcessingRequest, status: int, content_type: str) -> None:
         self._status = status
@@ -567,6 +680,8 @@ class Session:
         accounting = self._accounting
         if accounting is not None and outcome is Outcome.FINISHED:
             accounting.record(model_label, pod if pod_known else "", now)
+            if self._flow is not None and accounting.usage is not None:
+                self._flow.record_usage(self._flow_key, accounting.usage)
         if not self._cfg.access_log:
             return
         # A cancelled request also says what the engine (or Envoy) had answered so far.

@@ -142,6 +142,8 @@ class MetricsStore:
         self.version = 0
         self._journal: list[str] = []
         self._dropped = 0  # journal entries trimmed from the front so far
+        # Told of every scrape recorded: a request held for room may go now (flowcontrol).
+        self._record_listeners: list[Callable[[], None]] = []
 
     # -- reading ------------------------------------------------------------------------
 
@@ -212,6 +214,9 @@ class MetricsStore:
         """Latest metrics (stale included) of every pod the store knows, for /debug."""
         return {key: state.metrics for key, state in self._pods.items()}
 
+    def on_record(self, listener: Callable[[], None]) -> None:
+        self._record_listeners.append(listener)
+
     # -- writing ------------------------------------------------------------------------
 
     def mark_routable(self, pod_key: str, now: float | None = None) -> None:
@@ -265,6 +270,8 @@ class MetricsStore:
         self._waiting.pop(pod_key, None)
         if metrics.waiting is not None:
             self._waiting[pod_key] = metrics.waiting
+        for listener in self._record_listeners:
+            listener()
         return metrics
 
     def round_completed(self, started: float, seconds: float) -> None:

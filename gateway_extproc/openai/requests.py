@@ -30,6 +30,7 @@ class InferenceRequest:
     include_usage: bool = False
     # The parsed body, for rendering the prompt as the engine will (precise prefix routing).
     document: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    user: str = ""  # OpenAI's end-user id, when the body names one
 
 
 def strip_query(path: str) -> str:
@@ -66,12 +67,14 @@ def parse_body(path: str, body: bytes, max_bytes: int) -> InferenceRequest:
         )
     options = doc.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    user = doc.get("user")
     return InferenceRequest(
         model=model,
         stream=stream,
         prompt=_prompt_text(strip_query(path), doc),
         include_usage=include_usage,
         document=doc,
+        user=user if isinstance(user, str) else "",
     )
 
 

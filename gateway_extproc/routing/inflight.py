@@ -11,7 +11,7 @@ of re-reading every pod's count (see `signals.LoadBook`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from gateway_extproc import telemetry
 from gateway_extproc.models.registry import Pod
@@ -26,6 +26,8 @@ class InFlightCounter:
         self._live_pods: set[str] = set()
         self._journal: list[str] = []
         self._dropped = 0  # journal entries trimmed from the front so far
+        # Told of every release: a request held for room may go now (flowcontrol).
+        self._release_listeners: list[Callable[[], None]] = []
 
     def count(self, pod_key: str) -> int:
         return self._by_pod.get(pod_key, 0)
@@ -46,6 +48,9 @@ class InFlightCounter:
             return None
         return self._journal[start:]
 
+    def on_release(self, listener: Callable[[], None]) -> None:
+        self._release_listeners.append(listener)
+
     def acquire(self, model: str, pod: Pod) -> None:
         self._by_pod[pod.key] += 1
         self._note(pod.key)
@@ -62,6 +67,8 @@ class InFlightCounter:
         self._note(pod.key)
         if pod.key in self._live_pods:  # not once the pod was deleted: its series is gone
             telemetry.IN_FLIGHT.labels(model, pod.key).dec()
+        for listener in self._release_listeners:
+            listener()
 
     def forget(self, pod: Pod) -> None:
         """Drop every trace of a deleted pod (its Prometheus series go with

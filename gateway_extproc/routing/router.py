@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway_extproc import errors, telemetry
@@ -13,6 +14,10 @@ from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
+
+# Narrows the candidates before ranking (flowcontrol/saturation.py drops full pods). An
+# empty answer is ignored: a filter never turns a routable request into an error.
+CandidateFilter = Callable[[tuple[Pod, ...]], tuple[Pod, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,7 @@ class Router:
         retry_after: int = 5,
         preparer: PromptPreparer | None = None,
         health: PodHealth | None = None,
+        filters: Sequence[CandidateFilter] = (),
     ) -> None:
         default = catalog.resolve(default_strategy)
         if default is None:
@@ -57,6 +63,7 @@ class Router:
         self._fallbacks = fallback_endpoints
         self._retry_after = retry_after
         self._preparer = preparer
+        self._filters = tuple(filters)
 
     def strategy(self, name: str | None) -> Strategy:
         """The strategy a request asked for (header), or the default; 400 if unknown."""
@@ -107,6 +114,8 @@ class Router:
                     request.model, self._retry_after, " inside the requested endpoint subset"
                 )
         candidates = self.health.usable(candidates)
+        for keep in self._filters:
+            candidates = keep(candidates) or candidates
         ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
         # The snapshot may be older than the registry: a pod that turned terminating
         # since must never be chosen.

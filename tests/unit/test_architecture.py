@@ -25,6 +25,8 @@ LAYERS: list[set[str]] = [
     {"devtools", "conformance"},
     {"server"},
     {"admin", "extproc"},
+    # When a request may be routed: reads routing's in-flight counts, builds errors.
+    {"flowcontrol"},
     {"routing", "openai"},
     {"metrics", "kvevents", "tokenize"},
     {"models"},
