@@ -73,7 +73,7 @@ async def replay_one(
             for n, expect in enumerate(step.expect):
                 where = f"step {index + 1} answer {n + 1}"
                 try:
-                    answer = await asyncio.wait_for(call.read(), answer_timeout)
+                    answer = await _next_answer(call, answer_timeout)
                 except TimeoutError:
                     return ReplayResult(recording.name, False, f"{where}: no answer in time")
                 if answer is grpc.aio.EOF:
@@ -97,6 +97,21 @@ async def replay_one(
         return ReplayResult(recording.name, False, f"gRPC error {exc.code().name}: {exc.details()}")
     finally:
         call.cancel()
+
+
+async def _next_answer(call: grpc.aio.StreamStreamCall, timeout: float) -> object:
+    """The next answer within `timeout`, past any request to extend Envoy's message
+    timeout: a held request's notice, sent before its answer and not an answer to any
+    frame. As Envoy does, the replay then waits as long as the notice asks."""
+    while True:
+        answer = await asyncio.wait_for(call.read(), timeout)
+        if answer is grpc.aio.EOF or not _is_timeout_notice(answer):
+            return answer
+        timeout = max(timeout, answer.override_message_timeout.ToTimedelta().total_seconds())
+
+
+def _is_timeout_notice(answer: ext.ProcessingResponse) -> bool:
+    return answer.HasField("override_message_timeout") and answer.WhichOneof("response") is None
 
 
 def compare(
