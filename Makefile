@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-unit test-integration bench proto lint clean
+.PHONY: install run test test-unit test-integration redis-server bench proto lint clean
 
 install: $(STAMP)
 
@@ -20,14 +20,20 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/gateway-extproc demo
 
-test: install
+test: install redis-server
 	$(BIN)/python -m pytest -q
 
-test-unit: install
+test-unit: install redis-server
 	$(BIN)/python -m pytest -q tests/unit
 
-test-integration: install
+test-integration: install redis-server
 	$(BIN)/python -m pytest -q tests/integration
+
+# The rate-limit tests start a real redis-server (Debian's package); install it only when
+# missing, without questions.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 # wrk is a Debian package; install it only when missing (bench is never part of test).
 bench: install

@@ -13,7 +13,9 @@ Envoys. Every request goes through Envoy.
 - a client that leaves while queued is dropped at once;
 - a model whose only pod turns ready 2 s after the request arrived serves it;
 - a tenant over its request limit gets OpenAI's 429 and x-ratelimit-* headers;
-- the full-duplex Envoy receives the token counts as dynamic metadata.
+- the full-duplex Envoy receives the token counts as dynamic metadata;
+- with envoy/examples/platform-headers.yaml before the processor, the platform's
+  priority replaces the client's.
 
 Loads are bounded (a fixed number of requests, a time budget). Assertions are on shares
 and orderings with wide margins; each carries what was measured.
@@ -32,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
+from gateway_extproc import localstack
 from tests.integration.flow_stack import (
     FLOW_MODEL,
     FULL_DUPLEX,
@@ -48,7 +52,7 @@ from tests.integration.flow_stack import (
     queue_length,
     running_flow_fleet,
 )
-from tests.integration.stack import DEADLINE, LOCALHOST, Response, poll
+from tests.integration.stack import DEADLINE, LOCALHOST, Response, poll, running_gateway
 from tests.integration.strategy_stack import HeldStream, chat_doc, hold_streams, post_json
 
 REPLY_TOKENS = 8  # 20 ms + 7 x 5 ms of engine time per request
@@ -330,3 +334,25 @@ def test_the_full_duplex_envoy_receives_the_token_counts(fleet):
 
     line = poll("Envoy logged the request", access_line, bool)
     assert f"tokens={total}" in line, line
+
+
+def test_a_platform_header_filter_replaces_the_clients_priority(fleet, log_dir):
+    # envoy.yaml with the shipped example filter put before the processor's filters.
+    doc = yaml.safe_load(localstack.ENVOY_CONFIG.read_text())
+    example = yaml.safe_load(
+        (localstack.REPO_ROOT / "envoy/examples/platform-headers.yaml").read_text()
+    )
+    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    manager["typed_config"]["http_filters"].insert(0, example)
+    config = log_dir / "envoy-platform-headers-source.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    processor = fleet.processors[TRUSTING]
+    with running_gateway(config, processor.grpc_port, log_dir, "envoy-platform") as gateway:
+        doc = chat_doc(FLOW_MODEL, max_tokens=REPLY_TOKENS)
+        path = "/v1/chat/completions"
+        assert post_json(gateway.port, path, doc, {"x-gateway-priority": "100"}).status == 200
+        with fleet_full(fleet):
+            # The client asks for 100; the platform says -1 (sheddable): refused at once.
+            response = post_json(gateway.port, path, doc, {"x-gateway-priority": "100"})
+            assert response.status == 429, response
+            assert response.error_code() == "request_shed"
