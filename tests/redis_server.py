@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import LOCALHOST
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import LOCALHOST
 
 START_TIMEOUT = 10.0
 

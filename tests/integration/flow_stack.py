@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import ManagedProcess, ProcessGroup
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import ManagedProcess, ProcessGroup
 from tests.integration.stack import (
     LOCALHOST,
     Gateway,

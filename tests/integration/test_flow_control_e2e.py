@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway_extproc import localstack
+from gateway_extproc.devtools import localstack
 from tests.integration.flow_stack import (
     FLOW_MODEL,
     FULL_DUPLEX,

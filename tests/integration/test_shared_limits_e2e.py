@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway_extproc import localstack
-from gateway_extproc.localstack import ProcessGroup
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import ProcessGroup
 from tests.integration.stack import LOCALHOST, Gateway, Pod, add_processor, running_gateway
 from tests.integration.strategy_stack import chat_doc, post_json
 from tests.redis_server import running_redis

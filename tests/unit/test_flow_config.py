@@ -6,17 +6,17 @@ import argparse
 
 import pytest
 
-from gateway_extproc.config import add_serve_arguments, settings_from_args
+from gateway_extproc.config import add_serve_arguments, header_policy, settings_from_args
+from gateway_extproc.errors import GatewayError
 from gateway_extproc.flowcontrol.classify import FlowKey, flow_key, screen_headers
 from gateway_extproc.flowcontrol.config import (
     FlowConfigError,
     HeaderTrust,
     TenantLimits,
-    header_policy,
     load_flow_config,
     parse_flow_config,
 )
-from gateway_extproc.openai.errors import GatewayError
+from gateway_extproc.models.source import source_names
 
 EXAMPLE = """
 objectives: {critical: 100, batch: -1}
@@ -73,7 +73,7 @@ def test_an_unreadable_file_names_itself(tmp_path):
 
 def test_header_policy_flag_and_variable(monkeypatch):
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    add_serve_arguments(parser, source_names())
     args = parser.parse_args(["--header-policy", "priority=ignored, routing-strategy=rejected"])
     assert settings_from_args(args).header_policy == (
         ("x-gateway-priority", "ignored"),
@@ -81,7 +81,7 @@ def test_header_policy_flag_and_variable(monkeypatch):
     )
     monkeypatch.setenv("GATEWAY_HEADER_POLICY", "fairness-id=ignored")
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    add_serve_arguments(parser, source_names())
     assert settings_from_args(parser.parse_args([])).header_policy == (
         ("x-gateway-inference-fairness-id", "ignored"),
     )

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from gateway_extproc.errors import GatewayError
 from gateway_extproc.flowcontrol.config import parse_flow_config
 from gateway_extproc.flowcontrol.limits import RateLimiter, duration_text
 from gateway_extproc.flowcontrol.redis_limits import RedisWindows
-from gateway_extproc.openai.errors import GatewayError
 from tests.redis_server import running_redis
 
 CONFIG = parse_flow_config(
