@@ -149,3 +149,67 @@ async def test_debug_view_shows_each_pods_stream(gateway, engines) -> None:
     view = gateway.kv_events.streams()
     assert set(view) == {"e0", "e1", "e2"}
     assert view["e0"]["endpoint"] == f"tcp://127.0.0.1:{engines[0].port}"
+
+
+@pytest.fixture
+async def full_gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterator[Gateway]:
+    """The same fleet with room for one request per pod (flow control holds the rest)."""
+    pods = "\n".join(
+        f"      - {{name: e{i}, address: 127.0.0.1:{18101 + i}, "
+        f"kv_events: 'tcp://127.0.0.1:{e.port}', kv_events_replay: 'tcp://127.0.0.1:{e.replay_port}'}}"
+        for i, e in enumerate(engines)
+    )
+    path = tmp_path / "models.yaml"
+    path.write_text(f"models:\n  - name: m\n    tokenizer: {TINY}\n    pods:\n{pods}\n")
+    gateway = await start_gateway(
+        Settings(
+            listen_host="127.0.0.1",
+            grpc_port=0,
+            admin_port=0,
+            models_file=str(path),
+            grace_period=1.0,
+            access_log=False,
+            slow_start_window=0.0,
+            max_inflight_per_pod=1,
+        )
+    )
+    yield gateway
+    await stop_gateway(gateway)
+
+
+async def test_a_prepared_prompt_can_then_wait_for_room(full_gateway, engines) -> None:
+    """Both waits in a row: the prompt is tokenized off the loop, then flow control holds
+    the request until a pod frees; the answer comes once, routed."""
+    gateway = full_gateway
+    await wait_for(
+        "every stream connected",
+        lambda: all(s["trusted"] for s in gateway.kv_events.streams().values()),
+    )
+    await engine_served(gateway, engines[0], "e0", chat_body("first question"))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = ext_grpc.ExternalProcessorStub(channel)
+        busy, pods = [], []
+        for _ in range(3):  # every pod gets one request in flight
+            call = stub.Process()
+            await call.write(frames.request_headers())
+            await call.read()
+            await call.write(frames.request_body(orjson.dumps({"model": "m", "prompt": "hi"})))
+            routed = await call.read()
+            assert routed.WhichOneof("response") == "request_body"
+            busy.append(call)
+            pods.append(frames.set_headers(routed)["target-pod"])
+        assert sorted(pods) == ["127.0.0.1:18101", "127.0.0.1:18102", "127.0.0.1:18103"]
+        held = stub.Process()
+        await held.write(frames.request_headers(headers=STRATEGY))
+        await held.read()
+        await held.write(frames.request_body(chat_body("second question")))
+        notice = await asyncio.wait_for(held.read(), 10.0)
+        assert notice.WhichOneof("response") is None  # held: only the timeout notice
+        assert gateway.flow.held == 1
+        busy[0].cancel()  # one request ends: its pod has room
+        answer = await asyncio.wait_for(held.read(), 10.0)
+        assert answer.WhichOneof("response") == "request_body"
+        assert frames.set_headers(answer)["target-pod"] == pods[0]  # the one with room
+        for call in (*busy[1:], held):
+            call.cancel()
+    await wait_for("nothing in flight", lambda: gateway.inflight.total() == 0)
