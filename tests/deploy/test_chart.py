@@ -476,11 +476,13 @@ def test_endpoint_override_replaces_the_original_dst_patch() -> None:
         "endpointOverride": {"extractFrom": [{"header": "x-gateway-destination-endpoint"}]},
     }
     assert policy["spec"]["circuitBreaker"]["maxParallelRequests"] == 100000
-    # The patch keeps only what no policy says: the 503 and the OpenAI error bodies.
+    # The patch keeps only what no policy says: the 503, the longer wait for a request
+    # flow control holds, and the OpenAI error bodies.
     patch = helpers.one(objects, "EnvoyPatchPolicy")
     assert {p["type"].rsplit(".", 1)[-1] for p in patch["spec"]["jsonPatches"]} == {"Listener"}
     assert [p["operation"]["path"] for p in patch["spec"]["jsonPatches"]] == [
         "typed_config/status_on_error",
+        "typed_config/max_message_timeout",
         "typed_config/local_reply_config",
     ]
 
@@ -509,13 +511,14 @@ def test_the_processor_cluster_has_room_and_a_retryable_error() -> None:
     assert ext_proc(objects)["statusOnError"] == 503
     patch = helpers.one(objects, "EnvoyPatchPolicy")
     assert [p["operation"]["path"] for p in patch["spec"]["jsonPatches"]] == [
-        "typed_config/local_reply_config"
+        "typed_config/max_message_timeout",
+        "typed_config/local_reply_config",
     ]
     # Nothing left to patch: no EnvoyPatchPolicy (none to enable in Envoy Gateway either).
     values = {
         "envoyGateway": {
             **helpers.ENVOY_GATEWAY["envoyGateway"],
-            "extProc": {"statusOnErrorField": True},
+            "extProc": {"statusOnErrorField": True, "maxMessageTimeout": ""},
             "patchPolicy": {"openAIErrorBodies": False},
         }
     }

@@ -26,7 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway_extproc.config import Settings
 from gateway_extproc.devtools import localstack
+from gateway_extproc.extproc.service import HOLD_MARGIN_S
 from tests.deploy import helpers
 
 HTTPROUTE_RULE = "httproute/{ns}/{name}/rule/0"
@@ -480,6 +482,19 @@ def test_the_patched_listener_fails_closed_with_openai_errors(source: str) -> No
         for m in hcm["local_reply_config"]["mappers"]
     ]
     assert codes == ["request_too_large", "processor_unavailable", "%RESPONSE_CODE_DETAILS%"]
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_envoy_may_wait_as_long_as_the_processor_holds_a_request(source: str) -> None:
+    # Flow control holds a request up to --wait-for-pods + --queue-timeout and then asks
+    # Envoy for that long (plus a margin); without max_message_timeout Envoy refuses and
+    # the held request gets a 504 after messageTimeout.
+    xds, _ = patched(SOURCES[source]())
+    hcm = xds["listener"]["default_filter_chain"]["filters"][0]["typed_config"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    defaults = Settings()
+    held = defaults.wait_for_pods + defaults.queue_timeout + HOLD_MARGIN_S
+    assert float(duration(ext_proc["max_message_timeout"]).removesuffix("s")) >= held
 
 
 def test_full_duplex_policy_becomes_full_duplex_ext_proc(tmp_path: Path) -> None:
