@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from gateway_extproc.config import Settings
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
 from tests import frames
+from tests.waiting import eventually
 
 MODELS = """
 models:
@@ -100,14 +101,6 @@ async def held(channel, doc: dict[str, Any], headers: dict[str, str] | None = No
     return stream
 
 
-async def until(what: str, check: Callable[[], bool]) -> None:
-    for _ in range(250):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"{what}: not so after 5 s")
-
-
 LLAMA = {"model": "llama", "prompt": "hi"}
 
 
@@ -148,7 +141,7 @@ async def test_a_client_that_leaves_while_held_is_dropped_at_once(make_gateway):
         second = await held(channel, LLAMA)
         third = await held(channel, LLAMA)
         second.call.cancel()  # Envoy resets the stream when the client goes away
-        await until("the queue lost the client that left", lambda: gateway.flow.held == 1)
+        await eventually(lambda: gateway.flow.held == 1, what="the queue lost the client that left")
         await first.finish_response()
         # The slot goes to the client still waiting, not to the one that left.
         answer = await third.answer()
@@ -314,7 +307,7 @@ async def test_in_full_duplex_a_held_request_gets_its_answers_and_no_notice(make
         stream = Stream(channel)
         await stream.call.write(frames.request_headers(config=duplex))
         await stream.call.write(frames.request_body(orjson.dumps(LLAMA)))
-        await until("the request is held", lambda: gateway.flow.held == 1)
+        await eventually(lambda: gateway.flow.held == 1, what="the request is held")
         await first.finish_response()
         answers = [await stream.answer(), await stream.answer()]
         assert [a.WhichOneof("response") for a in answers] == ["request_headers", "request_body"]
