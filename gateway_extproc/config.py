@@ -35,6 +35,9 @@ class Settings:
     inject_include_usage: bool = False
     access_log: bool = True
     record_dir: str = ""
+    # tracing (tracing.py): off unless an OTLP/gRPC collector is named
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
     # engine metrics and metric-driven routing
     metrics_interval: float = 0.2
     metrics_timeout: float = 1.0
@@ -220,6 +223,12 @@ def header_policy(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs.items())
 
 
+def otlp_endpoint(raw: str) -> str:
+    from gateway_extproc.tracing import check_endpoint
+
+    return check_endpoint(raw)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequence[str]) -> None:
     """The `serve` flags; `discovery_sources` are the names `--discovery` accepts (the
     caller passes models/source.py's, which this bottom-layer module cannot import)."""
@@ -309,6 +318,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         "--record-dir",
         default=d.record_dir,
         help="write every stream handled as a conformance recording into this folder",
+    )
+    add_flag(
+        parser,
+        "--otlp-endpoint",
+        type=otlp_endpoint,
+        default=d.otlp_endpoint,
+        help="OTLP/gRPC collector (http://host:4317) to send a span per request to; "
+        "default: no tracing",
+    )
+    add_flag(
+        parser,
+        "--trace-sample-ratio",
+        type=fraction,
+        default=d.trace_sample_ratio,
+        help="share of new traces sampled (a client's traceparent decides for its own)",
     )
     add_flag(
         parser,

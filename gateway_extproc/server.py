@@ -38,6 +38,7 @@ from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 from gateway_extproc.routing.router import Router
 from gateway_extproc.tokenize.catalog import TokenizerCatalog
+from gateway_extproc.tracing import Tracer
 
 log = structlog.get_logger("gateway_extproc.server")
 
@@ -69,6 +70,7 @@ class Gateway:
     admin: web.AppRunner
     kv_events: KVEventSubscriber
     preparer: PromptPreparer
+    tracer: Tracer | None = None
     grpc_port: int = 0
     admin_port: int = 0
     # The endpoint picker's plaintext health port (inferencepool discovery only).
@@ -142,6 +144,11 @@ async def start_gateway(settings: Settings) -> Gateway:
     inflight.on_release(flow.wake)
     store.on_record(flow.wake)
     registry.on_model_change(flow.wake)
+    tracer = (
+        Tracer(settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
+        if settings.otlp_endpoint
+        else None
+    )
     processor = ExternalProcessor(
         router,
         SessionConfig(
@@ -150,6 +157,7 @@ async def start_gateway(settings: Settings) -> Gateway:
             inject_include_usage=settings.inject_include_usage,
             access_log=settings.access_log,
             conformance_mode=settings.conformance_mode,
+            tracer=tracer,
         ),
         record_dir=settings.record_dir,
         flow=flow,
@@ -220,6 +228,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         admin=admin,
         kv_events=kv_events,
         preparer=preparer,
+        tracer=tracer,
         grpc_port=grpc_port,
         admin_port=admin_port,
         health_server=health_server,
@@ -235,6 +244,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         tls=settings.serves_tls,
         discovery=settings.discovery,
         default_strategy=settings.default_strategy,
+        tracing=settings.otlp_endpoint or "off",
     )
     return gateway
 
@@ -319,6 +329,8 @@ async def stop_gateway(gateway: Gateway) -> None:
     await gateway.kv_events.stop()
     gateway.preparer.close()
     await gateway.flow.limiter.close()
+    if gateway.tracer is not None:
+        await asyncio.to_thread(gateway.tracer.shutdown)  # exports the last spans
     await gateway.admin.cleanup()
 
 

@@ -66,6 +66,11 @@ HANDOFF_EXPIRED = Counter(
     "Routed requests whose response stream (the observer filter's) never came; released "
     "as aborted after the claim window.",
 )
+ALIAS_REQUESTS = Counter(
+    "gateway_alias_requests_total",
+    "Requests for a model alias, by alias and the target model they were sent to.",
+    ["alias", "target"],
+)
 RESPONSES_UNPARSED = Counter(
     "gateway_responses_unparsed_total",
     "Responses passed through untouched whose body could not be read for usage.",

@@ -1,8 +1,10 @@
 """Response accounting: tokens, time to first token, inter-token latency, duration.
 
 Fed the response as Envoy forwards it. A JSON body is reassembled and parsed once at the
-end; an SSE stream is parsed incrementally. Nothing here changes what the client gets:
-a body that cannot be read (an engine's plain-text error, say) is only counted.
+end; an SSE stream is parsed incrementally. Where the usage is and which events carry
+output is the API's business (apis/: a `UsageReader` per response). Nothing here changes
+what the client gets: a body that cannot be read (an engine's plain-text error, say) is
+only counted.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import orjson
 
 from gateway_extproc import telemetry
-from gateway_extproc.openai.sse import DONE, SSEParser
-from gateway_extproc.openai.usage import Usage, usage_of, usage_of_event
+from gateway_extproc.apis import UsageReader
+from gateway_extproc.apis.openai_chat import ChatUsage
+from gateway_extproc.openai.sse import SSEParser
+from gateway_extproc.openai.usage import Usage
 
 # Past this a JSON response is not kept for usage (it is still passed on untouched).
 MAX_ACCOUNTED_BODY = 8 * 1024 * 1024
@@ -27,6 +31,7 @@ class ResponseAccounting:
         "_events",
         "_first_event_at",
         "_last_event_at",
+        "_reader",
         "_sniff",
         "_sse",
         "_started",
@@ -34,8 +39,9 @@ class ResponseAccounting:
         "usage",
     )
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, reader: UsageReader | None = None) -> None:
         self._started = started
+        self._reader = reader if reader is not None else ChatUsage()
         self._sse: SSEParser | None = None
         self._sniff = False
         self._body: list[bytes] = []
@@ -74,7 +80,8 @@ class ResponseAccounting:
             self._unparsed = "too_large"
             return
         try:
-            self.usage = usage_of(orjson.loads(b"".join(self._body)))
+            self._reader.read_body(orjson.loads(b"".join(self._body)))
+            self.usage = self._reader.usage
         except orjson.JSONDecodeError:
             self._unparsed = "not_json"
         self._body = []
@@ -93,13 +100,11 @@ class ResponseAccounting:
                 self._on_events(self._sse.feed(chunk), now)
 
     def _on_events(self, events: list[bytes], now: float) -> None:
+        reader = self._reader
         for data in events:
-            if data == DONE:
-                continue
-            usage = usage_of_event(data)
-            if usage is not None:
-                self.usage = usage
-                continue  # the usage chunk carries no token
+            if not reader.read_event(data):
+                self.usage = reader.usage
+                continue  # usage, the end mark, or an event about the stream itself
             if not self._first_event_at:
                 self._first_event_at = now
             self._last_event_at = now

@@ -21,6 +21,8 @@ ROUTING_STRATEGY_HEADER = "routing-strategy"
 SESSION_ID_HEADER = "x-session-id"
 USER_HEADER = "user"
 REQUEST_ID_HEADER = "x-request-id"
+# W3C trace context: read from the client, set upstream to the gateway's span (tracing.py).
+TRACEPARENT_HEADER = "traceparent"
 
 # -- the routing answer ---------------------------------------------------------------
 

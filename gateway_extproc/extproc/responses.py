@@ -179,13 +179,20 @@ def immediate(
     )
 
 
-def rejection(error: GatewayError, request_id: str) -> ext.ProcessingResponse:
+def rejection(
+    error: GatewayError, request_id: str, body: bytes | None = None
+) -> ext.ProcessingResponse:
+    """`error` answered to the client: `body` is its error body in the shape of the API
+    the client called (apis/), OpenAI's when not given."""
     headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, request_id)]
     if error.retry_after is not None:
         headers.append(("retry-after", str(error.retry_after)))
     headers.extend(error.headers)
     return immediate(
-        error.status, body_of(error), headers=headers, details=f"gateway_extproc_{error.code}"
+        error.status,
+        body_of(error) if body is None else body,
+        headers=headers,
+        details=f"gateway_extproc_{error.code}",
     )
 
 

@@ -38,6 +38,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
 from gateway_extproc import errors, telemetry
+from gateway_extproc.apis import OPENAI, Api, api_for
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.extproc import envoy_names as names
 from gateway_extproc.extproc import responses
@@ -50,12 +51,13 @@ from gateway_extproc.openai.requests import (
     MODELS_PATH,
     InferenceRequest,
     parse_body,
+    rewrite_body,
     strip_query,
-    with_include_usage,
 )
 from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.health import verdict
 from gateway_extproc.routing.router import Router, RoutingDecision
+from gateway_extproc.tracing import RequestSpan, Tracer
 
 log = structlog.get_logger("gateway_extproc.session")
 
@@ -104,6 +106,7 @@ class SessionConfig:
     access_log: bool = True
     # The upstream conformance suite's hooks (envoy_names.CONFORMANCE_*); tests only.
     conformance_mode: bool = False
+    tracer: Tracer | None = None  # --otlp-endpoint: a span per request (tracing.py)
     # Used when Envoy does not send protocol_config (older Envoy): the shipped config.
     default_request_body_mode: int = BUFFERED
     default_response_body_mode: int = STREAMED
@@ -117,6 +120,8 @@ class Session:
         "_accounting",
         "_admission",
         "_answer",
+        "_alias",
+        "_api",
         "_body",
         "_body_size",
         "_cfg",
@@ -132,15 +137,18 @@ class Session:
         "_method",
         "_model",
         "_path",
+        "_queue_wait",
         "_request_id",
         "_request_id_generated",
         "_routed_at",
         "_router",
         "_served",
+        "_span",
         "_started",
         "_status",
         "_strategy_name",
         "_subset",
+        "_waiting_since",
         "outcome",
         "preparing",
         "req_mode",
@@ -187,6 +195,9 @@ class Session:
         self._body: list[bytes] = []
         self._body_size = 0
         self._model = ""
+        self._alias = ""  # the alias the client asked for, when `_model` is its target
+        self._api: Api = OPENAI  # the API the request's path speaks (apis/)
+        self._span: RequestSpan | None = None  # set when tracing is on
         self._decision: RoutingDecision | None = None
         self._status = 0
         self._details: str | None = None  # Envoy's response code details, when sent
@@ -195,6 +206,9 @@ class Session:
         # the answer needs meanwhile is held in `_held`.
         self.preparing: asyncio.Future[RoutingRequest] | None = None
         self._held: tuple[Any, ...] | None = None
+        # Time the request was held before its decision (the span's queue wait).
+        self._queue_wait = 0.0
+        self._waiting_since = 0.0
 
     @property
     def model(self) -> str:
@@ -249,6 +263,7 @@ class Session:
         admission, answer = self._admission, self._answer
         assert admission is not None and answer is not None, "no request was held"
         self._admission = self._answer = None
+        self._queue_wait += time.monotonic() - self._waiting_since
         if isinstance(admission.error, GatewayError):
             return [self._reject(admission.error)]
         if admission.error is not None:
@@ -263,7 +278,10 @@ class Session:
         message = frame.request_headers
         self._headers = names.header_dict(message)
         self._path = strip_query(self._headers.get(":path", ""))
+        self._api = api_for(self._path)
         self._method = self._headers.get(":method", "")
+        if self._cfg.tracer is not None:
+            self._span = self._cfg.tracer.start(self._headers)
         self._request_id = self._headers.get(names.REQUEST_ID_HEADER, "")
         if not self._request_id:
             self._request_id = uuid.uuid4().hex
@@ -293,7 +311,7 @@ class Session:
             if message.end_of_stream or self.req_mode in (NONE, STREAMED):
                 # No body will be seen before the request leaves: decide now.
                 model = self._model_from_header(message.end_of_stream)
-                request = self._routing_request(model, "", None)
+                request = self._routing_request(model, "", None, self._path)
                 self._admit(request, self._router.strategy(self._strategy_name))
                 return self._answer_when_admitted(self._answer_routed_headers)
         except GatewayError as error:
@@ -351,13 +369,15 @@ class Session:
         self._body = []
         try:
             try:
-                parsed = parse_body(self._path, body, self._cfg.max_body_bytes)
+                parsed = parse_body(self._path, body, self._cfg.max_body_bytes, self._api.as_chat)
             except GatewayError as error:
                 if not complete and error.code == "invalid_request_body":
                     # A prefix of a larger body: Envoy's buffer filled before the end.
                     raise errors.request_too_large(self._cfg.max_body_bytes) from None
                 raise
-            request = self._routing_request(parsed.model, parsed.prompt, parsed.document)
+            request = self._routing_request(
+                parsed.model, parsed.prompt, parsed.document, parsed.endpoint
+            )
             strategy = self._router.strategy(self._strategy_name)
             prepared = self._router.prepare(request, strategy)
         except GatewayError as error:
@@ -367,12 +387,14 @@ class Session:
             return self._answer_body(prepared, *held)
         self.preparing = prepared
         self._held = (request, *held)
+        self._waiting_since = time.monotonic()
         return []
 
     def resume(self) -> list[ext.ProcessingResponse]:
         """The answers held back while `preparing`; call once that future is done."""
         preparing, self.preparing = self.preparing, None
         held, self._held = self._held, None
+        self._queue_wait += time.monotonic() - self._waiting_since
         if preparing is None or held is None or self.outcome is not None:
             return []
         request, *rest = held
@@ -407,13 +429,16 @@ class Session:
         # Trailers answered too (`then`): nothing of the request is left to come.
         self.req_phase = Phase.DONE if body_end or then else Phase.PASSTHROUGH
         headers = self._route_headers()
-        # Ask the engine for the streamed usage chunk so tokens can be counted (only a
-        # whole body can be rewritten).
+        # Only a whole body can be rewritten: to name an alias's target, and to ask the
+        # engine for the streamed usage chunk so tokens can be counted.
         new_body = None
-        wants_usage = parsed.stream and not parsed.include_usage
-        if complete and wants_usage and self._cfg.inject_include_usage:
-            new_body = with_include_usage(body)
-            headers.append(("content-length", str(len(new_body))))
+        wants_usage = parsed.stream and not parsed.include_usage and self._api.usage_on_request
+        inject = complete and wants_usage and self._cfg.inject_include_usage
+        rename = self._model if self._alias and complete else ""
+        if inject or rename:
+            new_body = rewrite_body(body, model=rename, include_usage=inject)
+            if new_body is not None:
+                headers.append(("content-length", str(len(new_body))))
         if self.req_mode == FULL_DUPLEX:
             return [
                 responses.routed_request_headers(
@@ -480,6 +505,7 @@ class Session:
         if self._admission is None:
             return answer()
         self._answer = answer
+        self._waiting_since = time.monotonic()
         return []
 
     def _answer_routed_headers(self) -> Answers:
@@ -493,9 +519,15 @@ class Session:
         return {"fairness_id": self._flow_key.fairness_id, "priority": self._flow_key.priority}
 
     def _routing_request(
-        self, model: str, prompt: str, document: dict[str, Any] | None
+        self, model: str, prompt: str, document: dict[str, Any] | None, endpoint: str
     ) -> RoutingRequest:
         self._model = model
+        alias = self._router.registry.aliases.get(model)
+        if alias is not None:
+            # Routed (and its body rewritten) as the target; 404 if no target exists.
+            model = self._model = alias.pick(self._router.registry)
+            self._alias = alias.name
+            telemetry.ALIAS_REQUESTS.labels(alias.name, model).inc()
         return RoutingRequest(
             model=model,
             request_id=self._request_id,
@@ -503,7 +535,7 @@ class Session:
             session_id=self._headers.get(names.SESSION_ID_HEADER, ""),
             user=self._headers.get(names.USER_HEADER, ""),
             document=document,
-            endpoint=self._path,
+            endpoint=endpoint,
         )
 
     def _route_request(self, request: RoutingRequest, strategy: Strategy) -> None:
@@ -523,6 +555,8 @@ class Session:
         ]
         if self._request_id_generated:
             headers.append((names.REQUEST_ID_HEADER, self._request_id))
+        if self._span is not None:
+            headers.append((names.TRACEPARENT_HEADER, self._span.traceparent))
         return headers
 
     def _routed_headers_response(self) -> ext.ProcessingResponse:
@@ -545,7 +579,9 @@ class Session:
     def _reject(self, error: GatewayError) -> ext.ProcessingResponse:
         self._status = error.status
         self._error_code = error.code
-        out = responses.rejection(error, self._request_id or uuid.uuid4().hex)
+        out = responses.rejection(
+            error, self._request_id or uuid.uuid4().hex, self._api.error_body(error)
+        )
         log.info(
             "request_rejected",
             request_id=self._request_id,
@@ -615,7 +651,7 @@ class Session:
         self._status = status
         if self._decision is not None:
             self._served = names.served_endpoint(frame)
-            self._accounting = ResponseAccounting(self._started)
+            self._accounting = ResponseAccounting(self._started, self._api.reader())
             self._accounting.on_headers(content_type)
         self.resp_phase = Phase.BODY
 
@@ -668,6 +704,8 @@ class Session:
         status = CANCELLED_STATUS if outcome is Outcome.CANCELLED else self._status
         code = self._error_code or _OUTCOME_CODES.get(outcome, "")
         telemetry.REQUESTS.labels(model_label, str(status), code).inc()
+        if self._span is not None:
+            self._end_span(code, status)
         if outcome is Outcome.REJECTED:
             return  # logged once in _reject (or an answer of the processor's own)
         now = time.monotonic()
@@ -692,6 +730,7 @@ class Session:
             f"request_{outcome}",
             request_id=self._request_id,
             model=self._model,
+            alias=self._alias or None,
             pod=pod,
             strategy=self._decision.strategy if self._decision else "",
             status=status,
@@ -703,4 +742,37 @@ class Session:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             **cancelled,
+        )
+
+    def _end_span(self, code: str, status: int) -> None:
+        """The request's span, with the routing decision and what came of it."""
+        assert self._span is not None
+        decision = self._decision
+        accounting = self._accounting
+        usage = accounting.usage if accounting is not None else None
+        ttft = accounting.ttft() if accounting is not None else None
+        self._span.end(
+            {
+                "gateway.request_id": self._request_id,
+                "gateway.api": self._api.name,
+                "http.request.method": self._method,
+                "url.path": self._path,
+                "http.response.status_code": status or None,
+                "gen_ai.request.model": self._alias or self._model or None,
+                "gateway.model": self._model or None,
+                "gateway.alias": self._alias or None,
+                "gateway.strategy": decision.strategy if decision else None,
+                "gateway.pod": decision.pod.key if decision else None,
+                "gateway.pod.address": decision.pod.address if decision else None,
+                "gateway.served_pod": self._served_pod_key() if decision else None,
+                "gateway.routing_ms": (self._routed_at - self._started) * 1000
+                if self._routed_at
+                else None,
+                "gateway.queue_wait_ms": self._queue_wait * 1000 if self._queue_wait else None,
+                "gateway.first_token_ms": ttft * 1000 if ttft is not None else None,
+                "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
+                "gen_ai.usage.output_tokens": usage.completion_tokens if usage else None,
+                "gateway.error_code": code or None,
+            },
+            error=code,
         )

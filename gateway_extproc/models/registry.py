@@ -11,8 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from gateway_extproc.models.aliases import Alias
 
 log = structlog.get_logger("gateway_extproc.models")
 
@@ -92,6 +96,9 @@ class ModelRegistry:
     # Model -> its Hugging Face tokenizer directory, where a source knows one (the models
     # file's `tokenizer:`); read live by the tokenizer catalog.
     tokenizers: dict[str, str] = field(default_factory=dict)
+    # Alias name -> its weighted targets (models/aliases.py), where a source declares
+    # them (the models file's `aliases:`); read per request by the session.
+    aliases: dict[str, Alias] = field(default_factory=dict)
 
     # -- reading (hot path) -------------------------------------------------------------
 
@@ -124,6 +131,16 @@ class ModelRegistry:
         """The models' tokenizer directories, as the source now says (replacing all)."""
         self.tokenizers.clear()
         self.tokenizers.update(directories)
+
+    def set_aliases(self, aliases: Mapping[str, Alias]) -> None:
+        """The aliases, as the source now says (replacing all). An alias whose targets did
+        not change keeps its place in the round robin, so a reload does not skew a split."""
+        kept = {
+            name: old
+            for name, old in self.aliases.items()
+            if name in aliases and aliases[name].targets == old.targets
+        }
+        self.aliases = {name: kept.get(name, alias) for name, alias in aliases.items()}
 
     def on_pod_stored(self, listener: PodStoredListener) -> None:
         """`listener(pod)` after a pod is added or changed (not when written unchanged)."""

@@ -7,6 +7,9 @@
           - {name: llama-0, address: 127.0.0.1:8001, kv_events: tcp://127.0.0.1:5557}
           - {name: llama-1, address: 127.0.0.1:8002, state: terminating}
 
+    aliases:                              # optional: names that split traffic
+      llama-3: {llama-3-8b-v2: 90, llama-3-8b-v3: 10}
+
 A pod's `state` is `ready` (default), `not-ready` or `terminating`; `metrics_address`
 is optional, and so are `kv_events` (where its engine publishes KV-cache events,
 `tcp://host:port`) and `kv_events_replay` (its replay socket). A model's `tokenizer` is a
@@ -15,6 +18,10 @@ relative path is relative to the file. The same pod name may appear under severa
 (a pod serving a base model and its LoRA adapters). The file is re-read when it changes;
 a bad file is rejected with a log line naming the problem and the last good dictionary
 stays.
+
+An alias maps a name clients may use to target models with integer weights (0 drains a
+target); models/aliases.py says how a target is chosen. An alias may not share a name
+with a model of the file, nor name another alias as a target.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 import structlog
 import yaml
 
+from gateway_extproc.models.aliases import Alias
 from gateway_extproc.models.registry import ModelRegistry, Pod
 
 log = structlog.get_logger("gateway_extproc.static")
@@ -45,6 +53,7 @@ class ModelFileError(ValueError):
 class ModelsFile:
     pods: list[Pod]
     tokenizers: dict[str, str] = field(default_factory=dict)  # model -> directory
+    aliases: dict[str, Alias] = field(default_factory=dict)
 
 
 def parse_models_file(text: str) -> list[Pod]:
@@ -61,11 +70,12 @@ def parse_models(text: str, base: Path | None = None) -> ModelsFile:
         doc = {"models": []}
     if not isinstance(doc, dict) or not isinstance(doc.get("models", []), list):
         raise ModelFileError("the file must be a mapping with a list under `models`")
-    unknown = set(doc) - {"models"}
+    unknown = set(doc) - {"models", "aliases"}
     if unknown:
         raise ModelFileError(f"unknown top-level keys: {', '.join(sorted(map(str, unknown)))}")
     pods: dict[str, dict[str, Any]] = {}
     tokenizers: dict[str, str] = {}
+    names: set[str] = set()
     for m_index, model in enumerate(doc.get("models") or []):
         where = f"models[{m_index}]"
         if not isinstance(model, dict):
@@ -73,6 +83,7 @@ def parse_models(text: str, base: Path | None = None) -> ModelsFile:
         name = model.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ModelFileError(f"{where}.name must be a non-empty string")
+        names.add(name)
         tokenizer = model.get("tokenizer")
         if tokenizer is not None:
             if not isinstance(tokenizer, str) or not tokenizer.strip():
@@ -86,7 +97,9 @@ def parse_models(text: str, base: Path | None = None) -> ModelsFile:
             raise ModelFileError(f"{where}.pods must be a list")
         for p_index, raw in enumerate(model_pods):
             _add_pod(pods, raw, name, f"{where}.pods[{p_index}]")
+    aliases = _parse_aliases(doc.get("aliases"), names)
     return ModelsFile(
+        aliases=aliases,
         pods=[
             Pod(
                 name=p["name"],
@@ -102,6 +115,35 @@ def parse_models(text: str, base: Path | None = None) -> ModelsFile:
         ],
         tokenizers=tokenizers,
     )
+
+
+def _parse_aliases(raw: Any, models: set[str]) -> dict[str, Alias]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ModelFileError("`aliases` must be a mapping of alias -> {target model: weight}")
+    aliases: dict[str, Alias] = {}
+    for name, targets in raw.items():
+        where = f"aliases.{name}"
+        if not isinstance(name, str) or not name.strip():
+            raise ModelFileError("an alias name must be a non-empty string")
+        if name in models:
+            raise ModelFileError(f"{where}: {name!r} is also a model of this file")
+        if not isinstance(targets, dict) or not targets:
+            raise ModelFileError(f"{where} must map target models to weights")
+        parsed = []
+        for target, weight in targets.items():
+            if not isinstance(target, str) or not target.strip():
+                raise ModelFileError(f"{where}: a target must be a model name")
+            if target in raw:
+                raise ModelFileError(f"{where}: target {target!r} is an alias; name models")
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise ModelFileError(f"{where}.{target}: the weight must be an integer >= 0")
+            parsed.append((target, weight))
+        if not any(weight for _, weight in parsed):
+            raise ModelFileError(f"{where}: every weight is 0")
+        aliases[name] = Alias(name, tuple(parsed))
+    return aliases
 
 
 def _add_pod(pods: dict[str, dict[str, Any]], raw: Any, model: str, where: str) -> None:
@@ -230,6 +272,7 @@ class StaticModelSource:
         self._problem = ""
         self._registry.replace_all(parsed.pods)
         self._registry.set_tokenizers(parsed.tokenizers)
+        self._registry.set_aliases(parsed.aliases)
         self._synced = True
         log.info(
             "models_file_loaded",

@@ -7,6 +7,7 @@ authority on the rest of the schema and answers its own errors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,17 +29,28 @@ class InferenceRequest:
     stream: bool = False
     prompt: str = ""
     include_usage: bool = False
-    # The parsed body, for rendering the prompt as the engine will (precise prefix routing).
+    # The parsed body, for rendering the prompt as the engine will (precise prefix routing),
+    # under the rules of `endpoint` (the request's path, or the chat path for an API whose
+    # request amounts to a chat completion: see `as_chat` in parse_body).
     document: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     user: str = ""  # OpenAI's end-user id, when the body names one
+    endpoint: str = ""
 
 
 def strip_query(path: str) -> str:
     return path.split("?", 1)[0]
 
 
-def parse_body(path: str, body: bytes, max_bytes: int) -> InferenceRequest:
-    """Parse `body` sent to `path`; raise GatewayError (400/413) for anything unusable."""
+def parse_body(
+    path: str,
+    body: bytes,
+    max_bytes: int,
+    as_chat: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> InferenceRequest:
+    """Parse `body` sent to `path`; raise GatewayError (400/413) for anything unusable.
+
+    `as_chat` turns the body of another API (OpenAI Responses, Anthropic Messages) into
+    the chat completion the engine renders it as; the prompt is then read from that."""
     if len(body) > max_bytes:
         raise errors.request_too_large(max_bytes)
     if not body.strip():
@@ -68,13 +80,17 @@ def parse_body(path: str, body: bytes, max_bytes: int) -> InferenceRequest:
     options = doc.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     user = doc.get("user")
+    endpoint = strip_query(path)
+    if as_chat is not None:
+        doc, endpoint = as_chat(doc), CHAT_PATH
     return InferenceRequest(
         model=model,
         stream=stream,
-        prompt=_prompt_text(strip_query(path), doc),
+        prompt=_prompt_text(endpoint, doc),
         include_usage=include_usage,
         document=doc,
         user=user if isinstance(user, str) else "",
+        endpoint=endpoint,
     )
 
 
@@ -125,12 +141,19 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-def with_include_usage(body: bytes) -> bytes:
-    """`body` (already validated) asking for the streamed usage chunk."""
-    doc = orjson.loads(body)
-    options = doc.get("stream_options")
-    doc["stream_options"] = {
-        **(options if isinstance(options, dict) else {}),
-        "include_usage": True,
-    }
+def rewrite_body(body: bytes, *, model: str = "", include_usage: bool = False) -> bytes | None:
+    """`body` (already validated) naming `model` instead (an alias's target) and/or asking
+    for the streamed usage chunk; None when it cannot be written back as it was sent."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if model:
+        doc["model"] = model
+    if include_usage:
+        options = doc.get("stream_options")
+        doc["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     return orjson.dumps(doc)

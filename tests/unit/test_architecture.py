@@ -25,13 +25,14 @@ LAYERS: list[set[str]] = [
     {"devtools", "conformance"},
     {"server"},
     {"admin", "extproc"},
-    # When a request may be routed: reads routing's in-flight counts, builds errors.
-    {"flowcontrol"},
+    # When a request may be routed (reads routing's in-flight counts, builds errors), and
+    # the inference APIs' wire formats (OpenAI's, Anthropic's, built on openai/).
+    {"flowcontrol", "apis"},
     {"routing", "openai"},
     {"metrics", "kvevents", "tokenize"},
     {"models"},
     # The package's own __init__ (the version) and the leaves everything may use.
-    {"__init__", "config", "errors", "telemetry", "proto_gen", "tls"},
+    {"__init__", "config", "errors", "telemetry", "tracing", "proto_gen", "tls"},
 ]
 LAYER_OF = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 

@@ -19,6 +19,12 @@ With `--tokenizer DIR` prompts are rendered (chat template) and tokenized with t
 Hugging Face tokenizer, as vLLM does; with `--kv-events-port P` the prefix cache publishes
 vLLM's KV-cache events there (and serves replays on `--kv-events-replay-port`), and
 `POST /reset_prefix_cache` empties it (AllBlocksCleared) as vLLM's endpoint does.
+
+Besides OpenAI's chat completions, completions and embeddings it serves OpenAI's
+Responses API (`/v1/responses`) and Anthropic's Messages API (`/v1/messages`, errors in
+Anthropic's shape), JSON and streamed, with the event sequences of apis.py. A request's
+`traceparent` header is echoed back as `x-simulator-traceparent`, so that tests can see
+the trace context the engine received.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import structlog
 import zmq
 from aiohttp import web
 
-from gateway_extproc.devtools.simulator import protocol, text
+from gateway_extproc.devtools.simulator import apis, protocol, text
 from gateway_extproc.devtools.simulator.config import SimulatorConfig
 from gateway_extproc.devtools.simulator.engine import Engine, EngineRequest
 from gateway_extproc.devtools.simulator.faults import Faults
@@ -60,6 +66,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 POD_HEADER = "x-simulator-pod"
+TRACEPARENT_ECHO_HEADER = "x-simulator-traceparent"
 # Long prompts are the point of prefix-cache tests; aiohttp's default cap is 1 MiB.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # On shutdown, requests in flight get this long to finish before they are cancelled.
@@ -276,6 +283,8 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_post(apis.RESPONSES_PATH, _responses)
+    app.router.add_post(apis.MESSAGES_PATH, _messages)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
@@ -323,31 +332,37 @@ async def running_simulator(config: SimulatorConfig) -> AsyncIterator[int]:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes an OpenAI-style JSON error; no traceback reaches a client."""
+    anthropic = request.path == apis.MESSAGES_PATH  # Anthropic's error shape there
     try:
         return await handler(request)
     except ApiError as exc:
-        return _error_response(exc)
+        return _error_response(exc, anthropic)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return _error_response(ApiError(exc.status, exc.reason, code=code))
+        return _error_response(ApiError(exc.status, exc.reason, code=code), anthropic)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("simulator_request_failed", path=request.path)
         return _error_response(
-            ApiError(500, "internal simulator error", code="internal_error", type="server_error")
+            ApiError(500, "internal simulator error", code="internal_error", type="server_error"),
+            anthropic,
         )
 
 
-def _error_response(exc: ApiError) -> web.Response:
-    return web.Response(status=exc.status, body=exc.body(), content_type=JSON)
+def _error_response(exc: ApiError, anthropic: bool = False) -> web.Response:
+    body = apis.anthropic_error_body(exc) if anthropic else exc.body()
+    return web.Response(status=exc.status, body=body, content_type=JSON)
 
 
 async def _name_pod(request: web.Request, response: web.StreamResponse) -> None:
     host, port = _pod(request)
     response.headers[POD_HEADER] = _host_port(host, port)
+    traceparent = request.headers.get("traceparent")
+    if traceparent is not None:
+        response.headers[TRACEPARENT_ECHO_HEADER] = traceparent
 
 
 async def _release_hung(app: web.Application) -> None:
@@ -401,13 +416,40 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     sim = request.app[SIMULATOR]
-    config = sim.config
     doc = protocol.load_object(await request.read())
     params = protocol.parse_chat(doc) if chat else protocol.parse_completion(doc)
+    engine_request = _engine_request(request, sim, params, doc)
+    request_id = ("chatcmpl-" if chat else "cmpl-") + _request_id(request)
+    created = int(time.time())
+    if params.stream:
+        return await _stream(request, sim, engine_request, params, request_id, created, chat)
+
+    tokens = await _run(sim, engine_request)
+    build = protocol.chat_response if chat else protocol.completion_response
+    body = build(
+        request_id,
+        created,
+        params.model,
+        "".join(tokens),
+        "length",
+        protocol.usage(len(engine_request.prompt_ids), len(tokens)),
+    )
+    return web.Response(body=body, content_type=JSON)
+
+
+def _engine_request(
+    request: web.Request,
+    sim: Simulator,
+    params: protocol.GenerationRequest,
+    chat_doc: dict[str, Any],
+) -> EngineRequest:
+    """What the engine generates for `params` (rendered as `chat_doc` with --tokenizer);
+    ApiError for an unknown model, a simulated failure or a context too long."""
+    config = sim.config
     adapter = sim.adapter_for(params.model)
     if sim.faults.should_fail():
         raise protocol.simulated_failure()
-    prompt_ids = sim.prompt_ids(doc, params)
+    prompt_ids = sim.prompt_ids(chat_doc, params)
     room = sim.engine.max_new_tokens(len(prompt_ids))
     if params.max_tokens is None:
         max_tokens = min(config.max_tokens_default, room)
@@ -422,26 +464,90 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         )
     _, port = _pod(request)
     output = text.reply_tokens(f"sim-{port}:", prompt_ids, max_tokens, config.seed)
-    engine_request = EngineRequest(adapter=adapter, prompt_ids=prompt_ids, output=output)
-    request_id = ("chatcmpl-" if chat else "cmpl-") + _request_id(request)
-    created = int(time.time())
-    if params.stream:
-        return await _stream(request, sim, engine_request, params, request_id, created, chat)
+    return EngineRequest(adapter=adapter, prompt_ids=prompt_ids, output=output)
 
+
+async def _run(sim: Simulator, engine_request: EngineRequest) -> list[str]:
+    """Generate the whole reply (a non-streamed request)."""
     tokens: list[str] = []
     async with contextlib.aclosing(sim.engine.generate(engine_request)) as generated:
         async for token in generated:
             tokens.append(token)
-    build = protocol.chat_response if chat else protocol.completion_response
-    body = build(
-        request_id,
-        created,
-        params.model,
-        "".join(tokens),
-        "length",
-        protocol.usage(len(prompt_ids), len(tokens)),
+    return tokens
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    doc = protocol.load_object(await request.read())
+    params, chat_doc = apis.parse_responses(doc)
+    engine_request = _engine_request(request, sim, params, chat_doc)
+    writer = apis.ResponsesWriter("resp_" + _request_id(request), int(time.time()), doc, params)
+    prompt_tokens = len(engine_request.prompt_ids)
+    if not params.stream:
+        tokens = await _run(sim, engine_request)
+        body = writer.body("".join(tokens), prompt_tokens, len(tokens))
+        return web.Response(body=body, content_type=JSON)
+    return await _stream_events(
+        request,
+        sim,
+        engine_request,
+        opening=writer.opening(),
+        token=writer.token,
+        closing=lambda sent: writer.closing(prompt_tokens, sent),
     )
-    return web.Response(body=body, content_type=JSON)
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    doc = protocol.load_object(await request.read())
+    params, chat_doc = apis.parse_messages(doc)
+    engine_request = _engine_request(request, sim, params, chat_doc)
+    writer = apis.MessagesWriter("msg_" + _request_id(request), params.model)
+    prompt_tokens = len(engine_request.prompt_ids)
+    if not params.stream:
+        tokens = await _run(sim, engine_request)
+        body = writer.body("".join(tokens), prompt_tokens, len(tokens))
+        return web.Response(body=body, content_type=JSON)
+    return await _stream_events(
+        request,
+        sim,
+        engine_request,
+        opening=writer.opening(prompt_tokens),
+        token=writer.token,
+        closing=writer.closing,
+    )
+
+
+async def _stream_events(
+    request: web.Request,
+    sim: Simulator,
+    engine_request: EngineRequest,
+    *,
+    opening: bytes,
+    token: Callable[[str], bytes],
+    closing: Callable[[int], bytes],
+) -> web.StreamResponse:
+    """A stream of named events: `opening`, one event per token, then `closing(sent)`."""
+    shaper = _StreamShaper.from_headers(request)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    sent = 0
+    try:
+        await shaper.write(response, opening)
+        async with contextlib.aclosing(sim.engine.generate(engine_request)) as generated:
+            async for piece in generated:
+                await shaper.write(response, token(piece))
+                sent += 1
+        await shaper.write(response, closing(sent))
+        await shaper.flush(response)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client hung up; leaving the generator already freed the engine slot
+    except Exception:
+        log.exception("simulator_stream_failed", path=request.path)
+    return response
 
 
 async def _stream(

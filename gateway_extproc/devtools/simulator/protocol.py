@@ -112,7 +112,7 @@ def load_object(body: bytes) -> dict[str, Any]:
 def parse_chat(doc: dict[str, Any]) -> GenerationRequest:
     messages = doc.get("messages")
     if messages is None:
-        raise _missing("messages")
+        raise missing("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("`messages` must be a non-empty array", "messages")
     turns = [_message(message, index) for index, message in enumerate(messages)]
@@ -121,11 +121,11 @@ def parse_chat(doc: dict[str, Any]) -> GenerationRequest:
     if max_tokens is None:
         max_tokens = _max_tokens(doc, "max_tokens")
     return GenerationRequest(
-        model=_model(doc),
+        model=model_of(doc),
         prompt=text.render_chat(turns),
         prompt_param="messages",
         max_tokens=max_tokens,
-        stream=_stream(doc),
+        stream=stream_of(doc),
         include_usage=_include_usage(doc),
     )
 
@@ -133,7 +133,7 @@ def parse_chat(doc: dict[str, Any]) -> GenerationRequest:
 def parse_completion(doc: dict[str, Any]) -> GenerationRequest:
     prompt = doc.get("prompt")
     if prompt is None:
-        raise _missing("prompt")
+        raise missing("prompt")
     # A one-element batch is unwrapped; larger batches would need several choices.
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -144,11 +144,11 @@ def parse_completion(doc: dict[str, Any]) -> GenerationRequest:
     if not parsed:
         raise invalid("the prompt cannot be empty", "prompt")
     return GenerationRequest(
-        model=_model(doc),
+        model=model_of(doc),
         prompt=parsed,
         prompt_param="prompt",
         max_tokens=_max_tokens(doc, "max_tokens"),
-        stream=_stream(doc),
+        stream=stream_of(doc),
         include_usage=_include_usage(doc),
     )
 
@@ -156,7 +156,7 @@ def parse_completion(doc: dict[str, Any]) -> GenerationRequest:
 def parse_embedding(doc: dict[str, Any]) -> EmbeddingRequest:
     raw = doc.get("input")
     if raw is None:
-        raise _missing("input")
+        raise missing("input")
     inputs: list[str | tuple[int, ...]]
     if isinstance(raw, str):
         inputs = [raw]
@@ -179,23 +179,23 @@ def parse_embedding(doc: dict[str, Any]) -> EmbeddingRequest:
     if encoding not in ("float", "base64"):
         raise invalid("`encoding_format` must be `float` or `base64`", "encoding_format")
     return EmbeddingRequest(
-        model=_model(doc),
+        model=model_of(doc),
         inputs=tuple(inputs),
         dimensions=int(dimensions),
         base64=encoding == "base64",
     )
 
 
-def _model(doc: dict[str, Any]) -> str:
+def model_of(doc: dict[str, Any]) -> str:
     model = doc.get("model")
     if model is None:
-        raise _missing("model")
+        raise missing("model")
     if not isinstance(model, str) or not model:
         raise invalid("`model` must be a non-empty string", "model")
     return model
 
 
-def _missing(name: str) -> ApiError:
+def missing(name: str) -> ApiError:
     return ApiError(400, f"`{name}` is required", code="missing_required_parameter", param=name)
 
 
@@ -246,7 +246,7 @@ def _one_choice(doc: dict[str, Any]) -> None:
         raise invalid("the simulator generates one choice per request (`n` must be 1)", "n")
 
 
-def _stream(doc: dict[str, Any]) -> bool:
+def stream_of(doc: dict[str, Any]) -> bool:
     value = doc.get("stream")
     if value is None:
         return False
