@@ -40,6 +40,10 @@ def test_environment_sets_defaults_and_flags_win(monkeypatch):
         ("GATEWAY_GRPC_PORT", "70000"),
         ("GATEWAY_LOG_FORMAT", "xml"),
         ("GATEWAY_MAX_BODY_BYTES", "0"),
+        ("GATEWAY_OTLP_ENDPOINT", "ftp://collector:4317"),
+        ("GATEWAY_OTLP_ENDPOINT", "collector"),
+        ("GATEWAY_OTLP_ENDPOINT", "http://collector:4317/v1/traces"),
+        ("GATEWAY_TRACE_SAMPLE_RATIO", "1.5"),
     ],
 )
 def test_bad_environment_values_stop_start_up_with_the_variable_named(
@@ -82,3 +86,13 @@ def test_picker_flags_and_defaults():
     assert (settings.pool_name, settings.pool_namespace) == ("p", "")
     assert (settings.grpc_health_port, settings.conformance_mode) == (9003, True)
     assert parse(["--conformance-mode=false"]).conformance_mode is False
+
+
+def test_tracing_is_off_unless_a_collector_is_named(monkeypatch):
+    assert parse([]).otlp_endpoint == ""
+    assert parse(["--otlp-endpoint", "collector.observability:4317"]).otlp_endpoint == (
+        "collector.observability:4317"
+    )
+    monkeypatch.setenv("GATEWAY_OTLP_ENDPOINT", "https://collector:4317")
+    assert parse(["--trace-sample-ratio", "0.25"]).trace_sample_ratio == 0.25
+    assert parse([]).otlp_endpoint == "https://collector:4317"
