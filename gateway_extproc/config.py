@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -224,9 +225,21 @@ def header_policy(raw: str) -> tuple[tuple[str, str], ...]:
 
 
 def otlp_endpoint(raw: str) -> str:
-    from gateway_extproc.tracing import check_endpoint
-
-    return check_endpoint(raw)
+    """`http://host:port` (plaintext), `https://host:port` or `host:port` (plaintext):
+    where an OTLP/gRPC collector listens. ValueError for anything else."""
+    value = raw.strip()
+    if not value:
+        return ""
+    parts = urlsplit(value if "://" in value else f"http://{value}")
+    if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query:
+        raise ValueError("must be http://host:port, https://host:port or host:port")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ValueError("must name a host and a port (OTLP/gRPC listens on 4317 by default)")
+    return value
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequence[str]) -> None:
