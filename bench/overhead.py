@@ -17,19 +17,24 @@ the measurements taken round-robin over them (so they share the machine's good a
 moments): the product with its production defaults (JSON access log at info), the
 product with `--no-access-log` (what the log line costs), bench/baseline_processor.py, a
 plain grpc.aio processor with fixed routing (the floor grpc.aio itself sets; the
-difference to it is the product's own work), and two what-if experiments for the change
-list (response phases not sent; two processor processes).
+difference to it is the product's own work), two what-if experiments for the change
+list (response phases not sent; two processor processes), and the product with tracing
+on (`--otlp-endpoint`, every request a span, exported to a receiver process on loopback;
+the defaults row is tracing off). bench/session_cost.py adds what tracing costs in the
+session alone.
 """
 
 from __future__ import annotations
 
+import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import payloads
+from bench import payloads, session_cost
 from bench.common import (
     RunMode,
     Section,
@@ -64,6 +69,7 @@ class Variant:
     processors: int = 1
     edit: Callable[[dict[str, Any]], object] | None = None  # changes the front bootstrap
     what_if: bool = False  # an experiment for the change list, not the shipped set-up
+    tracing: bool = False  # --otlp-endpoint: spans to the section's OTLP receiver
 
 
 def _observer_lingers(doc: dict[str, Any]) -> None:
@@ -98,7 +104,9 @@ VARIANTS = (
         edit=_observer_lingers,
         what_if=True,
     ),
+    Variant("gateway-extproc --otlp-endpoint (tracing on, every request a span)", tracing=True),
 )
+TRACING_LABEL = VARIANTS[-1].label
 
 
 @dataclass
@@ -154,11 +162,12 @@ class Setup:
     )
 
 
-def start_setup(variant: Variant, mode: RunMode, index: int) -> Setup:
+def start_setup(variant: Variant, mode: RunMode, index: int, otlp_endpoint: str) -> Setup:
     work = mode.work_dir / f"overhead-{index}"
+    tracing = ["--otlp-endpoint", otlp_endpoint] if variant.tracing else []
     stack = start_stack(
         work,
-        processor_args=list(variant.args),
+        processor_args=[*variant.args, *tracing],
         baseline=variant.baseline,
         processors=variant.processors,
         edit_bootstrap=variant.edit,
@@ -262,14 +271,34 @@ def summarise_saturation(setup: Setup, rounds: int, seconds: float) -> dict[str,
     return out
 
 
-def measure_all(mode: RunMode) -> list[dict[str, Any]]:
+def start_otlp_receiver(mode: RunMode) -> tuple[localstack.ManagedProcess, str]:
+    """The OTLP/gRPC receiver the tracing variant exports to, as a process of its own
+    (a collector beside the processor); ready once its port takes connections."""
+    port = localstack.free_port()
+    argv = [sys.executable, "-m", "gateway_extproc.devtools.otlp_receiver", "--port", str(port)]
+    process = localstack.spawn("otlp-receiver", argv, mode.work_dir / "overhead-otlp")
+    for _ in bounded(200, 10.0):
+        try:
+            socket.create_connection((localstack.LOCALHOST, port), timeout=0.5).close()
+            return process, f"http://{localstack.LOCALHOST}:{port}"
+        except OSError:
+            if not process.alive():
+                break
+            time.sleep(0.05)
+    process.stop()
+    raise RuntimeError(f"the OTLP receiver did not start: {process.log_tail()}")
+
+
+def measure_all(mode: RunMode) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Every variant's stack runs at once (idle ones cost next to nothing) and the
     measurements go round-robin over them, so that they share the machine's good and
-    bad moments and their figures can be compared with each other."""
+    bad moments and their figures can be compared with each other. Then, with the stacks
+    gone, the session's own cost with tracing off and on."""
     setups: list[Setup] = []
+    receiver, otlp_endpoint = start_otlp_receiver(mode)
     try:
         for index, variant in enumerate(VARIANTS):
-            setups.append(start_setup(variant, mode, index))
+            setups.append(start_setup(variant, mode, index, otlp_endpoint))
         blocks = mode.pick(4, 2)
         pairs = mode.pick(2000, 300) // blocks
         for _ in range(blocks):
@@ -282,25 +311,32 @@ def measure_all(mode: RunMode) -> list[dict[str, Any]]:
                 order = (setup.direct, setup.through)
                 for route in order if r % 2 == 0 else order[::-1]:
                     wrk_run(setup, route, seconds)
-        return [
+        results = [
             {
                 "variant": setup.variant.label,
                 "what_if": setup.variant.what_if,
-                "processor_args": list(setup.variant.args),
+                "processor_args": list(setup.variant.args)
+                + (["--otlp-endpoint", "(receiver)"] if setup.variant.tracing else []),
                 "ext_proc_messages_per_request": setup.messages,
                 "c1": summarise_c1(setup),
                 "saturation": summarise_saturation(setup, rounds, seconds),
             }
             for setup in setups
         ]
+        for setup in setups:
+            setup.stack.stop()
+        setups = []
+        session = session_cost.measure(otlp_endpoint, mode.pick(20_000, 3_000))
+        return results, session
     finally:
         for setup in setups:
             setup.stack.stop()
+        receiver.stop()
 
 
 def run(mode: RunMode) -> Section:
-    results = measure_all(mode)
-    section = Section(NAME, TITLE, data={"variants": results})
+    results, session = measure_all(mode)
+    section = Section(NAME, TITLE, data={"variants": results, "session_cost": session})
     c1_rows = []
     sat_rows = []
     for r in results:
@@ -418,6 +454,22 @@ def run(mode: RunMode) -> Section:
             )
             + ".",
         ]
+    )
+    traced = next(r for r in results if r["variant"] == TRACING_LABEL)
+    traced_cpu = traced["saturation"]["processor_cpu_us_per_req"]
+    section.body += "\n\n" + (
+        "Tracing. Off (the default, every other row) the request path holds three "
+        f"`tracer is not None` tests, {fmt(session['check_ns'], 0)} ns each, and the "
+        "OpenTelemetry SDK is not imported. On, with every request sampled and exported "
+        f"to a receiver process: {fmt(traced_cpu, 0)} µs of processor CPU per request "
+        f"against {fmt(product_cpu, 0)} µs for the defaults row "
+        f"({fmt(traced_cpu - product_cpu, 0)} µs more), "
+        f"{traced['saturation']['ratio'] * 100:.1f}% of direct throughput against "
+        f"{sat['ratio'] * 100:.1f}%, and {fmt(traced['c1']['added_p50_ms'], 3)} ms added "
+        f"at p50 against {fmt(c1['added_p50_ms'], 3)} ms. The session alone "
+        f"(bench/session_cost.py, {session['requests']:,.0f} requests driven in-process, "
+        "access log off, CPU of every thread so the exporter's is counted): "
+        f"{fmt(session['off_us'], 1)} µs per request off, {fmt(session['on_us'], 1)} µs on."
     )
     section.targets = [
         Target(

@@ -8,6 +8,7 @@ its attributes decoded, until asked. Never used by the processor itself.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -74,9 +75,16 @@ class OtlpReceiver:
     """`with OtlpReceiver() as receiver:` listens on `receiver.endpoint` meanwhile."""
 
     def __init__(self, host: str = LOCALHOST, port: int = 0) -> None:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        # No SO_REUSEPORT (grpc's default): a second receiver on a taken port must fail,
+        # not share the port and get half the spans.
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)]
+        )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpc's way of saying the bind failed
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.endpoint = f"http://{host}:{self.port}"
@@ -119,3 +127,32 @@ class OtlpReceiver:
                 if left <= 0:
                     return None
                 self._changed.wait(left)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gateway_extproc.devtools.otlp_receiver [--host H] [--port P]`: receive
+    until SIGINT/SIGTERM, then say how many spans came."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--host", default=LOCALHOST)
+    parser.add_argument("--port", type=int, default=4317)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        receiver = OtlpReceiver(args.host, args.port)
+    except OSError as exc:
+        print(f"otlp_receiver: {exc}", file=sys.stderr)
+        return 1
+    with receiver:
+        print(f"receiving OTLP/gRPC spans on {receiver.endpoint}", flush=True)
+        stop.wait()
+        print(f"received {len(receiver.spans())} spans", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
