@@ -119,8 +119,8 @@ class Session:
     __slots__ = (
         "_accounting",
         "_admission",
-        "_answer",
         "_alias",
+        "_answer",
         "_api",
         "_body",
         "_body_size",
