@@ -724,13 +724,13 @@ class Session:
             return
         # A cancelled request also says what the engine (or Envoy) had answered so far.
         cancelled = {"response_status": self._status} if outcome is Outcome.CANCELLED else {}
+        alias = {"alias": self._alias} if self._alias else {}  # the model asked for
         ttft = accounting.ttft() if accounting is not None else None
         usage = accounting.usage if accounting is not None else None
         log.info(
             f"request_{outcome}",
             request_id=self._request_id,
             model=self._model,
-            alias=self._alias or None,
             pod=pod,
             strategy=self._decision.strategy if self._decision else "",
             status=status,
@@ -742,6 +742,7 @@ class Session:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             **cancelled,
+            **alias,
         )
 
     def _end_span(self, code: str, status: int) -> None:
