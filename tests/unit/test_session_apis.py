@@ -312,3 +312,16 @@ def test_a_request_without_traceparent_starts_a_trace_and_a_refusal_is_an_error_
     assert refused.attributes["http.response.status_code"] == 404
     assert "gateway.pod" not in refused.attributes
     assert len(receiver.spans()) == 2
+
+
+def test_the_access_log_names_the_alias_asked_for_and_the_target_served(router, registry, capsys):
+    registry.set_aliases({"llama": Alias("llama", (("v3", 1),))})
+    session = Session(router, SessionConfig())
+    send(session, "/v1/chat/completions", {**CHAT, "model": "llama"})
+    session.handle(frames.response_headers(200, end_of_stream=True))
+    plain = Session(router, SessionConfig())
+    send(plain, "/v1/chat/completions", CHAT)
+    plain.handle(frames.response_headers(200, end_of_stream=True))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "request_finished" in line]
+    assert "alias=llama" in lines[0] and "model=v3" in lines[0]
+    assert "alias" not in lines[1]
