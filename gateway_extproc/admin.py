@@ -47,6 +47,7 @@ def build_admin_app(
     is_ready: Callable[[], bool],
     kv_events: Callable[[], dict[str, Any]] | None = None,
     health: PodHealth | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -55,6 +56,8 @@ def build_admin_app(
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
+        if draining():
+            return web.Response(status=503, text="not ready: shutting down (draining)\n")
         if is_ready():
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready: the model dictionary has not synced\n")

@@ -55,9 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
+        settings = config.settings_from_args(args)
+        if settings.workers > 1:
+            from gateway_extproc import workers
+
+            return workers.run(settings, config.unknown_environment(args))
         from gateway_extproc import server
 
-        return server.run(config.settings_from_args(args), config.unknown_environment(args))
+        return server.run(settings, config.unknown_environment(args))
     if args.command == "simulate":
         from gateway_extproc.devtools.simulator import app as simulator_app
 

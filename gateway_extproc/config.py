@@ -33,6 +33,8 @@ class Settings:
     fallback_endpoints: int = 0
     target_pod_header: str = "target-pod"
     grace_period: float = 10.0
+    drain_delay: float = 5.0
+    workers: int = 1
     inject_include_usage: bool = False
     access_log: bool = True
     record_dir: str = ""
@@ -242,6 +244,15 @@ def otlp_endpoint(raw: str) -> str:
     return value
 
 
+def worker_count(raw: str) -> int:
+    """A positive number of worker processes, or `auto`: the CPUs this process may run on."""
+    if raw.strip().lower() == "auto":
+        if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset and cgroup cpusets
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
+    return positive_int(raw)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequence[str]) -> None:
     """The `serve` flags; `discovery_sources` are the names `--discovery` accepts (the
     caller passes models/source.py's, which this bottom-layer module cannot import)."""
@@ -312,6 +323,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         type=positive_float,
         default=d.grace_period,
         help="seconds in-flight streams get to finish on shutdown",
+    )
+    add_flag(
+        parser,
+        "--drain-delay",
+        type=non_negative_float,
+        default=d.drain_delay,
+        help="seconds between SIGTERM (health turns NOT_SERVING) and refusing new streams, "
+        "so health-checking Envoys stop sending them first",
+    )
+    add_flag(
+        parser,
+        "--workers",
+        type=worker_count,
+        default=d.workers,
+        help="processes serving the gRPC port; 'auto': one per CPU this process may use",
     )
 
     add_switch(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 from collections.abc import Coroutine
@@ -76,9 +77,11 @@ class Gateway:
     # The endpoint picker's plaintext health port (inferencepool discovery only).
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
+    # Set on SIGTERM: health says NOT_SERVING while streams are still answered.
+    draining: bool = False
 
     def ready(self) -> bool:
-        return self.registry.synced
+        return self.registry.synced and not self.draining
 
 
 def _track_model_states(registry: ModelRegistry) -> None:
@@ -91,7 +94,12 @@ def _track_model_states(registry: ModelRegistry) -> None:
     registry.on_model_change(on_change)
 
 
-async def start_gateway(settings: Settings) -> Gateway:
+async def start_gateway(
+    settings: Settings, *, share_port: bool = False, admin_path: str = ""
+) -> Gateway:
+    """Start everything. `share_port` and `admin_path` are for a worker of
+    `serve --workers N` (workers.py): the gRPC port is shared with the other workers
+    (SO_REUSEPORT), and the admin app listens on a Unix socket for the supervisor."""
     # Checked before anything starts: a bad certificate is a start-up error, nothing else.
     key_pair = tls.server_key_pair(settings.cert_path) if settings.serves_tls else None
     registry = ModelRegistry()
@@ -180,6 +188,9 @@ async def start_gateway(settings: Settings) -> Gateway:
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
+            # Only workers of one `serve --workers N` share the port; their supervisor
+            # checked that nobody else holds it (workers.py).
+            ("grpc.so_reuseport", 1 if share_port else 0),
         ]
     )
     ext_grpc.add_ExternalProcessorServicer_to_server(processor, grpc_server)
@@ -207,12 +218,17 @@ async def start_gateway(settings: Settings) -> Gateway:
         lambda: gateway_ref[0].ready(),
         kv_events=kv_events.streams,
         health=pod_health,
+        draining=lambda: gateway_ref[0].draining,
     )
     admin = web.AppRunner(admin_app, access_log=None)
     await admin.setup()
-    site = web.TCPSite(admin, settings.listen_host, settings.admin_port)
-    await site.start()
-    admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if admin_path:
+        await web.UnixSite(admin, admin_path).start()
+        admin_port = 0
+    else:
+        site = web.TCPSite(admin, settings.listen_host, settings.admin_port)
+        await site.start()
+        admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     gateway = Gateway(
         settings=settings,
@@ -256,9 +272,12 @@ def _add_port(server: grpc.aio.Server, address: str, key_pair: tls.KeyPair | Non
         bound = server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
         log.info("grpc_tls", certificate="self-signed" if key_pair.self_signed else "cert-path")
     else:
-        bound = server.add_insecure_port(address)
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "failed to bind": the port is taken
+            bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address} (gRPC)")
     return bound
 
 
@@ -334,22 +353,58 @@ async def stop_gateway(gateway: Gateway) -> None:
     await gateway.admin.cleanup()
 
 
-async def serve(settings: Settings) -> None:
-    gateway = await start_gateway(settings)
+async def drain(gateway: Gateway, hurry: asyncio.Event) -> None:
+    """Say NOT_SERVING (gRPC health, /readyz) at once, and keep answering new streams for
+    the drain delay: health-checking Envoys stop opening streams here before the server
+    refuses them, so no request lands on a closed port. `hurry` cuts the delay short."""
+    gateway.draining = True
+    await _set_serving(gateway)
+    delay = gateway.settings.drain_delay
+    log.info("gateway_draining", drain_delay=delay, open_streams=gateway.processor.open_streams)
+    if delay > 0 and not hurry.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), timeout=delay)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    share_port: bool = False,
+    admin_path: str = "",
+    parent_pid: int = 0,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop. SIGTERM (Kubernetes, systemd,
+    docker stop) drains for --drain-delay; SIGINT (Ctrl-C) or a second signal skips the
+    delay: whoever types Ctrl-C is not behind a health-checking load balancer. A worker
+    (`parent_pid`) also stops when its supervisor is gone."""
+    gateway = await start_gateway(settings, share_port=share_port, admin_path=admin_path)
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if sig is signal.SIGINT or stop.is_set():
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     ready = await _set_serving(gateway)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=HEALTH_INTERVAL)
+        if parent_pid and os.getppid() != parent_pid:
+            log.warning("supervisor_gone", hint="the serve --workers parent exited; stopping")
+            stop.set()
+            hurry.set()
         ready = await _set_serving(gateway, ready)
+    await drain(gateway, hurry)
     log.info("gateway_stopping", open_streams=gateway.processor.open_streams)
     await stop_gateway(gateway)
+    log.info("gateway_stopped")
 
 
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional (not on Windows)
@@ -367,7 +422,7 @@ def run(settings: Settings, unknown_environment: list[str] | None = None) -> int
             hint="no flag reads these; see docs/configuration.md",
         )
     try:
-        _run_loop(serve(settings))
+        run_loop(serve(settings))
     except (OSError, ValueError) as exc:  # a port taken, a bad setting or certificate
         log.error("gateway_failed_to_start", problem=str(exc))
         return 1

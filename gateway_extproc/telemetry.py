@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
+import warnings
 from typing import Any
 
 import orjson
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
+
+# Set by `serve --workers N` for its workers (workers.py): metrics go to shared files.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 REQUESTS = Counter(
     "gateway_requests_total",
@@ -20,6 +25,8 @@ IN_FLIGHT = Gauge(
     "gateway_in_flight_requests",
     "Requests routed to a pod and not yet finished.",
     ["model", "pod"],
+    # With serve --workers N: the sum over the running workers (each counts its own).
+    multiprocess_mode="livesum",
 )
 ROUTING_DECISION = Histogram(
     "gateway_routing_decision_seconds",
@@ -30,6 +37,7 @@ MODELS_BY_STATE = Gauge(
     "gateway_models",
     "Models in the dictionary, by state.",
     ["state"],
+    multiprocess_mode="livemax",  # every worker reads the same dictionary
 )
 FILTER_ERRORS = Counter(
     "gateway_stream_errors_total",
@@ -102,7 +110,19 @@ UNKNOWN_MODEL_LABEL = ""
 
 
 def remove_series(metric: Any, *labels: str) -> None:
-    """Forget one label series; a series that was never created is not an error."""
+    """Forget one label series; a series that was never created is not an error.
+
+    With serve --workers N (prometheus-client's multiprocess mode) a series written to
+    the shared files cannot be removed: a gauge's is set to 0 first, so a deleted pod
+    shows no requests in flight, and the rest stay until the workers restart."""
+    if MULTIPROCESS:
+        if isinstance(metric, Gauge):
+            metric.labels(*labels).set(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "not implemented" in that mode
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+        return
     with contextlib.suppress(KeyError):
         metric.remove(*labels)
 
@@ -155,6 +175,7 @@ METRICS_ROUND = Gauge(
     "Length of the latest completed round of engine metrics scrapes (its period, or the "
     "time until its last scrape ended if longer). Above the metrics staleness, metrics stay "
     "in use until the next round completes.",
+    multiprocess_mode="livemax",
 )
 POD_COLDSTART = Histogram(
     "pod_coldstart_duration_seconds",

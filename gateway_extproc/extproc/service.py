@@ -107,6 +107,12 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                     continue  # Envoy expects no answer in observability mode
                 for answer in answers:
                     yield answer
+                if parked and session is not None and session.request_answered:
+                    # The routing stream's work is done: end it (status OK) rather than
+                    # let it live as long as the response. Envoy then goes on without
+                    # the processor, so a processor that dies or restarts from here on
+                    # cuts nothing; the fail-open observer stream carries the response.
+                    return
         except asyncio.CancelledError:
             raise  # Envoy cancelled the stream; the session is closed as cancelled below
         except Exception:

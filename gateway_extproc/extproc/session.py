@@ -224,6 +224,17 @@ class Session:
         """Routed, and the response has not ended yet."""
         return self._decision is not None and self.outcome is None
 
+    @property
+    def request_answered(self) -> bool:
+        """No request frame still needs an answer from this stream: the request was
+        routed and its body is complete or passes through without being echoed (every
+        mode but FULL_DUPLEX_STREAMED, where the processor hands each chunk back)."""
+        if self._decision is None:
+            return False
+        return self.req_phase is Phase.DONE or (
+            self.req_phase is Phase.PASSTHROUGH and self.req_mode != FULL_DUPLEX
+        )
+
     # -- entry points -------------------------------------------------------------------
 
     def handle(self, frame: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
 LAYERS: list[set[str]] = [
     {"cli"},
-    {"devtools", "conformance"},
+    {"devtools", "conformance", "workers"},
     {"server"},
     {"admin", "extproc"},
     # When a request may be routed (reads routing's in-flight counts, builds errors), and

@@ -222,3 +222,39 @@ async def test_an_observer_without_a_known_key_changes_nothing(gateway, channel)
     got = [r async for r in stub.Process(iter([plain]), metadata=OBSERVE)]
     assert [r.WhichOneof("response") for r in got] == ["response_body"]
     assert gateway.inflight.total() == 0
+
+
+async def test_the_routing_stream_ends_itself_once_the_request_is_routed(gateway, channel):
+    # Envoy keeps its side open for the whole request; the processor must end the
+    # stream (status OK) after the routing answer, so that nothing of the response
+    # depends on this stream (a processor killed later then cuts nothing).
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    call = stub.Process(metadata=ROUTE)
+    await call.write(frames.request_headers())
+    await call.read()
+    await call.write(frames.request_body(orjson.dumps({"model": "llama"})))
+    routed = await call.read()
+    assert routed.WhichOneof("response") == "request_body"
+    # Not half-closed by the client: only the server can end it.
+    assert await asyncio.wait_for(call.code(), timeout=5.0) == grpc.StatusCode.OK
+    # Ending the routing stream hands the request over; it is still in flight until
+    # the observer stream (or the claim window) ends it.
+    assert gateway.inflight.total() == 1
+    assert len(gateway.processor.handoff) == 1
+
+
+async def test_a_one_filter_stream_stays_open_after_routing(gateway, channel):
+    # Without the routing role the response comes on the same stream: it must stay.
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    call = stub.Process()
+    await call.write(frames.request_headers())
+    await call.read()
+    await call.write(frames.request_body(orjson.dumps({"model": "llama"})))
+    await call.read()
+    await call.write(frames.response_headers(200))
+    assert (await call.read()).WhichOneof("response") == "response_headers"
+    await call.write(frames.response_body(b"{}", end_of_stream=True))
+    assert (await call.read()).WhichOneof("response") == "response_body"
+    await call.done_writing()
+    assert await asyncio.wait_for(call.code(), timeout=5.0) == grpc.StatusCode.OK
+    assert gateway.inflight.total() == 0
