@@ -22,6 +22,7 @@ Python environment (`sys.executable -m gateway_extproc.cli ...`) and spoken to o
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -78,12 +79,17 @@ def repo_file(path: Path) -> Path:
 
 
 def render_envoy_config(
-    path: str | os.PathLike[str], *, listen_port: int, admin_port: int, extproc_port: int
+    path: str | os.PathLike[str],
+    *,
+    listen_port: int,
+    admin_port: int,
+    extproc_port: int | Sequence[int],
 ) -> str:
     """The Envoy bootstrap at `path` with its listener, admin and processor ports changed.
 
     Works on the parsed YAML structure: every listener's socket address, the admin
     address and the endpoints of the `gateway_extproc` cluster; nothing else changes.
+    Several processor ports (replicas) make that cluster one endpoint per port.
     """
     doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     if not isinstance(doc, dict):
@@ -102,10 +108,13 @@ def render_envoy_config(
     processor = [c for c in clusters if c.get("name") == EXTPROC_CLUSTER]
     if not processor:
         raise ValueError(f"{path}: no cluster named {EXTPROC_CLUSTER!r}")
+    ports = [extproc_port] if isinstance(extproc_port, int) else list(extproc_port)
     for cluster in processor:
         for locality in cluster["load_assignment"]["endpoints"]:
-            for endpoint in locality["lb_endpoints"]:
-                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = extproc_port
+            template = locality["lb_endpoints"][0]
+            locality["lb_endpoints"] = [copy.deepcopy(template) for _ in ports]
+            for endpoint, port in zip(locality["lb_endpoints"], ports, strict=True):
+                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -333,7 +342,7 @@ def start_envoy(
     *,
     listen_port: int,
     admin_port: int,
-    extproc_port: int,
+    extproc_port: int | Sequence[int],
     base_id: int | None = None,
     hot_restart: bool = False,
     concurrency: int | None = None,
