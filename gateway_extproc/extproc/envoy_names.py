@@ -35,6 +35,9 @@ LB_METADATA_NAMESPACE = "envoy.lb"
 # written under this namespace by the routing answer, forwarded by Envoy to the observer.
 HANDOFF_NAMESPACE = "gateway_extproc"
 HANDOFF_KEY_FIELD = "session"
+# Beside the key, what an observer stream that reaches another process (a replica or a
+# worker that did not route the request) needs to account for the response.
+HANDOFF_CONTEXT_FIELDS = ("model", "pod", "strategy", "request_id", "started_at")
 
 # -- what Envoy tells the processor ---------------------------------------------------
 
@@ -143,6 +146,17 @@ def served_endpoint(frame: ext.ProcessingRequest) -> str:
         return ""
     value = namespaces[SERVED_NAMESPACE].fields.get(SERVED_KEY)
     return value.string_value.strip() if value is not None else ""
+
+
+def handoff_context(frame: ext.ProcessingRequest) -> dict[str, str] | None:
+    """The routing answer's context fields as Envoy forwards them (strings), or None
+    when the frame carries no model."""
+    namespaces = frame.metadata_context.filter_metadata
+    if HANDOFF_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[HANDOFF_NAMESPACE].fields
+    context = {name: fields[name].string_value for name in HANDOFF_CONTEXT_FIELDS if name in fields}
+    return context if context.get("model") else None
 
 
 def handoff_key(frame: ext.ProcessingRequest) -> str:

@@ -1,12 +1,11 @@
 """Sessions handed from the routing stream to the observer stream.
 
 envoy/envoy.yaml runs two ext_proc filters against the processor. The routing filter
-sends the request phases and waits for the answers; it sends no response phase, so
-Envoy ends its stream as soon as the request is routed and the client's response is
-never held for a round trip. The observer filter runs in observability mode (Envoy sends
-and does not wait): it opens its stream once the request is routed and sends the
-response, which the session still needs for accounting, the in-flight count and the
-access log.
+sends the request phases and waits for the answers; it sends no response phase, so the
+client's response is never held for a round trip. The observer filter runs in
+observability mode (Envoy sends and does not wait): it opens its stream once the request
+is routed and sends the response, which the session still needs for accounting, the
+in-flight count and the access log.
 
 The two streams are tied by a key: the routing answer writes it as dynamic metadata
 (namespace `gateway_extproc`), Envoy forwards that namespace to the observer, and the
@@ -15,16 +14,28 @@ in the gRPC initial metadata `x-gateway-extproc-role` (`route` or `observe`); a 
 without it is the single-filter shape (Envoy Gateway, envoy-full-duplex.yaml), where the
 response comes on the routing stream as before.
 
-Envoy opens the observer stream as soon as it has the routing answer, right after it
-ends the routing stream. So a parked session still unclaimed ORPHAN_GRACE_S after its
-routing stream ended never will be: the client left before Envoy got to the observer (or
-the observer stream was reset before the processor read it, which a client that leaves
-also causes). It is closed as cancelled then, and its pod's in-flight count released,
-rather than counted as a missing observer. The exception is a processor on which no
-observer stream has claimed anything for a while (OBSERVERS_SEEN_S): there the observer
-filter, or the forwarding of its metadata, is probably missing, and the session counts
-as such (`gateway_observer_missing_total`, with a warning). A session whose routing stream
-never ends is closed as aborted after CLAIM_WINDOW_S, counted the same way.
+The processor ends the routing stream itself right after its routing answer (so that no
+response depends on it), and Envoy opens the observer stream as soon as it has that
+answer. Envoy balances each gRPC stream on its own, though: with several processors
+(replicas behind one cluster, or `serve --workers N` over several connections) the
+observer stream may reach another process than the one that routed. So the routing
+answer also writes what accounting needs (model, pod, strategy, request id, start
+time), and a process whose table has no such key observes the response from that
+context (`Session.observing`) and counts it.
+
+A parked session nobody claims is resolved by its timer:
+
+- its routing stream was cut before the processor ended it (the client left while the
+  request was being routed): no observer stream will come anywhere. ORPHAN_GRACE_S after
+  that end it is closed as cancelled and its pod's in-flight count released;
+- otherwise, after CLAIM_WINDOW_S, the observer went to another process (or nowhere):
+  the pick's in-flight count is released without counting the request, which is the
+  observer's to count (`Session.hand_over`), and `gateway_observer_missing_total` counts
+  it.
+
+Either way, on a processor that no observer stream has claimed anything on for a while
+(OBSERVERS_SEEN_S), the observer filter, or the forwarding of its metadata, is probably
+missing: the session is then closed as aborted (counted), with a warning.
 """
 
 from __future__ import annotations
@@ -42,9 +53,12 @@ from gateway_extproc.extproc.session import Outcome, Session
 
 log = structlog.get_logger("gateway_extproc.handoff")
 
-# Envoy opens the observer stream right after the routing answer arrives; only a
-# processor that is far behind takes seconds to read it.
-CLAIM_WINDOW_S = 10.0
+# Envoy opens the observer stream right after the routing answer arrives, so a parked
+# session still unclaimed after this long is observed by another process (or nowhere):
+# its in-flight count goes. Short, because with several workers or replicas that is a
+# common case; an observer that arrives later still accounts the response from the
+# context the routing answer wrote (`Session.observing`).
+CLAIM_WINDOW_S = 2.0
 # The observer's first frame normally comes within milliseconds of the routing stream's
 # end (it usually comes first); a processor that lags further than this behind has lost
 # the observer stream anyway (Envoy resets it after its deferred_close_timeout).
@@ -103,12 +117,17 @@ class Handoff:
         entry = self._parked.pop(key, None)
         if entry is None:
             return
+        session = entry[0]
         now = asyncio.get_running_loop().time()
-        if routing_ended and now - self._claimed_at <= OBSERVERS_SEEN_S:
-            entry[0].close(Outcome.CANCELLED)
+        observers_seen = now - self._claimed_at <= OBSERVERS_SEEN_S
+        if routing_ended and observers_seen:
+            session.close(Outcome.CANCELLED)  # the client left before its observer stream
             return
-        entry[0].close(Outcome.ABORTED)
         telemetry.HANDOFF_EXPIRED.inc()
+        if observers_seen:
+            session.hand_over()  # observed by another replica or worker
+            return
+        session.close(Outcome.ABORTED)
         if now - self._warned_at >= _WARN_EVERY_S:
             self._warned_at = now
             log.warning(

@@ -16,7 +16,6 @@ from google.protobuf import struct_pb2
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.extproc.envoy_names import (
     DESTINATION_HEADER,
-    HANDOFF_KEY_FIELD,
     HANDOFF_NAMESPACE,
     LB_METADATA_NAMESPACE,
     REQUEST_ID_HEADER,
@@ -70,12 +69,14 @@ FlowFields = Mapping[str, str | int]
 
 
 def destination_metadata(
-    destination: str, handoff_key: str = "", flow: FlowFields | None = None
+    destination: str, handoff: Mapping[str, str] | None = None, flow: FlowFields | None = None
 ) -> struct_pb2.Struct:
+    """`envoy.lb` with the pick, and (two-filter shape) the handoff key and context, and
+    the flow-control fields."""
     metadata = struct_pb2.Struct()
     metadata.get_or_create_struct(LB_METADATA_NAMESPACE)[DESTINATION_HEADER] = destination
-    if handoff_key:
-        metadata.get_or_create_struct(HANDOFF_NAMESPACE)[HANDOFF_KEY_FIELD] = handoff_key
+    if handoff:
+        metadata.get_or_create_struct(HANDOFF_NAMESPACE).update(handoff)
     if flow:
         metadata.get_or_create_struct(HANDOFF_NAMESPACE).update(flow)
     return metadata
@@ -97,12 +98,12 @@ def response_headers_set(headers: Iterable[tuple[str, str]]) -> ext.ProcessingRe
 def routed_request_headers(
     headers: Iterable[tuple[str, str]],
     destination: str,
-    handoff_key: str = "",
+    handoff: Mapping[str, str] | None = None,
     flow: FlowFields | None = None,
 ) -> ext.ProcessingResponse:
     return ext.ProcessingResponse(
         request_headers=ext.HeadersResponse(response=routed_common(headers)),
-        dynamic_metadata=destination_metadata(destination, handoff_key, flow),
+        dynamic_metadata=destination_metadata(destination, handoff, flow),
     )
 
 
@@ -110,7 +111,7 @@ def routed_request_body(
     headers: Iterable[tuple[str, str]],
     destination: str,
     new_body: bytes | None = None,
-    handoff_key: str = "",
+    handoff: Mapping[str, str] | None = None,
     flow: FlowFields | None = None,
 ) -> ext.ProcessingResponse:
     common = routed_common(headers)
@@ -118,7 +119,7 @@ def routed_request_body(
         common.body_mutation.body = new_body
     return ext.ProcessingResponse(
         request_body=ext.BodyResponse(response=common),
-        dynamic_metadata=destination_metadata(destination, handoff_key, flow),
+        dynamic_metadata=destination_metadata(destination, handoff, flow),
     )
 
 

@@ -28,7 +28,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from gateway_extproc import telemetry
 from gateway_extproc.extproc import responses
-from gateway_extproc.extproc.envoy_names import OBSERVE_ROLE, ROLE_METADATA, ROUTE_ROLE
+from gateway_extproc.extproc.envoy_names import (
+    OBSERVE_ROLE,
+    ROLE_METADATA,
+    ROUTE_ROLE,
+    handoff_context,
+)
 from gateway_extproc.extproc.envoy_names import handoff_key as handoff_key_of
 from gateway_extproc.extproc.handoff import Handoff
 from gateway_extproc.extproc.recorder import StreamRecorder, save
@@ -72,6 +77,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             session = Session(self._router, self._config, handoff_key, self._flow)
         looked_up = False  # observer: the first frame has claimed the session (or not)
         parked = False  # routing stream: the session went to the handoff table
+        handed_over = False  # routing stream: routed, and ended by us, not cut by Envoy
         broken = False  # the stream failed on our side, not because the client left
         recorder = self._recorder()
         self.open_streams += 1
@@ -81,6 +87,8 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                     if not looked_up:
                         looked_up = True
                         session = self.handoff.claim(handoff_key_of(frame))
+                        if session is None:  # routed by another process, or unknown
+                            session = self._routed_elsewhere(frame)
                     answers = _observe(session, frame)
                 else:
                     assert session is not None
@@ -112,6 +120,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                     # let it live as long as the response. Envoy then goes on without
                     # the processor, so a processor that dies or restarts from here on
                     # cuts nothing; the fail-open observer stream carries the response.
+                    handed_over = True
                     return
         except asyncio.CancelledError:
             raise  # Envoy cancelled the stream; the session is closed as cancelled below
@@ -126,11 +135,12 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             # client left. (How it ends is no guide: Envoy half-closes and resets every
             # stream at once.) A routing stream whose session was parked has handed it
             # over: the observer stream ends it, or the handoff table once it is clear
-            # that no observer stream will come.
+            # that no observer stream will come (at once when Envoy cut the stream before
+            # the processor ended it: the client left while it was being routed).
             cut_short = session is not None and session.outcome is None and not parked
             if session is not None and not parked:
                 session.close(Outcome.ABORTED if broken else Outcome.CANCELLED)
-            if parked:
+            if parked and not handed_over:
                 self.handoff.routing_ended(handoff_key)
             if recorder is not None:
                 self._write(recorder, cut_short)
@@ -138,6 +148,12 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
     def _hold_notice(self) -> ext.ProcessingResponse:
         assert self._flow is not None
         return responses.extend_message_timeout(self._flow.max_hold + HOLD_MARGIN_S)
+
+    def _routed_elsewhere(self, frame: ext.ProcessingRequest) -> Session | None:
+        context = handoff_context(frame)
+        if context is None:
+            return None
+        return Session.observing(self._router, self._config, context)
 
     def _recorder(self) -> StreamRecorder | None:
         if self._record_dir is None:

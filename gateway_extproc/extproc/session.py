@@ -134,6 +134,7 @@ class Session:
         "_handoff_key",
         "_headers",
         "_held",
+        "_holds_inflight",
         "_method",
         "_model",
         "_path",
@@ -175,6 +176,9 @@ class Session:
         # Set when the response will come on another stream (extproc/handoff.py): the
         # routing answer carries it for Envoy to forward to that stream.
         self._handoff_key = handoff_key
+        # False for a session that observes a response another process routed: the
+        # in-flight count is that process's to release.
+        self._holds_inflight = True
         self._configured = False
         self.req_mode: int = config.default_request_body_mode
         self.resp_mode: int = config.default_response_body_mode
@@ -209,6 +213,29 @@ class Session:
         # Time the request was held before its decision (the span's queue wait).
         self._queue_wait = 0.0
         self._waiting_since = 0.0
+
+    @classmethod
+    def observing(cls, router: Router, config: SessionConfig, context: dict[str, str]) -> Session:
+        """A session for a response whose request another process routed (another
+        replica or worker: Envoy balances each ext_proc stream on its own), built from
+        the context the routing answer wrote (`envoy_names.handoff_context`). It counts
+        and accounts for the response like the routing process would have; the pick's
+        in-flight count stays that process's, released when its claim window ends."""
+        session = cls(router, config)
+        session._holds_inflight = False
+        session._model = model = context.get("model", "")
+        session._request_id = context.get("request_id", "")
+        session.req_phase = Phase.DONE
+        try:
+            age = time.time() - float(context.get("started_at", ""))
+        except ValueError:
+            age = 0.0
+        session._started = session._routed_at = time.monotonic() - min(max(age, 0.0), 3600.0)
+        key = context.get("pod", "")
+        pod = next((p for p in router.registry.lookup(model).pods if p.key == key), None)
+        if pod is not None:
+            session._decision = RoutingDecision(model, (pod,), context.get("strategy", ""))
+        return session
 
     @property
     def model(self) -> str:
@@ -280,6 +307,15 @@ class Session:
         if admission.error is not None:
             raise admission.error
         return answer()
+
+    def hand_over(self) -> None:
+        """The response is not coming to this process (another one observes it, see
+        `observing`): release the pick's in-flight count and end without counting or
+        logging the request, which is the observer's to count."""
+        if self.outcome is None:
+            self.outcome = Outcome.ABORTED
+            if self._decision is not None and self._holds_inflight:
+                self._router.release(self._decision)
 
     # -- request path -------------------------------------------------------------------
 
@@ -453,7 +489,7 @@ class Session:
         if self.req_mode == FULL_DUPLEX:
             return [
                 responses.routed_request_headers(
-                    headers, self._decision_destination(), self._handoff_key, self._flow_fields()
+                    headers, self._decision_destination(), self._handoff(), self._flow_fields()
                 ),
                 *responses.streamed_bodies(new_body or body, body_end, response=False),
                 *then,
@@ -463,7 +499,7 @@ class Session:
                 headers,
                 self._decision_destination(),
                 new_body,
-                self._handoff_key,
+                self._handoff(),
                 self._flow_fields(),
             ),
             *then,
@@ -553,6 +589,19 @@ class Session:
         self._decision = self._router.route(request, strategy, self._subset)
         self._routed_at = time.monotonic()
 
+    def _handoff(self) -> dict[str, str] | None:
+        """What the routing answer writes for the observer stream (two-filter shape)."""
+        if not self._handoff_key or self._decision is None:
+            return None
+        return {
+            names.HANDOFF_KEY_FIELD: self._handoff_key,
+            "model": self._model,
+            "pod": self._decision.pod.key,
+            "strategy": self._decision.strategy,
+            "request_id": self._request_id,
+            "started_at": repr(time.time() - (time.monotonic() - self._started)),
+        }
+
     def _decision_destination(self) -> str:
         assert self._decision is not None
         return self._decision.destination
@@ -574,7 +623,7 @@ class Session:
         return responses.routed_request_headers(
             self._route_headers(),
             self._decision_destination(),
-            self._handoff_key,
+            self._handoff(),
             self._flow_fields(),
         )
 
@@ -708,7 +757,7 @@ class Session:
         if self.outcome is not None:
             return
         self.outcome = outcome
-        if self._decision is not None:
+        if self._decision is not None and self._holds_inflight:
             self._router.release(self._decision)
         known = self._router.registry.lookup(self._model).state is not ModelState.ABSENT
         model_label = self._model if known else telemetry.UNKNOWN_MODEL_LABEL

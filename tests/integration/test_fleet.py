@@ -522,3 +522,38 @@ def test_a_dead_worker_is_restarted_and_strangers_cannot_share_the_port(
     )
     assert victim not in workers_of(replica.process.pid)
     assert "worker_died" in replica.log()
+
+
+def test_two_replicas_count_every_request_once_wherever_its_response_is_observed(
+    fleet, stack, log_dir, child_env
+) -> None:
+    # Envoy balances each ext_proc stream on its own, so a request's observer stream
+    # often reaches the replica that did not route it; it is counted there, once.
+    replicas = [new_replica(fleet, stack, log_dir, child_env).start() for _ in range(2)]
+    with front(localstack.ENVOY_CONFIG, replicas, log_dir, "envoy-two-counts") as envoy:
+        before = sum(requests_total(r.metrics()) for r in replicas)
+        tokens_before = sum(completion_tokens_counted(r.metrics()) for r in replicas)
+        sent_tokens = 0
+        for _ in range(20):
+            response = chat(
+                envoy.port, CHAT_MODEL, stream=True, stream_options={"include_usage": True}
+            )
+            assert response.status == 200
+            sent_tokens += completion_tokens(response.body)
+        counted = poll(
+            "every request is counted",
+            lambda: sum(requests_total(r.metrics()) for r in replicas) - before,
+            lambda seen: seen >= 20,
+        )
+        assert counted == 20
+        tokens = sum(completion_tokens_counted(r.metrics()) for r in replicas) - tokens_before
+        assert tokens == sent_tokens
+
+
+def completion_tokens_counted(metrics: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "gateway_tokens_total" and sample.labels["kind"] == "completion":
+                total += sample.value
+    return total

@@ -199,18 +199,56 @@ async def test_a_client_that_leaves_before_envoy_reaches_the_observer_is_a_cance
 ):
     from prometheus_client import REGISTRY
 
+    from gateway_extproc.extproc.session import Session
+
     # Observers work on this processor: one has just claimed a session.
     await test_the_observer_stream_finishes_what_the_routing_stream_routed(gateway, channel)
     missing = REGISTRY.get_sample_value("gateway_observer_missing_total") or 0.0
     cancelled = cancelled_requests()
     # The claim window stays long: only the routing stream's end may release the pod.
     monkeypatch.setattr(gateway.processor.handoff, "_grace", 0.05)
-
-    await route_one(channel)  # routed; the client leaves, so no observer stream comes
+    # Envoy cuts the routing stream before the processor has ended it (the client left
+    # while the answer was on its way): held open here so the cut comes first.
+    monkeypatch.setattr(Session, "request_answered", property(lambda self: False))
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    call = stub.Process(metadata=ROUTE)
+    await call.write(frames.request_headers())
+    await call.read()
+    await call.write(frames.request_body(orjson.dumps({"model": "llama"})))
+    await call.read()
+    assert gateway.inflight.total() == 1
+    call.cancel()
 
     await released(gateway)
     assert REGISTRY.get_sample_value("gateway_observer_missing_total") == missing
     assert cancelled_requests() == cancelled + 1
+
+
+async def test_a_request_observed_by_another_process_is_released_here_uncounted(
+    gateway, channel, monkeypatch
+):
+    from prometheus_client import REGISTRY
+
+    # Observers work on this processor, but this request's observer stream went to
+    # another replica or worker (which counts it): the routing stream ended normally.
+    await test_the_observer_stream_finishes_what_the_routing_stream_routed(gateway, channel)
+    monkeypatch.setattr(gateway.processor.handoff, "_window", 0.05)
+    missing = REGISTRY.get_sample_value("gateway_observer_missing_total") or 0.0
+    counted = (
+        REGISTRY.get_sample_value(
+            "gateway_requests_total", {"model": "llama", "status": "0", "code": "stream_aborted"}
+        )
+        or 0.0
+    )
+    cancelled = cancelled_requests()
+    await route_one(channel)
+    assert gateway.inflight.total() == 1
+
+    await released(gateway)
+    assert REGISTRY.get_sample_value("gateway_observer_missing_total") == missing + 1
+    aborted = {"model": "llama", "status": "0", "code": "stream_aborted"}
+    assert (REGISTRY.get_sample_value("gateway_requests_total", aborted) or 0.0) == counted
+    assert cancelled_requests() == cancelled
 
 
 async def test_an_observer_without_a_known_key_changes_nothing(gateway, channel):
@@ -258,3 +296,48 @@ async def test_a_one_filter_stream_stays_open_after_routing(gateway, channel):
     await call.done_writing()
     assert await asyncio.wait_for(call.code(), timeout=5.0) == grpc.StatusCode.OK
     assert gateway.inflight.total() == 0
+
+
+def requests_counted(status: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "gateway_requests_total", {"model": "llama", "status": status, "code": ""}
+    )
+    return value or 0.0
+
+
+async def test_an_observer_of_a_request_routed_by_another_process_counts_it(gateway, channel):
+    # Envoy balances each stream on its own: with two replicas (or workers) the observer
+    # stream may reach a process that did not route the request. The routing answer's
+    # context lets it count and account the response all the same.
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    sent = [frames.request_headers(), frames.request_body(orjson.dumps({"model": "llama"}))]
+    got = [r async for r in stub.Process(iter(sent), metadata=ROUTE)]
+    context = got[1].dynamic_metadata.fields["gateway_extproc"].struct_value
+    assert {k: v.string_value for k, v in context.fields.items() if k != "started_at"} == {
+        "session": context.fields["session"].string_value,
+        "model": "llama",
+        "pod": "llama-0",
+        "strategy": "random",
+        "request_id": context.fields["request_id"].string_value,
+    }
+    # What another process would see: the same context under a key it never parked.
+    foreign = frames.response_body(USAGE)
+    foreign.attributes["envoy.filters.http.ext_proc"]["response.code"] = 200
+    frames_out = [
+        observed(frames.request_headers(), "other-process-key"),
+        observed(foreign, "other-process-key"),
+        observed(frames.response_body(b"", end_of_stream=True), "other-process-key"),
+    ]
+    for frame in frames_out:
+        for name, value in context.fields.items():
+            if name != "session":
+                frame.metadata_context.filter_metadata["gateway_extproc"][name] = value.string_value
+    counted, tokens = requests_counted("200"), tokens_counted()
+    assert [r async for r in stub.Process(iter(frames_out), metadata=OBSERVE)] == []
+    assert requests_counted("200") == counted + 1
+    assert tokens_counted() == tokens + 3
+    # This process's own pick is still in flight (its observer has not come), and the
+    # observer of the foreign request released nothing it did not hold.
+    assert gateway.inflight.total() == 1
