@@ -55,9 +55,10 @@ def test_termination_outlasts_the_processors_grace_period() -> None:
     c = helpers.container(objects)
     sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     grace = float(helpers.settings(objects)["GATEWAY_GRACE_PERIOD"])
+    drain = float(helpers.settings(objects)["GATEWAY_DRAIN_DELAY"])
 
     assert sleep > 0
-    assert pod["terminationGracePeriodSeconds"] > sleep + grace
+    assert pod["terminationGracePeriodSeconds"] > sleep + drain + grace
 
 
 def test_termination_grace_can_be_set_but_not_below_the_processors() -> None:

@@ -102,11 +102,11 @@ avoids backslash escapes, which JSONPath string literals would reject.
 {{- end }}
 
 {{- define "gateway-extproc.terminationGracePeriodSeconds" -}}
-{{- $floor := add (int (ceil .Values.config.gracePeriod)) (int .Values.preStopSleepSeconds) }}
+{{- $floor := add (int (ceil .Values.config.gracePeriod)) (int (ceil .Values.config.drainDelay)) (int .Values.preStopSleepSeconds) }}
 {{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
 {{- add $floor 10 }}
 {{- else if le (int .Values.terminationGracePeriodSeconds) $floor }}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed preStopSleepSeconds + config.gracePeriod (%v), or Kubernetes kills in-flight streams before their grace period ends" .Values.terminationGracePeriodSeconds $floor) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed preStopSleepSeconds + config.drainDelay + config.gracePeriod (%v), or Kubernetes kills in-flight streams before their grace period ends" .Values.terminationGracePeriodSeconds $floor) }}
 {{- else }}
 {{- int .Values.terminationGracePeriodSeconds }}
 {{- end }}
