@@ -219,18 +219,25 @@ def completion_tokens(stream: bytes) -> int:
 
 
 @pytest.mark.parametrize(
-    ("how", "grace"),
-    [(signal.SIGKILL, "20"), (signal.SIGTERM, "20"), (signal.SIGTERM, "0.5")],
-    ids=["kill-9", "sigterm", "sigterm-grace-shorter-than-the-stream"],
+    ("how", "grace", "config"),
+    [
+        (signal.SIGKILL, "20", localstack.ENVOY_CONFIG),
+        (signal.SIGTERM, "20", localstack.ENVOY_CONFIG),
+        (signal.SIGTERM, "0.5", localstack.ENVOY_CONFIG),
+        # One filter: the response waits on the processor, so the drain carries it.
+        (signal.SIGTERM, "20", localstack.ENVOY_FULL_DUPLEX_CONFIG),
+    ],
+    ids=["kill-9", "sigterm", "sigterm-grace-shorter-than-the-stream", "one-filter-sigterm"],
 )
 def test_a_started_stream_outlives_its_processor(
-    how: signal.Signals, grace: str, fleet, stack, log_dir, child_env
+    how: signal.Signals, grace: str, config: Path, fleet, stack, log_dir, child_env
 ) -> None:
     replica = new_replica(
         fleet, stack, log_dir, child_env, "--drain-delay", "0.5", "--grace-period", grace
     ).start()
+    name = f"envoy-outlive-{how.name}-{config.stem}-{grace}"
     with (
-        front(localstack.ENVOY_CONFIG, [replica], log_dir, f"envoy-outlive-{how.name}") as envoy,
+        front(config, [replica], log_dir, name) as envoy,
         started_stream(envoy.port) as (sock, received),
     ):
         replica.signal(how)
