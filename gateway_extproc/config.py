@@ -35,6 +35,7 @@ class Settings:
     grace_period: float = 10.0
     drain_delay: float = 5.0
     workers: int = 1
+    redis_url: str = ""
     inject_include_usage: bool = False
     access_log: bool = True
     record_dir: str = ""
@@ -81,7 +82,6 @@ class Settings:
     queue_timeout: float = 30.0
     wait_for_pods: float = 3.0
     flow_config: str = ""
-    redis_url: str = ""
     header_policy: tuple[tuple[str, str], ...] = ()
     flow_metadata: bool = False
 
@@ -568,7 +568,8 @@ def add_flow_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
         parser,
         "--redis-url",
         default=d.redis_url,
-        help="count rate limits in this Redis, shared by every replica (default: per process)",
+        help="count rate limits and keep session-affinity sessions in this Redis, shared by "
+        "every replica (default: per process)",
     )
     add_flag(
         parser,

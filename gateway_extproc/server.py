@@ -33,7 +33,9 @@ from gateway_extproc.kvevents.subscriber import KVEventSubscriber
 from gateway_extproc.metrics import MetricsScraper, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.source import DiscoverySource, create_source
-from gateway_extproc.routing.catalog import build_catalog
+from gateway_extproc.redis_sessions import SharedSessions
+from gateway_extproc.routing.affinity import SessionAffinityStrategy
+from gateway_extproc.routing.catalog import StrategyCatalog, build_catalog
 from gateway_extproc.routing.health import HealthPolicy, PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
@@ -77,6 +79,7 @@ class Gateway:
     # The endpoint picker's plaintext health port (inferencepool discovery only).
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
+    shared_sessions: SharedSessions | None = None
     # Set on SIGTERM: health says NOT_SERVING while streams are still answered.
     draining: bool = False
 
@@ -182,6 +185,7 @@ async def start_gateway(
     source = create_source(settings, registry)
     await source.start()
     await scraper.start()
+    shared_sessions = await _share_sessions(settings, catalog)
 
     max_message = settings.max_body_bytes + GRPC_HEADROOM
     grpc_server = grpc.aio.server(
@@ -239,6 +243,7 @@ async def start_gateway(
         processor=processor,
         source=source,
         scraper=scraper,
+        shared_sessions=shared_sessions,
         grpc_server=grpc_server,
         health=health_servicer,
         admin=admin,
@@ -310,7 +315,7 @@ async def _flow_controller(
     flow_config = load_flow_config(settings.flow_config)  # FlowConfigError stops start-up
     shared: SharedWindows | None = None
     if settings.redis_url and not flow_config.has_limits:
-        log.warning("redis_url_unused", hint="no rate limit is configured (--flow-config)")
+        log.info("redis_url_for_sessions_only", hint="no rate limit is configured (--flow-config)")
     elif settings.redis_url:
         from gateway_extproc.flowcontrol.redis_limits import RedisWindows
 
@@ -336,6 +341,17 @@ async def _flow_controller(
     )
 
 
+async def _share_sessions(settings: Settings, catalog: StrategyCatalog) -> SharedSessions | None:
+    """With --redis-url, session-affinity's sessions are shared by every replica."""
+    affinity = catalog.resolve("session-affinity")
+    if not settings.redis_url or not isinstance(affinity, SessionAffinityStrategy):
+        return None
+    shared = SharedSessions(settings.redis_url, affinity.learn)
+    affinity.on_pick = shared.placed
+    await shared.start()
+    return shared
+
+
 async def stop_gateway(gateway: Gateway) -> None:
     """Stop taking new streams, let in-flight ones finish within the grace period."""
     for service in READY_SERVICES:
@@ -350,6 +366,8 @@ async def stop_gateway(gateway: Gateway) -> None:
     await gateway.flow.limiter.close()
     if gateway.tracer is not None:
         await asyncio.to_thread(gateway.tracer.shutdown)  # exports the last spans
+    if gateway.shared_sessions is not None:
+        await gateway.shared_sessions.stop()
     await gateway.admin.cleanup()
 
 

@@ -5,12 +5,16 @@ not ready, outside the request's subset) the session moves to whatever the fallb
 strategy picks, and stays there. Requests without a session id go straight to the
 fallback. The session map is an LRU bounded by `capacity`; a deleted pod's sessions are
 dropped with it.
+
+Replicas share sessions through `on_pick` (told of every session placed or moved here)
+and `learn` (a session another replica placed); the server wires these to Redis with
+`--redis-url` (gateway_extproc/redis_sessions.py).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway_extproc.models.registry import Pod
 from gateway_extproc.routing.base import RoutingRequest, Strategy
@@ -27,6 +31,7 @@ class SessionAffinityStrategy:
         self._signals = signals
         self._capacity = capacity
         self._pod_of: OrderedDict[str, str] = OrderedDict()
+        self.on_pick: Callable[[str, str], None] | None = None
 
     def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]:
         session = request.session_id
@@ -44,11 +49,18 @@ class SessionAffinityStrategy:
                 others = [p for i, p in enumerate(candidates) if i != position]
                 return [sticky, *self._fallback.rank(others, request, count - 1)]
         ranked = self._fallback.rank(candidates, request, count)
-        sessions[session] = ranked[0].key
+        self.learn(session, ranked[0].key)
+        if self.on_pick is not None:
+            self.on_pick(session, ranked[0].key)
+        return ranked
+
+    def learn(self, session: str, pod_key: str) -> None:
+        """Keep `session` on `pod_key` (placed here, or by another replica)."""
+        sessions = self._pod_of
+        sessions[session] = pod_key
         sessions.move_to_end(session)
         if len(sessions) > self._capacity:
             sessions.popitem(last=False)
-        return ranked
 
     def pod_of(self, session_id: str) -> str | None:
         return self._pod_of.get(session_id)

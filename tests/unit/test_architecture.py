@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"metrics", "kvevents", "tokenize"},
     {"models"},
     # The package's own __init__ (the version) and the leaves everything may use.
-    {"__init__", "config", "errors", "telemetry", "tracing", "proto_gen", "tls"},
+    {"__init__", "config", "errors", "telemetry", "tracing", "proto_gen", "tls", "redis_sessions"},
 ]
 LAYER_OF = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 
