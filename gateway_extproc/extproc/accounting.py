@@ -130,13 +130,14 @@ class ResponseAccounting:
         if not pod:
             return
         telemetry.note_pod_series(model, pod)
-        telemetry.REQUEST_DURATION.labels(model, pod).observe(finished_at - self._started)
+        child = telemetry.child
+        child(telemetry.REQUEST_DURATION, model, pod).observe(finished_at - self._started)
         ttft = self.ttft()
         if ttft is not None:
-            telemetry.TIME_TO_FIRST_TOKEN.labels(model, pod).observe(ttft)
+            child(telemetry.TIME_TO_FIRST_TOKEN, model, pod).observe(ttft)
         itl = self.inter_token_latency()
         if itl is not None:
-            telemetry.INTER_TOKEN_LATENCY.labels(model, pod).observe(itl)
+            child(telemetry.INTER_TOKEN_LATENCY, model, pod).observe(itl)
         if self.usage is not None:
-            telemetry.TOKENS.labels(model, pod, "prompt").inc(self.usage.prompt_tokens)
-            telemetry.TOKENS.labels(model, pod, "completion").inc(self.usage.completion_tokens)
+            child(telemetry.TOKENS, model, pod, "prompt").inc(self.usage.prompt_tokens)
+            child(telemetry.TOKENS, model, pod, "completion").inc(self.usage.completion_tokens)

@@ -6,6 +6,7 @@ and gRPC only serialises them, so sharing the objects across streams is safe.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 from envoy.config.core.v3 import base_pb2
@@ -101,9 +102,8 @@ def routed_request_headers(
     handoff: Mapping[str, str] | None = None,
     flow: FlowFields | None = None,
 ) -> ext.ProcessingResponse:
-    return ext.ProcessingResponse(
-        request_headers=ext.HeadersResponse(response=routed_common(headers)),
-        dynamic_metadata=destination_metadata(destination, handoff, flow),
+    return _with_handoff(
+        _routed_bytes("request_headers", tuple(headers), destination), handoff, flow
     )
 
 
@@ -114,9 +114,11 @@ def routed_request_body(
     handoff: Mapping[str, str] | None = None,
     flow: FlowFields | None = None,
 ) -> ext.ProcessingResponse:
+    if new_body is None:
+        routed = _routed_bytes("request_body", tuple(headers), destination)
+        return _with_handoff(routed, handoff, flow)
     common = routed_common(headers)
-    if new_body is not None:
-        common.body_mutation.body = new_body
+    common.body_mutation.body = new_body
     return ext.ProcessingResponse(
         request_body=ext.BodyResponse(response=common),
         dynamic_metadata=destination_metadata(destination, handoff, flow),
@@ -138,6 +140,36 @@ def extend_message_timeout(seconds: float) -> ext.ProcessingResponse:
     out = ext.ProcessingResponse()
     out.override_message_timeout.FromMilliseconds(round(seconds * 1000))
     return out
+
+
+# Building the routing answer message by message costs about 15 us per request; the
+# part that depends only on the headers set and the destination is built once per pod
+# (and request id, when the processor makes one up) and kept serialized.
+@functools.lru_cache(maxsize=4096)
+def _routed_bytes(phase: str, headers: tuple[tuple[str, str], ...], destination: str) -> bytes:
+    common = routed_common(headers)
+    if phase == "request_headers":
+        answer = ext.ProcessingResponse(request_headers=ext.HeadersResponse(response=common))
+    else:
+        answer = ext.ProcessingResponse(request_body=ext.BodyResponse(response=common))
+    answer.dynamic_metadata.CopyFrom(destination_metadata(destination))
+    return answer.SerializeToString()
+
+
+def _with_handoff(
+    routed: bytes, handoff: Mapping[str, str] | None, flow: FlowFields | None = None
+) -> ext.ProcessingResponse:
+    """The cached answer with the handoff namespace (and flow fields) added: serialized
+    protobuf messages concatenated parse as one merged message (the metadata maps join)."""
+    if not handoff and not flow:
+        return ext.ProcessingResponse.FromString(routed)
+    extra = ext.ProcessingResponse()
+    namespace = extra.dynamic_metadata.fields[HANDOFF_NAMESPACE].struct_value
+    for name, value in (handoff or {}).items():
+        namespace.fields[name].string_value = value
+    if flow:
+        namespace.update(flow)
+    return ext.ProcessingResponse.FromString(routed + extra.SerializeToString())
 
 
 def streamed_bodies(

@@ -763,7 +763,7 @@ class Session:
         model_label = self._model if known else telemetry.UNKNOWN_MODEL_LABEL
         status = CANCELLED_STATUS if outcome is Outcome.CANCELLED else self._status
         code = self._error_code or _OUTCOME_CODES.get(outcome, "")
-        telemetry.REQUESTS.labels(model_label, str(status), code).inc()
+        telemetry.child(telemetry.REQUESTS, model_label, str(status), code).inc()
         if self._span is not None:
             self._end_span(code, status)
         if outcome is Outcome.REJECTED:

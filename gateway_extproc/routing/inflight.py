@@ -56,7 +56,7 @@ class InFlightCounter:
         self._note(pod.key)
         self._live_pods.add(pod.key)
         telemetry.note_pod_series(model, pod.key)
-        telemetry.IN_FLIGHT.labels(model, pod.key).inc()
+        telemetry.child(telemetry.IN_FLIGHT, model, pod.key).inc()
 
     def release(self, model: str, pod: Pod) -> None:
         left = self._by_pod.get(pod.key, 0) - 1
@@ -66,7 +66,7 @@ class InFlightCounter:
             self._by_pod.pop(pod.key, None)
         self._note(pod.key)
         if pod.key in self._live_pods:  # not once the pod was deleted: its series is gone
-            telemetry.IN_FLIGHT.labels(model, pod.key).dec()
+            telemetry.child(telemetry.IN_FLIGHT, model, pod.key).dec()
         for listener in self._release_listeners:
             listener()
 
