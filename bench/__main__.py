@@ -25,6 +25,7 @@ from bench import (
     report,
     routing_cost,
     streaming,
+    workers,
 )
 from bench.common import (
     REPO_ROOT,
@@ -44,6 +45,7 @@ MODULES: tuple[ModuleType, ...] = (
     routing_cost,
     quality,
     kube_scale,
+    workers,
     profiling,
     long_prompt,
 )

@@ -275,6 +275,7 @@ def start_stack(
     baseline: bool = False,
     processors: int = 1,
     edit_bootstrap: Callable[[dict[str, Any]], object] | None = None,
+    front_concurrency: int = 1,
 ) -> BenchStack:
     """Start the pod Envoy (and one SSE pod per model in `sse_pods`: model -> (chunks,
     gap in ms)), the processor with the production defaults (JSON logs at info, access
@@ -283,7 +284,9 @@ def start_stack(
     With `baseline` the processor is bench.baseline_processor (fixed routing to the
     completion pod); with `processors` > 1 that many processor processes run and the
     front Envoy's processor cluster lists them all (one picked per stream, round robin);
-    `edit_bootstrap` may change the front bootstrap (what-if experiments).
+    `edit_bootstrap` may change the front bootstrap (what-if experiments);
+    `front_concurrency` is the front Envoy's worker threads (each opens its own
+    connection to the processor).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     group = ProcessGroup()
@@ -332,7 +335,7 @@ def start_stack(
         add_processor_endpoints(bootstrap, grpc_ports[1:])
         if edit_bootstrap is not None:
             edit_bootstrap(bootstrap)
-        front = group.add(start_front_envoy(log_dir, bootstrap, front_admin))
+        front = group.add(start_front_envoy(log_dir, bootstrap, front_admin, front_concurrency))
         localstack.wait_ready([front])
     except BaseException:
         group.stop()
@@ -351,14 +354,16 @@ def start_stack(
     )
 
 
-def start_front_envoy(log_dir: Path, bootstrap: dict[str, Any], admin_port: int) -> ManagedProcess:
-    """The front Envoy on an already rendered bootstrap, with one worker.
+def start_front_envoy(
+    log_dir: Path, bootstrap: dict[str, Any], admin_port: int, concurrency: int = 1
+) -> ManagedProcess:
+    """The front Envoy on an already rendered bootstrap, with `concurrency` workers.
     localstack.start_envoy would render the file again and point every processor
     endpoint at one port."""
     config = log_dir / "front-bootstrap.yaml"
     config.write_text(yaml.safe_dump(bootstrap, sort_keys=False), encoding="utf-8")
     return localstack.start_envoy_bootstrap(
-        config, log_dir, admin_port=admin_port, concurrency=1, name="front-envoy"
+        config, log_dir, admin_port=admin_port, concurrency=concurrency, name="front-envoy"
     )
 
 
