@@ -45,9 +45,9 @@ MODULES: tuple[ModuleType, ...] = (
     routing_cost,
     quality,
     kube_scale,
-    workers,
     profiling,
     long_prompt,
+    workers,
 )
 BENCHMARKS: dict[str, Callable[[RunMode], Section]] = {m.NAME: m.run for m in MODULES}
 TITLES = {m.NAME: m.TITLE for m in MODULES}

@@ -57,6 +57,30 @@ earlier runs of this section (2026-11-21: 12.6% and 13.3% of direct against 13.7
 16.9% for one process, the latency worse too): on 2 cores they compete with Envoy and
 wrk for the same cores, so that row was dropped; it cannot show a gain on a larger host.
 
+**Workers** (section 7) runs the overhead set-up twice side by side, `serve --workers 1`
+and `--workers 2`, with the front Envoy on two worker threads; the processor cluster
+opens a connection per 32 streams in flight (envoy/envoy.yaml), so the kernel has
+several connections to spread over the workers, and the CPU split column shows how it
+did. Each of the two workers is pinned to its own CPU; wrk, both Envoys and the pod
+share the same two CPUs, so on this machine a second worker can only add what they
+leave free: the section shows the mechanism and its cost per request, not the capacity
+a larger host would get.
+
+**Cost per request (issue 14, item 6).** Tried on 2026-12-07, measured per piece with
+`time.process_time` over 100,000 calls in one process (machine load average 5-8 from
+other work): the routing answer, built message by message, cost 17 µs; its fixed part
+is now built once per destination and kept serialized, the handoff context added as
+bytes (5 µs). A Prometheus `labels()` lookup cost 1.35 µs against 0.36 µs for a kept
+child, and a request makes about eight: the per-request children are now kept. Freezing
+what start-up built out of the collector's full passes saved about 3 µs per request in
+an in-process harness. Together about 20 µs per request, which section 1's run of the
+same day could not see through the noise: its product / floor CPU ratio stayed at
+1.41x (the target was 1.1x; not met). Its what-if row without the observer filter costs
+less than the floor with one: most of the difference is the second gRPC stream per
+request, and in the profile (section 6) system calls (`write`, `sendmsg`, `futex`) are
+about half of the processor's busy native samples, in gRPC's threads and the event
+loop, where product code does not reach.
+
 **Routing cost** times `Router.route` in process with the real registry, catalog,
 metrics store (frozen clock, so nothing goes stale) and in-flight counter; the timed call
 includes the decision histogram and in-flight bookkeeping the router does per request.

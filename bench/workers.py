@@ -1,4 +1,4 @@
-"""Benchmark 7: `serve --workers 1` vs `--workers 2`, the processor's capacity.
+"""Benchmark 8: `serve --workers 1` vs `--workers 2`, the processor's capacity.
 
 The overhead set-up (bench.stack: front Envoy, a pod answering from memory) with the
 front Envoy on two worker threads, so that it opens two connections to the processor
@@ -27,7 +27,7 @@ from bench.overhead import PATH, Route, check_routes, routes
 from bench.stack import BenchStack, start_stack
 
 NAME = "workers"
-TITLE = "7. Workers: serve --workers 1 vs 2"
+TITLE = "8. Workers: serve --workers 1 vs 2"
 CONNECTIONS = 16
 WRK_THREADS = 2
 FRONT_THREADS = 2
