@@ -46,6 +46,7 @@ LOCALHOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 ENVOY_FULL_DUPLEX_CONFIG = REPO_ROOT / "envoy" / "envoy-full-duplex.yaml"
+ENVOY_FAIL_OPEN_CONFIG = REPO_ROOT / "envoy" / "envoy-fail-open.yaml"
 EXAMPLE_MODELS = REPO_ROOT / "examples" / "models.yaml"
 
 # The cluster in the shipped bootstraps that points at the processor.

@@ -41,7 +41,6 @@ from tests.integration.stack import (
 )
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-FAIL_OPEN_CONFIG = localstack.REPO_ROOT / "envoy" / "envoy-fail-open.yaml"
 # Short drains keep the suite quick; the Envoys health-check every second.
 DRAIN_ARGS = ["--drain-delay", "2", "--grace-period", "20"]
 
@@ -385,7 +384,7 @@ def test_a_killed_replica_fails_nothing_that_starts_two_seconds_later(
 
 def fail_open_config(pods: dict[str, Pod], log_dir: Path) -> Path:
     """envoy-fail-open.yaml with the fallback cluster on chat-model's pods."""
-    doc = yaml.safe_load(FAIL_OPEN_CONFIG.read_text())
+    doc = yaml.safe_load(localstack.ENVOY_FAIL_OPEN_CONFIG.read_text())
     cluster = next(
         c for c in doc["static_resources"]["clusters"] if c["name"] == "inference_pods_fallback"
     )

@@ -13,7 +13,11 @@ from gateway_extproc.config import Settings
 from gateway_extproc.devtools import localstack
 from gateway_extproc.extproc import envoy_names
 
-CONFIGS = [localstack.ENVOY_CONFIG, localstack.ENVOY_FULL_DUPLEX_CONFIG]
+CONFIGS = [
+    localstack.ENVOY_CONFIG,
+    localstack.ENVOY_FULL_DUPLEX_CONFIG,
+    localstack.ENVOY_FAIL_OPEN_CONFIG,
+]
 
 
 validate = localstack.validate_envoy_config
@@ -210,3 +214,43 @@ def test_a_hung_pod_times_out_but_a_long_stream_does_not(path: Path) -> None:
     assert policy["per_try_idle_timeout"] == "120s"
     assert set(policy["retry_on"].split(",")) == {"reset", "connect-failure", "refused-stream"}
     assert policy["num_retries"] == 1
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_draining_or_dead_processor_is_taken_out_within_about_a_second(path: Path) -> None:
+    processor = cluster(yaml.safe_load(path.read_text()), localstack.EXTPROC_CLUSTER)
+    (check,) = processor["health_checks"]
+    assert check["grpc_health_check"]["service_name"] == (
+        "envoy.service.ext_proc.v3.ExternalProcessor"
+    )
+    assert check["interval"] == check["no_traffic_interval"] == "1s"
+    assert check["unhealthy_threshold"] == 1
+    assert processor["outlier_detection"]["consecutive_local_origin_failure"] == 1
+
+
+def test_the_fail_open_shape_is_envoy_yaml_but_for_what_makes_it_fail_open() -> None:
+    # envoy-fail-open.yaml must not drift from envoy.yaml (timeouts, limits, health
+    # checks): it differs only in the routing filter's failure mode, the route for
+    # requests no processor answered, and the cluster that route goes to.
+    shipped = yaml.safe_load(localstack.ENVOY_CONFIG.read_text())
+    fail_open = yaml.safe_load(localstack.ENVOY_FAIL_OPEN_CONFIG.read_text())
+    routing = ext_proc_filter(fail_open)
+    assert routing["failure_mode_allow"] is True
+    routing["failure_mode_allow"] = False
+    *routes, fallback = fail_open["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"
+    ][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert fallback["route"]["cluster"] == "inference_pods_fallback"
+    shipped_routes = shipped["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes == shipped_routes[:-1]
+    assert "direct_response" in shipped_routes[-1]
+    clusters = fail_open["static_resources"]["clusters"]
+    assert clusters[0]["name"] == "inference_pods_fallback"
+    for doc in (shipped, fail_open):
+        doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "route_config"
+        ]["virtual_hosts"][0]["routes"].pop()
+    del clusters[0]
+    assert fail_open == shipped
