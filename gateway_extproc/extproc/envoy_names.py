@@ -37,7 +37,16 @@ HANDOFF_NAMESPACE = "gateway_extproc"
 HANDOFF_KEY_FIELD = "session"
 # Beside the key, what an observer stream that reaches another process (a replica or a
 # worker that did not route the request) needs to account for the response.
-HANDOFF_CONTEXT_FIELDS = ("model", "pod", "strategy", "request_id", "started_at")
+HANDOFF_CONTEXT_FIELDS = (
+    "model",
+    "pod",
+    "strategy",
+    "request_id",
+    "started_at",
+    # The flow-control key, so the response's tokens count against the right tenant.
+    "flow_fairness_id",
+    "flow_priority",
+)
 
 # -- what Envoy tells the processor ---------------------------------------------------
 

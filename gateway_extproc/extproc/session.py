@@ -25,6 +25,7 @@ sets `admission`; the caller awaits it and calls `after_admission()` for the ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from gateway_extproc.errors import GatewayError
 from gateway_extproc.extproc import envoy_names as names
 from gateway_extproc.extproc import responses
 from gateway_extproc.extproc.accounting import ResponseAccounting
-from gateway_extproc.flowcontrol.classify import DEFAULT_KEY
+from gateway_extproc.flowcontrol.classify import DEFAULT_KEY, FlowKey
 from gateway_extproc.flowcontrol.controller import Admission, FlowController, FlowRequest
 from gateway_extproc.models.registry import ModelState
 from gateway_extproc.openai.models_list import models_list_body
@@ -215,14 +216,25 @@ class Session:
         self._waiting_since = 0.0
 
     @classmethod
-    def observing(cls, router: Router, config: SessionConfig, context: dict[str, str]) -> Session:
+    def observing(
+        cls,
+        router: Router,
+        config: SessionConfig,
+        context: dict[str, str],
+        flow: FlowController | None = None,
+    ) -> Session:
         """A session for a response whose request another process routed (another
         replica or worker: Envoy balances each ext_proc stream on its own), built from
         the context the routing answer wrote (`envoy_names.handoff_context`). It counts
         and accounts for the response like the routing process would have; the pick's
         in-flight count stays that process's, released when its claim window ends."""
-        session = cls(router, config)
+        session = cls(router, config, flow=flow)
         session._holds_inflight = False
+        with contextlib.suppress(ValueError):
+            session._flow_key = FlowKey(
+                priority=int(context.get("flow_priority", "0")),
+                fairness_id=context.get("flow_fairness_id", ""),
+            )
         session._model = model = context.get("model", "")
         session._request_id = context.get("request_id", "")
         session.req_phase = Phase.DONE
@@ -600,6 +612,8 @@ class Session:
             "strategy": self._decision.strategy,
             "request_id": self._request_id,
             "started_at": repr(time.time() - (time.monotonic() - self._started)),
+            "flow_fairness_id": self._flow_key.fairness_id,
+            "flow_priority": str(self._flow_key.priority),
         }
 
     def _decision_destination(self) -> str:
