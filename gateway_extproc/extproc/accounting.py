@@ -14,7 +14,7 @@ import orjson
 from gateway_extproc import telemetry
 from gateway_extproc.apis import UsageReader
 from gateway_extproc.apis.openai_chat import ChatUsage
-from gateway_extproc.openai.sse import SSEParser
+from gateway_extproc.openai.sse import DONE, SSEParser
 from gateway_extproc.openai.usage import Usage
 
 # Past this a JSON response is not kept for usage (it is still passed on untouched).
@@ -36,6 +36,7 @@ class ResponseAccounting:
         "_sse",
         "_started",
         "_unparsed",
+        "completed",
         "usage",
     )
 
@@ -51,6 +52,8 @@ class ResponseAccounting:
         self._last_event_at = 0.0
         self._unparsed = ""
         self.usage: Usage | None = None
+        # The SSE stream's terminal `[DONE]` event went by: the client has it all.
+        self.completed = False
 
     def on_headers(self, content_type: str) -> None:
         if content_type.startswith("text/event-stream"):
@@ -102,6 +105,8 @@ class ResponseAccounting:
     def _on_events(self, events: list[bytes], now: float) -> None:
         reader = self._reader
         for data in events:
+            if data == DONE:  # OpenAI's end mark (the other APIs' streams: not yet)
+                self.completed = True
             if not reader.read_event(data):
                 self.usage = reader.usage
                 continue  # usage, the end mark, or an event about the stream itself

@@ -23,19 +23,20 @@ answer also writes what accounting needs (model, pod, strategy, request id, star
 time), and a process whose table has no such key observes the response from that
 context (`Session.observing`) and counts it.
 
-A parked session nobody claims is resolved by its timer:
+A parked session nobody claims is resolved by its timer, ORPHAN_GRACE_S after its
+routing stream was cut (the client left while the answer was on its way), else
+CLAIM_WINDOW_S after it was parked:
 
-- its routing stream was cut before the processor ended it (the client left while the
-  request was being routed): no observer stream will come anywhere. ORPHAN_GRACE_S after
-  that end it is closed as cancelled and its pod's in-flight count released;
-- otherwise, after CLAIM_WINDOW_S, the observer went to another process (or nowhere):
-  the pick's in-flight count is released without counting the request, which is the
-  observer's to count (`Session.hand_over`), and `gateway_observer_missing_total` counts
-  it.
-
-Either way, on a processor that no observer stream has claimed anything on for a while
-(OBSERVERS_SEEN_S), the observer filter, or the forwarding of its metadata, is probably
-missing: the session is then closed as aborted (counted), with a warning.
+- on a processor that no observer stream has claimed anything on for a while
+  (OBSERVERS_SEEN_S), the observer filter, or the forwarding of its metadata, is
+  probably missing: the session is closed as aborted, counted in
+  `gateway_observer_missing_total`, with a warning;
+- on a processor that is one of several (observer streams of other processes' requests
+  reach it), a session whose routing stream ended normally was most likely observed by
+  another process, which counts it: its in-flight count is released and nothing more
+  (`Session.hand_over`);
+- otherwise the client left before Envoy opened its observer stream: it is closed as
+  cancelled.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Handoff:
         self._window = claim_window_s
         self._grace = orphan_grace_s
         self._claimed_at = float("-inf")
+        self._foreign_at = float("-inf")
         self._parked: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
         # Unique across processor restarts and replicas sharing one Envoy.
         self._prefix = f"{os.getpid():x}-{secrets.token_hex(4)}-"
@@ -103,6 +105,12 @@ class Handoff:
         self._claimed_at = asyncio.get_running_loop().time()
         return session
 
+    def observed_foreign(self) -> None:
+        """An observer stream here carried a request another process routed: this
+        processor is one of several (replicas or workers), and an unclaimed session of
+        its own may just as well be observed by another."""
+        self._foreign_at = asyncio.get_running_loop().time()
+
     def routing_ended(self, key: str) -> None:
         """The routing stream of `key` ended: its observer comes at once or never."""
         entry = self._parked.get(key)
@@ -119,14 +127,13 @@ class Handoff:
             return
         session = entry[0]
         now = asyncio.get_running_loop().time()
-        observers_seen = now - self._claimed_at <= OBSERVERS_SEEN_S
-        if routing_ended and observers_seen:
-            session.close(Outcome.CANCELLED)  # the client left before its observer stream
+        if now - self._claimed_at <= OBSERVERS_SEEN_S:
+            if not routing_ended and now - self._foreign_at <= OBSERVERS_SEEN_S:
+                session.hand_over()  # observed, and counted, by another replica or worker
+            else:
+                session.close(Outcome.CANCELLED)  # the client left before its observer
             return
         telemetry.HANDOFF_EXPIRED.inc()
-        if observers_seen:
-            session.hand_over()  # observed by another replica or worker
-            return
         session.close(Outcome.ABORTED)
         if now - self._warned_at >= _WARN_EVERY_S:
             self._warned_at = now

@@ -153,6 +153,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         context = handoff_context(frame)
         if context is None:
             return None
+        self.handoff.observed_foreign()
         return Session.observing(self._router, self._config, context, self._flow)
 
     def _recorder(self) -> StreamRecorder | None:

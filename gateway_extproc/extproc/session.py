@@ -305,6 +305,13 @@ class Session:
             self._flow.cancel(self._admission)  # a held client left: out of the queue
             self._admission = self._answer = None
         if self.outcome is None:
+            if self._accounting is not None and self._accounting.completed:
+                # The stream was cut after the response's last event reached Envoy:
+                # Envoy ends the observer stream shortly after the response
+                # (deferred_close_timeout), and a processor behind may not have read the
+                # last frame yet. The client had the whole response: it finished.
+                self._end_response(time.monotonic())
+                return
             self._finish(outcome)
 
     def after_admission(self) -> Answers:
