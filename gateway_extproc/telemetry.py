@@ -71,9 +71,9 @@ REQUEST_DURATION = Histogram(
 )
 HANDOFF_EXPIRED = Counter(
     "gateway_observer_missing_total",
-    "Routed requests whose response stream (the observer filter's) never reached this "
-    "process (another replica or worker observed it, or the observer filter is missing); "
-    "their in-flight count is released after the claim window.",
+    "Routed requests released as aborted because no observer stream (the observer "
+    "filter's) has reached this processor for a while: the filter or the forwarding of "
+    "its metadata is probably missing.",
 )
 ALIAS_REQUESTS = Counter(
     "gateway_alias_requests_total",
