@@ -22,7 +22,8 @@ from gateway_extproc.routing.catalog import (
     parse_weights,
 )
 from gateway_extproc.routing.inflight import InFlightCounter
-from gateway_extproc.routing.picker import ScoredStrategy
+from gateway_extproc.routing.pickers import MaxScorePicker
+from gateway_extproc.routing.profile import Profile
 
 
 class Clock:
@@ -258,7 +259,7 @@ def test_malformed_weights(spec: str) -> None:
 def test_catalog_resolves_and_caches_combinations() -> None:
     catalog = Setup(2).catalog
     first = catalog.resolve("prefix-cache:3,least-kv-cache:2,least-request:2")
-    assert isinstance(first, ScoredStrategy)
+    assert isinstance(first, Profile) and isinstance(first.picker, MaxScorePicker)
     assert first.name == "prefix-cache:3,least-kv-cache:2,least-request:2"
     assert catalog.resolve("prefix-cache:3,least-kv-cache:2,least-request:2") is first
     assert catalog.resolve("least-request:1").name == "least-request:1"  # type: ignore[union-attr]
@@ -382,8 +383,9 @@ def test_session_map_is_bounded() -> None:
     strategy = setup.strategy("session-affinity")
     for i in range(10):
         strategy.rank(setup.candidates(), RoutingRequest("m", session_id=f"s{i}"), 1)
-    assert len(strategy) == 3  # type: ignore[arg-type]
-    assert strategy.pod_of("s0") is None and strategy.pod_of("s9") is not None  # type: ignore[attr-defined]
+    sessions = strategy.sessions  # type: ignore[attr-defined]
+    assert len(sessions) == 3
+    assert sessions.pod_of("s0") is None and sessions.pod_of("s9") is not None
 
 
 # -- deleted pods -------------------------------------------------------------------------
@@ -397,13 +399,14 @@ def test_deleting_a_pod_drops_its_prefix_entries_and_sessions() -> None:
     home = setup.route("prefix-cache", request)
     affinity = setup.strategy("session-affinity")
     assert affinity.rank((home,), request, 1) == [home]
-    assert affinity.pod_of("chat") == home.key  # type: ignore[attr-defined]
+    sessions = affinity.sessions  # type: ignore[attr-defined]
+    assert sessions.pod_of("chat") == home.key
     index = setup.strategy("prefix-cache").scorers[0][0].index  # type: ignore[attr-defined]
     assert index.blocks(home.key) > 0
 
     setup.registry.delete_pod(home.key)
     assert index.blocks(home.key) == 0
-    assert affinity.pod_of("chat") is None  # type: ignore[attr-defined]
+    assert sessions.pod_of("chat") is None
     remaining = setup.candidates()
     assert home not in remaining
     assert setup.strategy("prefix-cache").rank(remaining, request, 1)[0] is not home
