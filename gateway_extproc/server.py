@@ -33,6 +33,7 @@ from gateway_extproc.metrics import MetricsScraper, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.source import DiscoverySource, create_source
 from gateway_extproc.routing.catalog import build_catalog
+from gateway_extproc.routing.config import load_routing_config
 from gateway_extproc.routing.health import HealthPolicy, PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
@@ -94,6 +95,8 @@ def _track_model_states(registry: ModelRegistry) -> None:
 async def start_gateway(settings: Settings) -> Gateway:
     # Checked before anything starts: a bad certificate is a start-up error, nothing else.
     key_pair = tls.server_key_pair(settings.cert_path) if settings.serves_tls else None
+    routing = load_routing_config(settings.routing_config) if settings.routing_config else None
+    default_strategy = settings.default_strategy or (routing and routing.default) or "random"
     registry = ModelRegistry()
     _track_model_states(registry)
     inflight = InFlightCounter()
@@ -121,7 +124,8 @@ async def start_gateway(settings: Settings) -> Gateway:
         slow_start_window=settings.slow_start_window,
         registry=registry,
         rng=random.Random(settings.routing_seed),
-        kv_index=kv_index,
+        routing=routing,
+        shared={KVBlockIndex: kv_index},
     )
     saturation = SaturationDetector(
         store,
@@ -132,7 +136,7 @@ async def start_gateway(settings: Settings) -> Gateway:
     router = Router(
         registry,
         catalog,
-        settings.default_strategy,
+        default_strategy,
         inflight,
         fallback_endpoints=settings.fallback_endpoints,
         retry_after=settings.retry_after_seconds,
@@ -243,7 +247,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         health_port=health_port or None,
         tls=settings.serves_tls,
         discovery=settings.discovery,
-        default_strategy=settings.default_strategy,
+        default_strategy=default_strategy,
         tracing=settings.otlp_endpoint or "off",
     )
     return gateway
@@ -368,7 +372,9 @@ def run(settings: Settings, unknown_environment: list[str] | None = None) -> int
         )
     try:
         _run_loop(serve(settings))
-    except (OSError, ValueError) as exc:  # a port taken, a bad setting or certificate
+    except (OSError, ValueError) as exc:
+        # A port taken, a bad setting, certificate or routing config (RoutingConfigError
+        # is a ValueError): one line, no traceback.
         log.error("gateway_failed_to_start", problem=str(exc))
         return 1
     return 0

@@ -21,6 +21,7 @@ from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing import registry as plugin_registry
 from gateway_extproc.routing.affinity import SessionAffinity
 from gateway_extproc.routing.base import Strategy
+from gateway_extproc.routing.config import RoutingConfig
 from gateway_extproc.routing.filters import EndpointSubsetFilter
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.pickers import RandomPicker, RoundRobinPicker
@@ -175,10 +176,11 @@ def build_catalog(
     fallback_warn_every: float = 60.0,
     clock: Callable[[], float] | None = None,
     plugins: PluginRegistry | None = None,
-    profiles: Mapping[str, ProfileSpec] | None = None,
+    routing: RoutingConfig | None = None,
 ) -> StrategyCatalog:
-    """Every profile the gateway offers (the registry's, then `profiles`), sharing one
-    set of signals and pod state. Raises RoutingConfigError when one cannot be built.
+    """Every profile the gateway offers (the registry's, then the routing config's),
+    sharing one set of signals and pod state. Raises RoutingConfigError when one cannot
+    be built.
 
     `store` None means engine metrics are off: metrics-driven profiles then work from
     our in-flight counts or fall back to random, counted as fallbacks. With `registry`,
@@ -208,11 +210,18 @@ def build_catalog(
     for scorer in plugins.scorers:  # a scorer that cannot be built stops the start
         env.scorer(scorer)
     request_filters = [plugins.make_filter(env, PluginRef(name)) for name in REQUEST_FILTERS]
-    specs = {**plugins.profiles, **(profiles or {})}
     built: list[Profile] = [
         build_profile(plugins, env, name, spec, session_capacity=session_capacity)
-        for name, spec in specs.items()
+        for name, spec in plugins.profiles.items()
     ]
+    if routing is not None:
+        try:
+            built.extend(
+                build_profile(plugins, env, name, spec, session_capacity=session_capacity)
+                for name, spec in routing.profiles.items()
+            )
+        except RoutingConfigError as exc:
+            raise RoutingConfigError(f"routing config {routing.source}: {exc}") from None
 
     def combine(name: str, weights: Weights) -> Strategy:
         spec = ProfileSpec(scorers=tuple((PluginRef(s), w) for s, w in weights))

@@ -30,6 +30,10 @@ class Profile:
         self.filters = tuple(filters)
         self.scorers = tuple(scorers)  # as bound to the picker, for inspection
         self.sessions = sessions
+        if not self.filters and sessions is None:
+            # Nothing to do before the picker: the router calls it directly, one Python
+            # call less per decision (routing cost is measured in microseconds).
+            self.rank = picker.rank  # type: ignore[method-assign]
 
     def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]:
         for keep in self.filters:

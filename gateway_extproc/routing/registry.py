@@ -18,6 +18,7 @@ parameters it cannot take: the processor then refuses to start, naming the profi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -183,7 +184,10 @@ def _build(
     try:
         built = call(factory)
     except (TypeError, ValueError) as exc:
-        raise RoutingConfigError(f"{kind} {ref.name!r}: {exc}") from None
+        # "_factory() got an unexpected keyword argument 'x'": the function's name
+        # means nothing to whoever wrote the config.
+        problem = re.sub(r"^[\w<>.]+\(\) ", "", str(exc))
+        raise RoutingConfigError(f"{kind} {ref.name!r}: {problem}") from None
     if not isinstance(built, base):
         raise RoutingConfigError(
             f"{kind} {ref.name!r}: its factory made a {type(built).__name__}, "

@@ -110,8 +110,18 @@ class Router:
         view = self.check_model(request.model)
         if subset is not None:
             request = replace(request, subset=subset)
+        candidates: Sequence[Pod] = view.routable
         try:
-            live = self._pick(view.routable, request, strategy)
+            for keep in self._filters:
+                candidates = keep.filter(candidates, request)
+                if not candidates:
+                    raise NoCandidates(keep.empty_detail())
+            ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
+            # The snapshot may be older than the registry: a pod that turned terminating
+            # since must never be chosen.
+            live = [p for p in ranked if self.registry.is_routable(p, request.model)]
+            if not live:
+                live = self._rerank(candidates, request, strategy)
         except NoCandidates as exc:
             raise errors.no_ready_pods(request.model, self._retry_after, exc.detail) from None
         decision = RoutingDecision(request.model, tuple(live), strategy.name)
@@ -119,24 +129,15 @@ class Router:
         telemetry.ROUTING_DECISION.observe(time.perf_counter() - started)
         return decision
 
-    def _pick(
+    def _rerank(
         self, candidates: Sequence[Pod], request: RoutingRequest, strategy: Strategy
     ) -> list[Pod]:
-        for keep in self._filters:
-            candidates = keep.filter(candidates, request)
-            if not candidates:
-                raise NoCandidates(keep.empty_detail())
-        ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
-        # The snapshot may be older than the registry: a pod that turned terminating
-        # since must never be chosen.
-        live = [p for p in ranked if self.registry.is_routable(p, request.model)]
-        if not live:
-            still = tuple(p for p in candidates if self.registry.is_routable(p, request.model))
-            if not still:
-                raise NoCandidates("")
-            reranked = strategy.rank(still, request, 1 + self._fallbacks)
-            live = [p for p in reranked if p in still] or list(still[: 1 + self._fallbacks])
-        return live
+        """Rank again among the candidates still routable."""
+        still = tuple(p for p in candidates if self.registry.is_routable(p, request.model))
+        if not still:
+            raise NoCandidates("")
+        reranked = strategy.rank(still, request, 1 + self._fallbacks)
+        return [p for p in reranked if p in still] or list(still[: 1 + self._fallbacks])
 
     def release(self, decision: RoutingDecision) -> None:
         self.inflight.release(decision.model, decision.pod)
