@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import REGISTRY
 
 from gateway_extproc.metrics import EngineSample, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing import signals as signals_module
-from gateway_extproc.routing.base import RoutingRequest, Strategy
+from gateway_extproc.routing.base import NoCandidates, RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import (
     StrategyCatalog,
     build_catalog,
     canonical_name,
     parse_weights,
 )
+from gateway_extproc.routing.config import parse_routing_config
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.pickers import MaxScorePicker
 from gateway_extproc.routing.profile import Profile
@@ -458,3 +461,46 @@ def test_least_latency_spreads_over_pods_whose_latency_differs_by_noise():
             setup.inflight.release("m", held.pop(0))
     assert set(counts) == {"p0", "p1", "p2"}, counts
     assert min(counts.values()) >= 80, counts
+
+
+# -- pickers and profiles of a routing config -----------------------------------------------
+
+
+def configured(text: str, **setup_args: Any) -> Setup:
+    return Setup(routing=parse_routing_config(yaml.safe_load(text), "test"), **setup_args)
+
+
+def test_weighted_random_spreads_in_proportion_to_the_scores() -> None:
+    setup = configured(
+        "profiles: [{name: kv-spread, picker: weighted-random, scorers: [least-kv-cache]}]", n=3
+    )
+    for pod, kv in zip(setup.pods, (0.0, 0.5, 1.0), strict=True):
+        setup.scrape(pod, kv=kv)  # free: 1.0, 0.5, 0.0
+    strategy = setup.strategy("kv-spread")
+    picks = Counter(
+        strategy.rank(setup.candidates(), RoutingRequest("m"), 1)[0].name for _ in range(3000)
+    )
+    assert set(picks) == {"p0", "p1"}, picks  # a pod scoring 0 is never drawn
+    assert 1.7 < picks["p0"] / picks["p1"] < 2.3, picks  # 1.0 : 0.5
+    ranked = strategy.rank(setup.candidates(), RoutingRequest("m"), 3)
+    assert sorted(p.name for p in ranked) == ["p0", "p1", "p2"] and ranked[-1].name == "p2"
+
+
+def test_a_configured_profile_filters_and_keeps_sessions() -> None:
+    setup = configured(
+        "profiles: [{name: sticky, session-affinity: true, filters: [endpoint-subset], "
+        "scorers: [least-kv-cache]}]"
+    )
+    for pod in setup.pods:
+        setup.scrape(pod)
+    strategy = setup.strategy("sticky")
+    request = RoutingRequest("m", session_id="chat")
+    home = strategy.rank(setup.candidates(), request, 1)[0]
+    setup.scrape(home, kv=0.99)  # now the worst by score, yet the session stays
+    assert {strategy.rank(setup.candidates(), request, 1)[0].name for _ in range(10)} == {home.name}
+    # Its own filter drops the session's pod: the session moves, within the subset.
+    others = frozenset(p.address for p in setup.pods if p is not home)
+    moved = strategy.rank(setup.candidates(), replace(request, subset=others), 1)[0]
+    assert moved is not home and moved.address in others
+    with pytest.raises(NoCandidates, match="inside the requested endpoint subset"):
+        strategy.rank(setup.candidates(), replace(request, subset=frozenset()), 1)
