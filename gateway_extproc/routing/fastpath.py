@@ -116,7 +116,9 @@ class Sparse(ABC):
 
 
 class Shortcut:
-    """A single pick the plain path would make, found without scoring every pod."""
+    """A single pick the plain path would make, found without scoring every pod. Every
+    shortcut leaves the decision to the plain path while pods are in slow start: their
+    random shares are drawn there."""
 
     def __init__(self, signals: PodSignals) -> None:
         self._signals = signals
@@ -124,10 +126,6 @@ class Shortcut:
     def pick(self, ctx: ScoringContext) -> int:
         """The position the plain path would pick, or -1: rank in full."""
         raise NotImplementedError
-
-    def _ramping(self, ctx: ScoringContext) -> bool:
-        # Pods in slow start take random shares that only the plain path draws.
-        return bool(self._signals.ramping(ctx.candidates, ctx.now))
 
 
 def shortcut_for(
@@ -215,7 +213,7 @@ class Shortlisted(Shortcut):
     def pick(self, ctx: ScoringContext) -> int:
         shortlist: _ShortlistState = ctx.per_scrape(self, lambda _: self._shortlist(ctx))
         positions = shortlist.positions
-        if positions is None or self._ramping(ctx):
+        if positions is None or self._signals.ramping(ctx.candidates, ctx.now):
             return -1
         columns: list[Scores] = [
             column if column is not None else partial.score_at(ctx, positions)  # type: ignore[union-attr,misc]
@@ -311,7 +309,7 @@ class Fused(Shortcut):
             lambda _: self._base(ctx),
             lambda found, _, at: self._update(ctx, found, at),  # type: ignore[arg-type]
         )
-        if fused is None or self._ramping(ctx):
+        if fused is None or self._signals.ramping(ctx.candidates, ctx.now):
             return -1
         w = self._w
         affine = self._affine.affine(ctx)
@@ -440,7 +438,7 @@ class Lowered(Shortcut):
         self._break_tie = break_tie
 
     def pick(self, ctx: ScoringContext) -> int:
-        if self._ramping(ctx):
+        if self._signals.ramping(ctx.candidates, ctx.now):
             return -1
         tied = self._scorer.near(ctx, self._tolerance)
         if tied is None:
@@ -461,7 +459,7 @@ class SparseOnly(Shortcut):
         self._break_tie = break_tie
 
     def pick(self, ctx: ScoringContext) -> int:
-        if self._ramping(ctx):
+        if self._signals.ramping(ctx.candidates, ctx.now):
             return -1
         scored = self._scorer.sparse(ctx)
         cut = max(scored.values(), default=0.0) - self._tolerance
@@ -483,7 +481,7 @@ class LowestLoad(Shortcut):
         self._rng = rng
 
     def pick(self, ctx: ScoringContext) -> int:
-        if self._ramping(ctx):
+        if self._signals.ramping(ctx.candidates, ctx.now):
             return -1
         groups = ctx.book().groups
         tied = groups[min(groups)]

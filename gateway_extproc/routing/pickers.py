@@ -89,15 +89,16 @@ class _ScoringPicker(Picker):
     def _picked(self, position: int, ctx: ScoringContext, unscored: bool) -> None:
         """Tell the scorers that learn, and count a pick made without the data needed
         (a single candidate is no choice, so never a fallback)."""
-        self._learn(position, ctx)
+        for scorer in self._learners:
+            scorer.picked(position, ctx)
         signals = self._signals
-        if unscored:
+        if unscored or (
+            self._partial_metrics
+            and signals.store is not None
+            and ctx.metrics()[position] is None  # the view this decision brought current
+        ):
             key = ctx.candidates.keys[position]
             signals.fallback(self.name, key, signals.missing_reason(key, ctx.now), ctx.now)
-        elif self._partial_metrics and signals.store is not None:
-            key = ctx.candidates.keys[position]
-            if key not in signals.fresh(ctx.now):
-                signals.fallback(self.name, key, signals.missing_reason(key, ctx.now), ctx.now)
 
 
 class MaxScorePicker(_ScoringPicker):
