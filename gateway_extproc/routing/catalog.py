@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 from gateway_extproc.metrics.store import MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, Pod
@@ -177,6 +178,7 @@ def build_catalog(
     clock: Callable[[], float] | None = None,
     plugins: PluginRegistry | None = None,
     routing: RoutingConfig | None = None,
+    shared: Mapping[Hashable, Any] | None = None,
 ) -> StrategyCatalog:
     """Every profile the gateway offers (the registry's, then the routing config's),
     sharing one set of signals and pod state. Raises RoutingConfigError when one cannot
@@ -185,7 +187,8 @@ def build_catalog(
     `store` None means engine metrics are off: metrics-driven profiles then work from
     our in-flight counts or fall back to random, counted as fallbacks. With `registry`,
     a deleted pod's prefix-index entries and sessions are dropped when the registry says
-    so. `prefix_*` are the prefix-cache scorer's defaults.
+    so. `prefix_*` are the prefix-cache scorer's defaults. `shared` hands plugins what
+    the server owns (`PluginEnv.shared(key, ...)` finds it under its key).
     """
     plugins = plugins if plugins is not None else plugin_registry.PLUGINS
     signals = PodSignals(
@@ -206,7 +209,7 @@ def build_catalog(
     def make_scorer(env: PluginEnv, name: str, params: Mapping[str, object]) -> Scorer:
         return plugins.make_scorer(env, name, {**defaults.get(name, {}), **params})
 
-    env = PluginEnv(signals, rng or random.Random(), make_scorer)
+    env = PluginEnv(signals, rng or random.Random(), make_scorer, shared)
     for scorer in plugins.scorers:  # a scorer that cannot be built stops the start
         env.scorer(scorer)
     request_filters = [plugins.make_filter(env, PluginRef(name)) for name in REQUEST_FILTERS]

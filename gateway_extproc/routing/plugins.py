@@ -128,6 +128,9 @@ class Filter:
     # Completes "The model `m` has no ready pod..." when the filter keeps none; the
     # default names the filter.
     detail: str = ""
+    # True for a preference rather than a rule (e.g. "not saturated"): when it would
+    # keep no pod, it keeps them all instead of failing the request.
+    fail_open: bool = False
 
     def filter(self, candidates: Sequence[Pod], request: RoutingRequest) -> Sequence[Pod]:
         """The candidates kept, in their order. Return `candidates` itself when keeping
@@ -255,12 +258,14 @@ class PluginEnv:
         signals: PodSignals,
         rng: random.Random,
         make_scorer: Callable[[PluginEnv, str, Mapping[str, Any]], Scorer],
+        shared: Mapping[Hashable, Any] | None = None,
     ) -> None:
         self.signals = signals
         self.rng = rng
         self._make_scorer = make_scorer
         self._scorers: dict[tuple[str, str], Scorer] = {}
-        self._shared: dict[Hashable, Any] = {}
+        # Seeded with what the server owns and plugins may use (see `shared`).
+        self._shared: dict[Hashable, Any] = dict(shared or {})
         self.forgetters: list[Callable[[str], None]] = []
 
     def scorer(self, name: str, params: Mapping[str, Any] | None = None) -> Scorer:
@@ -274,7 +279,8 @@ class PluginEnv:
 
     def shared(self, key: Hashable, build: Callable[[], T]) -> T:
         """The object kept under `key`, built by `build()` the first time: state that
-        several plugin instances share (one prefix index for every prefix scorer)."""
+        several plugin instances share (one prefix index for every prefix scorer), or
+        that the server made and handed to `build_catalog(shared=...)`."""
         if key not in self._shared:
             self._shared[key] = build()
         found: T = self._shared[key]

@@ -12,6 +12,21 @@ from gateway_extproc.routing.base import NoCandidates, RoutingRequest
 from gateway_extproc.routing.plugins import Filter, Picker, Scorer
 
 
+def apply_filters(
+    filters: Sequence[Filter], candidates: Sequence[Pod], request: RoutingRequest
+) -> Sequence[Pod]:
+    """The candidates every filter keeps, in order; NoCandidates when one keeps none
+    (unless it fails open, and then it keeps them all)."""
+    for keep in filters:
+        kept = keep.filter(candidates, request)
+        if not kept:
+            if keep.fail_open:
+                continue
+            raise NoCandidates(keep.empty_detail())
+        candidates = kept
+    return candidates
+
+
 class Profile:
     """A `Strategy`: what the router calls, by the name a request or the default asks
     for."""
@@ -36,10 +51,7 @@ class Profile:
             self.rank = picker.rank  # type: ignore[method-assign]
 
     def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]:
-        for keep in self.filters:
-            candidates = keep.filter(candidates, request)
-            if not candidates:
-                raise NoCandidates(keep.empty_detail())
+        candidates = apply_filters(self.filters, candidates, request)
         if self.sessions is not None:
             return self.sessions.rank(candidates, request, count, self.picker.rank)
         return self.picker.rank(candidates, request, count)

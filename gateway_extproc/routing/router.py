@@ -15,6 +15,7 @@ from gateway_extproc.routing.filters import HealthyFilter
 from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.plugins import Filter
+from gateway_extproc.routing.profile import apply_filters
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 from gateway_extproc.routing.registry import RoutingConfigError
 
@@ -112,10 +113,8 @@ class Router:
             request = replace(request, subset=subset)
         candidates: Sequence[Pod] = view.routable
         try:
-            for keep in self._filters:
-                candidates = keep.filter(candidates, request)
-                if not candidates:
-                    raise NoCandidates(keep.empty_detail())
+            if self._filters:
+                candidates = apply_filters(self._filters, candidates, request)
             ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
             # The snapshot may be older than the registry: a pod that turned terminating
             # since must never be chosen.

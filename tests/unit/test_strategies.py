@@ -26,7 +26,10 @@ from gateway_extproc.routing.catalog import (
 from gateway_extproc.routing.config import parse_routing_config
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.pickers import MaxScorePicker
+from gateway_extproc.routing.plugins import PluginEnv, Scorer
 from gateway_extproc.routing.profile import Profile
+from gateway_extproc.routing.registry import PLUGINS
+from gateway_extproc.routing.scorers import KVCacheScorer
 
 
 class Clock:
@@ -504,3 +507,18 @@ def test_a_configured_profile_filters_and_keeps_sessions() -> None:
     assert moved is not home and moved.address in others
     with pytest.raises(NoCandidates, match="inside the requested endpoint subset"):
         strategy.rank(setup.candidates(), replace(request, subset=frozenset()), 1)
+
+
+def test_plugins_find_what_the_server_shares_with_them() -> None:
+    plugins = PLUGINS.copy()
+    owned = object()  # e.g. the KV-event index the server fills
+    seen: list[object] = []
+
+    def factory(env: PluginEnv) -> Scorer:
+        seen.append(env.shared("the-index", object))
+        return KVCacheScorer()
+
+    plugins.register_scorer("uses-index", factory)
+    Setup(plugins=plugins, shared={"the-index": owned})
+    Setup(plugins=plugins)
+    assert seen[0] is owned and seen[1] is not owned
