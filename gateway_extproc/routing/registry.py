@@ -13,6 +13,8 @@ A filter or scorer factory is called as `factory(env, **params)`, a picker facto
 `WeightedScorers`); `env` is the `plugins.PluginEnv` of the catalog being built and
 `params` come from the routing config file. A factory raises ValueError or TypeError for
 parameters it cannot take: the processor then refuses to start, naming the profile.
+Every registered scorer is also built once without parameters when the processor
+starts (weighted combinations use it so), so a scorer's parameters need defaults.
 """
 
 from __future__ import annotations
