@@ -55,6 +55,8 @@ class _ScoringPicker(Picker):
     """What the scoring pickers share: the probation rule, pick notices and fallback
     accounting."""
 
+    kind = "scoring"  # the registry name, for messages
+
     def __init__(
         self, name: str, weighted: WeightedScorers, signals: PodSignals, rng: random.Random
     ) -> None:
@@ -66,8 +68,6 @@ class _ScoringPicker(Picker):
         self._rng = rng
         self._learners = tuple(s for s in weighted.scorers if learns(s))
         self._partial_metrics = any(s.partial_without_metrics for s in weighted.scorers)
-
-    kind = "scoring"
 
     def _probation(self, values: Scores, ctx: ScoringContext) -> dict[int, float]:
         """Position -> traffic weight of the pods on probation; marks them OUT in
