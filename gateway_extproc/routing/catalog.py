@@ -203,7 +203,8 @@ def build_catalog(
             "block_chars": prefix_block_chars,
             "blocks_per_pod": prefix_blocks_per_pod,
             "max_load_gap": prefix_max_load_gap,
-        }
+        },
+        "precise-prefix-cache": {"max_load_gap": prefix_max_load_gap},
     }
 
     def make_scorer(env: PluginEnv, name: str, params: Mapping[str, object]) -> Scorer:

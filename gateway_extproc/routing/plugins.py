@@ -156,6 +156,9 @@ class Scorer:
     # from what is left (least-request: our in-flight count without the engine's queue):
     # a pick of such a pod then counts as a fallback (gateway_routing_fallback_total).
     partial_without_metrics: ClassVar[bool] = False
+    # True when the scorer reads `ctx.request.blocks`, the prompt cut into the engines'
+    # KV blocks: the router then prepares them before ranking (prompt_blocks.py).
+    uses_tokens: ClassVar[bool] = False
 
     def score(self, ctx: ScoringContext) -> Scores:
         """One score per candidate, in candidate order: a new list, the caller's to

@@ -44,6 +44,9 @@ class Profile:
         self.picker = picker
         self.filters = tuple(filters)
         self.scorers = tuple(scorers)  # as bound to the picker, for inspection
+        # Whether the router must prepare the prompt's KV blocks first: asked per request,
+        # so found once here.
+        self.uses_tokens = any(scorer.uses_tokens for scorer, _ in self.scorers)
         self.sessions = sessions
         if not self.filters and sessions is None:
             # Nothing to do before the picker: the router calls it directly, one Python

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.routing.filters import EndpointSubsetFilter
 from gateway_extproc.routing.pickers import (
     SCORE_TOLERANCE,
@@ -34,6 +35,7 @@ from gateway_extproc.routing.pickers import (
     WeightedRandomPicker,
 )
 from gateway_extproc.routing.plugins import Filter, Picker, PluginEnv, Scorer, WeightedScorers
+from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
@@ -103,6 +105,7 @@ BUILTIN_PROFILES: dict[str, ProfileSpec] = {
     "least-latency": profile(("least-latency", 1)),
     "throughput": profile(("throughput", 1), ("least-request", BURST_SPREAD_WEIGHT)),
     "prefix-cache": profile(("prefix-cache", 1)),
+    "precise-prefix-cache": profile(("precise-prefix-cache", 1)),
     "session-affinity": profile(("least-request", 1), session_affinity=True),
 }
 
@@ -221,6 +224,14 @@ def _prefix_cache(
     return PrefixCacheScorer(index, max_load_gap=max_load_gap)
 
 
+def _precise_prefix_cache(env: PluginEnv, *, max_load_gap: int = 8) -> PrecisePrefixScorer:
+    # The index the server's KV-event subscriber fills (build_catalog(shared=...)); the
+    # approximate scorer answers for pods whose events are not trusted, and learns from
+    # every pick.
+    index = env.shared(KVBlockIndex, KVBlockIndex)
+    return PrecisePrefixScorer(index, env.scorer("prefix-cache"), max_load_gap=max_load_gap)
+
+
 def _max_score(
     env: PluginEnv,
     profile_name: str,
@@ -262,6 +273,7 @@ def _builtins() -> PluginRegistry:
     plugins.register_scorer("least-latency", lambda env: LatencyScorer())
     plugins.register_scorer("throughput", lambda env: ThroughputScorer())
     plugins.register_scorer("prefix-cache", _prefix_cache)
+    plugins.register_scorer("precise-prefix-cache", _precise_prefix_cache)
     plugins.register_picker("max-score", _max_score)
     plugins.register_picker(
         "weighted-random",

@@ -143,5 +143,5 @@ class Router:
 
 
 def _uses_tokens(strategy: Strategy) -> bool:
-    scorers = getattr(strategy, "scorers", ())
-    return any(getattr(scorer, "uses_tokens", False) for scorer, _ in scorers)
+    """Whether the strategy's scorers read the prompt's KV blocks (a profile knows)."""
+    return bool(getattr(strategy, "uses_tokens", False))
