@@ -112,6 +112,9 @@ class ScoringContext:
     def book(self) -> LoadBook:
         if self._book is None:
             self._book = self.signals.book(self.candidates, self.now)
+            if self._view is None:
+                # The book brought the scrape view current on its way: no second look.
+                self._view = self._book.view
         return self._book
 
     def spread(self) -> tuple[int, int]:
