@@ -26,7 +26,7 @@ from gateway_extproc.extproc.session import SessionConfig
 from gateway_extproc.flowcontrol.config import FlowConfigError, HeaderTrust, load_flow_config
 from gateway_extproc.flowcontrol.controller import FlowController
 from gateway_extproc.flowcontrol.limits import RateLimiter, SharedWindows
-from gateway_extproc.flowcontrol.saturation import SaturationDetector
+from gateway_extproc.flowcontrol.saturation import NotSaturated, SaturationDetector
 from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.kvevents.subscriber import KVEventSubscriber
 from gateway_extproc.metrics import MetricsScraper, MetricsStore
@@ -142,7 +142,7 @@ async def start_gateway(settings: Settings) -> Gateway:
         retry_after=settings.retry_after_seconds,
         preparer=preparer,
         health=pod_health,
-        filters=(saturation.filter,) if saturation.enabled else (),
+        filters=(NotSaturated(saturation),) if saturation.enabled else (),
     )
     flow = await _flow_controller(settings, registry, saturation)
     inflight.on_release(flow.wake)

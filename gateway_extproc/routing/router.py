@@ -113,8 +113,7 @@ class Router:
             request = replace(request, subset=subset)
         candidates: Sequence[Pod] = view.routable
         try:
-            if self._filters:
-                candidates = apply_filters(self._filters, candidates, request)
+            candidates = apply_filters(self._filters, candidates, request)
             ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
             # The snapshot may be older than the registry: a pod that turned terminating
             # since must never be chosen.
