@@ -97,8 +97,13 @@ class _ScoringPicker(Picker):
             and signals.store is not None
             and ctx.metrics()[position] is None  # the view this decision brought current
         ):
-            key = ctx.candidates.keys[position]
-            signals.fallback(self.name, key, signals.missing_reason(key, ctx.now), ctx.now)
+            self._picked_partial(position, ctx)
+
+    def _picked_partial(self, position: int, ctx: ScoringContext) -> None:
+        """Count the pick of a pod scored without the data the profile needed."""
+        signals = self._signals
+        key = ctx.candidates.keys[position]
+        signals.fallback(self.name, key, signals.missing_reason(key, ctx.now), ctx.now)
 
 
 class MaxScorePicker(_ScoringPicker):
@@ -158,7 +163,15 @@ class MaxScorePicker(_ScoringPicker):
         if count == 1 and self.shortcut is not None:
             chosen = self.shortcut.pick(ctx)
             if chosen >= 0:
-                self._picked(chosen, ctx, False)
+                # `_picked(chosen, ctx, False)`, inlined: the common case, per decision.
+                for scorer in self._learners:
+                    scorer.picked(chosen, ctx)
+                if (
+                    self._partial_metrics
+                    and signals.store is not None
+                    and ctx.metrics()[chosen] is None
+                ):
+                    self._picked_partial(chosen, ctx)
                 return [candidates[chosen]]
 
         columns = [scorer.score(ctx) for scorer in self.scorers.scorers]

@@ -15,7 +15,6 @@ from gateway_extproc.routing.filters import HealthyFilter
 from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.plugins import Filter
-from gateway_extproc.routing.profile import apply_filters
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 from gateway_extproc.routing.registry import RoutingConfigError
 
@@ -113,7 +112,12 @@ class Router:
             request = replace(request, subset=subset)
         candidates: Sequence[Pod] = view.routable
         try:
-            candidates = apply_filters(self._filters, candidates, request)
+            for keep in self._filters:  # profile.apply_filters, inlined: per decision
+                kept = keep.filter(candidates, request)
+                if kept:
+                    candidates = kept
+                elif not keep.fail_open:
+                    raise NoCandidates(keep.empty_detail())
             ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
             # The snapshot may be older than the registry: a pod that turned terminating
             # since must never be chosen.
