@@ -123,7 +123,11 @@ class Processor:
         self.preparer = PromptPreparer(TokenizerCatalog({"m": str(TOKENIZER)}), self.index)
         inflight = InFlightCounter()
         catalog = build_catalog(
-            None, inflight, rng=random.Random(1), registry=self.registry, kv_index=self.index
+            None,
+            inflight,
+            rng=random.Random(1),
+            registry=self.registry,
+            shared={KVBlockIndex: self.index},
         )
         self.router = Router(self.registry, catalog, "random", inflight, preparer=self.preparer)
         self.config = SessionConfig(max_body_bytes=8 * 1024 * 1024, access_log=False)

@@ -25,7 +25,8 @@ class Settings:
     discovery: str = "static"
     models_file: str = ""
     models_reload_interval: float = 1.0
-    default_strategy: str = "random"
+    default_strategy: str = ""  # empty: the routing config's default, else random
+    routing_config: str = ""
     log_level: str = "info"
     log_format: str = "json"
     max_body_bytes: int = 8 * 1024 * 1024
@@ -275,7 +276,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         default=d.models_reload_interval,
         help="seconds between checks of the models file",
     )
-    add_flag(parser, "--default-strategy", default=d.default_strategy, help="routing strategy")
+    add_flag(
+        parser,
+        "--default-strategy",
+        default=d.default_strategy,
+        help="routing strategy (profile) of requests without a routing-strategy header "
+        "(default: the routing config's default, else random)",
+    )
+    add_flag(
+        parser,
+        "--routing-config",
+        default=d.routing_config,
+        help="YAML file declaring more routing profiles and the default one",
+    )
     add_flag(
         parser,
         "--log-level",

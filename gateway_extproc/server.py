@@ -28,15 +28,16 @@ from gateway_extproc.extproc.session import SessionConfig
 from gateway_extproc.flowcontrol.config import FlowConfigError, HeaderTrust, load_flow_config
 from gateway_extproc.flowcontrol.controller import FlowController
 from gateway_extproc.flowcontrol.limits import RateLimiter, SharedWindows
-from gateway_extproc.flowcontrol.saturation import SaturationDetector
+from gateway_extproc.flowcontrol.saturation import NotSaturated, SaturationDetector
 from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.kvevents.subscriber import KVEventSubscriber
 from gateway_extproc.metrics import MetricsScraper, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.source import DiscoverySource, create_source
 from gateway_extproc.redis_sessions import SharedSessions
-from gateway_extproc.routing.affinity import SessionAffinityStrategy
+from gateway_extproc.routing.affinity import SessionAffinity
 from gateway_extproc.routing.catalog import StrategyCatalog, build_catalog
+from gateway_extproc.routing.config import load_routing_config
 from gateway_extproc.routing.health import HealthPolicy, PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
@@ -106,6 +107,8 @@ async def start_gateway(
     (SO_REUSEPORT), and the admin app listens on a Unix socket for the supervisor."""
     # Checked before anything starts: a bad certificate is a start-up error, nothing else.
     key_pair = tls.server_key_pair(settings.cert_path) if settings.serves_tls else None
+    routing = load_routing_config(settings.routing_config) if settings.routing_config else None
+    default_strategy = settings.default_strategy or (routing and routing.default) or "random"
     registry = ModelRegistry()
     _track_model_states(registry)
     inflight = InFlightCounter()
@@ -133,7 +136,8 @@ async def start_gateway(
         slow_start_window=settings.slow_start_window,
         registry=registry,
         rng=random.Random(settings.routing_seed),
-        kv_index=kv_index,
+        routing=routing,
+        shared={KVBlockIndex: kv_index},
     )
     saturation = SaturationDetector(
         store,
@@ -144,13 +148,13 @@ async def start_gateway(
     router = Router(
         registry,
         catalog,
-        settings.default_strategy,
+        default_strategy,
         inflight,
         fallback_endpoints=settings.fallback_endpoints,
         retry_after=settings.retry_after_seconds,
         preparer=preparer,
         health=pod_health,
-        filters=(saturation.filter,) if saturation.enabled else (),
+        filters=(NotSaturated(saturation),) if saturation.enabled else (),
     )
     flow = await _flow_controller(settings, registry, saturation)
     inflight.on_release(flow.wake)
@@ -265,7 +269,7 @@ async def start_gateway(
         health_port=health_port or None,
         tls=settings.serves_tls,
         discovery=settings.discovery,
-        default_strategy=settings.default_strategy,
+        default_strategy=default_strategy,
         tracing=settings.otlp_endpoint or "off",
     )
     return gateway
@@ -344,8 +348,9 @@ async def _flow_controller(
 
 async def _share_sessions(settings: Settings, catalog: StrategyCatalog) -> SharedSessions | None:
     """With --redis-url, session-affinity's sessions are shared by every replica."""
-    affinity = catalog.resolve("session-affinity")
-    if not settings.redis_url or not isinstance(affinity, SessionAffinityStrategy):
+    profile = catalog.resolve("session-affinity")
+    affinity = getattr(profile, "sessions", None)
+    if not settings.redis_url or not isinstance(affinity, SessionAffinity):
         return None
     shared = SharedSessions(settings.redis_url, affinity.learn)
     affinity.on_pick = shared.placed
@@ -447,7 +452,9 @@ def run(settings: Settings, unknown_environment: list[str] | None = None) -> int
         )
     try:
         run_loop(serve(settings))
-    except (OSError, ValueError) as exc:  # a port taken, a bad setting or certificate
+    except (OSError, ValueError) as exc:
+        # A port taken, a bad setting, certificate or routing config (RoutingConfigError
+        # is a ValueError): one line, no traceback.
         log.error("gateway_failed_to_start", problem=str(exc))
         return 1
     return 0

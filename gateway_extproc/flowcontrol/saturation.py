@@ -9,9 +9,10 @@ The set of saturated pods is kept current from the in-flight counter's journal a
 metrics store's journal, a few pod keys per request, so that the common question "is
 anything saturated at all?" costs nothing on a fleet of thousands of pods.
 
-`filter` is the routing Filter (routing/router.py calls it on the candidates): it drops
-saturated pods, and hands back the very same tuple when nothing was dropped, since
-strategies cache per-candidate state by the tuple's identity.
+`filter` drops saturated pods, and hands back the very same tuple when nothing was
+dropped, since strategies cache per-candidate state by the tuple's identity;
+`NotSaturated` is it as a routing filter (routing/plugins.py), which the server hands to
+the router.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from collections.abc import Iterable, Sequence
 
 from gateway_extproc.metrics.store import MetricsStore
 from gateway_extproc.models.registry import Pod
+from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.plugins import Filter
 
 # Filtered candidate tuples kept, by the identity of the tuple they came from.
 _FILTER_CACHE = 64
@@ -113,6 +116,22 @@ class SaturationDetector:
         if self.queue_threshold:
             return self._store.waiting().get(key, 0) > self.queue_threshold
         return False
+
+
+class NotSaturated(Filter):
+    """Routing filter: leave out saturated pods. A preference: when every candidate is
+    full (flow control would have held the request before it got here) it keeps them
+    all, never turning a routable request into an error."""
+
+    name = "not-saturated"
+    fail_open = True
+
+    def __init__(self, detector: SaturationDetector) -> None:
+        self.detector = detector
+
+    def filter(self, candidates: Sequence[Pod], request: RoutingRequest) -> Sequence[Pod]:
+        pods = candidates if isinstance(candidates, tuple) else tuple(candidates)
+        return self.detector.filter(pods)
 
 
 def routable_in(pods: Sequence[Pod], subset: frozenset[str] | None) -> Sequence[Pod]:

@@ -1,10 +1,13 @@
-"""SessionAffinityStrategy: keep a session (`x-session-id`) on the pod that first served it.
+"""Session affinity: keep a session (`x-session-id`) on the pod that first served it.
 
-The session stays on that pod while the pod is a candidate; when it is not (deleted,
-not ready, outside the request's subset) the session moves to whatever the fallback
-strategy picks, and stays there. Requests without a session id go straight to the
-fallback. The session map is an LRU bounded by `capacity`; a deleted pod's sessions are
-dropped with it.
+The session stays on that pod while the pod is a candidate (after the profile's
+filters); when it is not (deleted, not ready, outside the request's subset, filtered
+out) the session moves to whatever the profile's picker picks, and stays there. Requests
+without a session id go straight to the picker. The session map is an LRU bounded by
+`capacity`; a deleted pod's sessions are dropped with it.
+
+It is a layer of a profile rather than a scorer or a picker: the pick it makes is not a
+best score but a memory of an earlier pick, kept whatever the scores say now.
 
 Replicas share sessions through `on_pick` (told of every session placed or moved here)
 and `learn` (a session another replica placed); the server wires these to Redis with
@@ -17,26 +20,28 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from gateway_extproc.models.registry import Pod
-from gateway_extproc.routing.base import RoutingRequest, Strategy
+from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.signals import PodSignals
 
+Rank = Callable[[Sequence[Pod], RoutingRequest, int], list[Pod]]
 
-class SessionAffinityStrategy:
-    name = "session-affinity"
 
-    def __init__(self, fallback: Strategy, signals: PodSignals, *, capacity: int = 100_000) -> None:
+class SessionAffinity:
+    def __init__(self, signals: PodSignals, *, capacity: int = 100_000) -> None:
         if capacity <= 0:
             raise ValueError("capacity must be positive")
-        self._fallback = fallback
         self._signals = signals
         self._capacity = capacity
         self._pod_of: OrderedDict[str, str] = OrderedDict()
         self.on_pick: Callable[[str, str], None] | None = None
 
-    def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]:
+    def rank(
+        self, candidates: Sequence[Pod], request: RoutingRequest, count: int, pick: Rank
+    ) -> list[Pod]:
+        """The session's pod first when it is a candidate, else `pick`'s ranking."""
         session = request.session_id
         if not session or not candidates:
-            return self._fallback.rank(candidates, request, count)
+            return pick(candidates, request, count)
         sessions = self._pod_of
         key = sessions.get(session)
         if key is not None:
@@ -47,8 +52,8 @@ class SessionAffinityStrategy:
                 if count <= 1:
                     return [sticky]
                 others = [p for i, p in enumerate(candidates) if i != position]
-                return [sticky, *self._fallback.rank(others, request, count - 1)]
-        ranked = self._fallback.rank(candidates, request, count)
+                return [sticky, *pick(others, request, count - 1)]
+        ranked = pick(candidates, request, count)
         self.learn(session, ranked[0].key)
         if self.on_pick is not None:
             self.on_pick(session, ranked[0].key)

@@ -22,11 +22,12 @@ class PromptBlocks:
 
 @dataclass(frozen=True, slots=True)
 class RoutingRequest:
-    """The parts of a request that strategies may use.
+    """The parts of a request that strategies and their plugins may use.
 
     `document` is the parsed body and `endpoint` its path (for rendering the prompt as
     the engine will); `blocks` is filled in before ranking when a strategy asks for it
-    and the model has a tokenizer (routing/prompt_blocks.py)."""
+    and the model has a tokenizer (routing/prompt_blocks.py); `subset` holds the pod
+    addresses the data plane asked us to pick inside (Envoy's subset hint)."""
 
     model: str
     request_id: str = ""
@@ -36,6 +37,7 @@ class RoutingRequest:
     document: Mapping[str, Any] | None = field(default=None, compare=False)
     endpoint: str = ""
     blocks: PromptBlocks | None = field(default=None, compare=False)
+    subset: frozenset[str] | None = None
 
 
 class Strategy(Protocol):
@@ -43,9 +45,19 @@ class Strategy(Protocol):
 
     `rank` returns up to `count` distinct pods from `candidates` (never empty when
     `candidates` is not), most preferred first. It must not fail for lack of data: a
-    strategy that cannot score falls back to an order it can defend (random).
+    strategy that cannot score falls back to an order it can defend (random). It raises
+    `NoCandidates` only when one of its filters leaves no pod to pick.
     """
 
     name: str
 
     def rank(self, candidates: Sequence[Pod], request: RoutingRequest, count: int) -> list[Pod]: ...
+
+
+class NoCandidates(Exception):
+    """A filter left no candidate: the client is told the model has no ready pod, with
+    `detail` (" inside the requested endpoint subset") saying why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail

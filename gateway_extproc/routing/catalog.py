@@ -1,49 +1,46 @@
 """StrategyCatalog: strategy names (as the `routing-strategy` header and
---default-strategy write them) to Strategy objects, built once and shared by every request.
+--default-strategy write them) to profiles, built once and shared by every request.
 
-Besides the named strategies, a catalog built by `build_catalog` understands weighted
-combinations of scorers, written `prefix-cache:3,least-kv-cache:2,least-request:2` (a
-missing weight is 1). Each is parsed once and cached (LRU, bounded, so clients cannot grow
-it or its metric series without limit); a malformed one resolves to None, which the router
-answers with a 400.
+`build_catalog` builds every profile of the plugin registry's table (`registry`), and
+those of a routing config file, from the registered plugins, sharing one set of signals
+and one instance of each scorer. It also understands weighted combinations of scorers,
+written `prefix-cache:3,least-kv-cache:2,least-request:2` (a missing weight is 1): each
+is parsed once into a max-score profile and cached (LRU, bounded, so clients cannot grow
+it or its metric series without limit); a malformed one resolves to None, which the
+router answers with a 400.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
-from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.metrics.store import MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, Pod
-from gateway_extproc.routing.affinity import SessionAffinityStrategy
+from gateway_extproc.routing import registry as plugin_registry
+from gateway_extproc.routing.affinity import SessionAffinity
 from gateway_extproc.routing.base import Strategy
+from gateway_extproc.routing.config import RoutingConfig
+from gateway_extproc.routing.filters import EndpointSubsetFilter
 from gateway_extproc.routing.inflight import InFlightCounter
-from gateway_extproc.routing.least_request import LeastRequestStrategy
-from gateway_extproc.routing.picker import ScoredStrategy
-from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
-from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
-from gateway_extproc.routing.scorers import (
-    KVCacheScorer,
-    LatencyScorer,
-    QueueScorer,
-    Scorer,
-    ThroughputScorer,
+from gateway_extproc.routing.pickers import RandomPicker, RoundRobinPicker
+from gateway_extproc.routing.plugins import Filter, PluginEnv, Scorer, WeightedScorers
+from gateway_extproc.routing.profile import Profile
+from gateway_extproc.routing.registry import (
+    REQUEST_FILTERS,
+    PluginRef,
+    PluginRegistry,
+    ProfileSpec,
+    RoutingConfigError,
+    valid_weight,
 )
 from gateway_extproc.routing.signals import PodSignals
-from gateway_extproc.routing.simple import RandomStrategy, RoundRobinStrategy
 
 Weights = list[tuple[str, float]]
 # Builds the strategy for one canonical weighted name.
 CombinationFactory = Callable[[str, Weights], Strategy]
-
-# In single-signal strategies whose signal only moves when the engine is next scraped
-# (KV cache, throughput), requests picked in between would all see the same numbers and
-# land on the same pod. A light in-flight term spreads such a burst; a real difference in
-# the main signal still dominates.
-BURST_SPREAD_WEIGHT = 0.2
 
 
 class StrategyCatalog:
@@ -56,9 +53,12 @@ class StrategyCatalog:
         on_pod_removed: Sequence[Callable[[str], None]] = (),
         on_combination_evicted: Callable[[str], None] | None = None,
         max_combinations: int = 64,
+        request_filters: Sequence[Filter] | None = None,
     ) -> None:
         chosen: list[Strategy] = (
-            strategies if strategies is not None else [RandomStrategy(), RoundRobinStrategy()]
+            strategies
+            if strategies is not None
+            else [Profile("random", RandomPicker()), Profile("round-robin", RoundRobinPicker())]
         )
         self._by_name: dict[str, Strategy] = {s.name: s for s in chosen}
         self._scorer_names = frozenset(scorer_names)
@@ -67,6 +67,10 @@ class StrategyCatalog:
         self._on_evicted = on_combination_evicted
         self._max_combinations = max_combinations
         self._combinations: OrderedDict[str, Strategy] = OrderedDict()
+        # What the router applies to every request before the strategy's own filters.
+        self.request_filters: tuple[Filter, ...] = (
+            tuple(request_filters) if request_filters is not None else (EndpointSubsetFilter(),)
+        )
 
     def resolve(self, name: str) -> Strategy | None:
         """The strategy for `name`, or None when the name means nothing."""
@@ -122,7 +126,7 @@ def parse_weights(spec: str, known: frozenset[str] | set[str]) -> Weights | None
                 return None
         else:
             weight = 1.0
-        if not (0.0 < weight < math.inf):
+        if not valid_weight(weight):
             return None
         seen.add(name)
         parts.append((name, weight))
@@ -131,6 +135,31 @@ def parse_weights(spec: str, known: frozenset[str] | set[str]) -> Weights | None
 
 def canonical_name(weights: Weights) -> str:
     return ",".join(f"{name}:{weight:g}" for name, weight in weights)
+
+
+def build_profile(
+    plugins: PluginRegistry,
+    env: PluginEnv,
+    name: str,
+    spec: ProfileSpec,
+    *,
+    session_capacity: int = 100_000,
+) -> Profile:
+    """Profile `name` from its spec: its plugins made by `plugins`' factories, its
+    scorers the shared instances of `env`."""
+    try:
+        filters = [plugins.make_filter(env, ref) for ref in spec.filters]
+        parts: list[tuple[Scorer, float]] = [
+            (env.scorer(ref.name, ref.params), weight) for ref, weight in spec.scorers
+        ]
+        weighted = WeightedScorers(parts)
+        picker = plugins.make_picker(env, spec.picker, name, weighted)
+    except (RoutingConfigError, ValueError) as exc:
+        raise RoutingConfigError(f"profile {name!r}: {exc}") from None
+    sessions = (
+        SessionAffinity(env.signals, capacity=session_capacity) if spec.session_affinity else None
+    )
+    return Profile(name, picker, filters=filters, scorers=parts, sessions=sessions)
 
 
 def build_catalog(
@@ -147,17 +176,21 @@ def build_catalog(
     max_combinations: int = 64,
     fallback_warn_every: float = 60.0,
     clock: Callable[[], float] | None = None,
-    kv_index: KVBlockIndex | None = None,
+    plugins: PluginRegistry | None = None,
+    routing: RoutingConfig | None = None,
+    shared: Mapping[Hashable, Any] | None = None,
 ) -> StrategyCatalog:
-    """Every strategy the gateway offers, sharing one set of signals and pod state.
+    """Every profile the gateway offers (the registry's, then the routing config's),
+    sharing one set of signals and pod state. Raises RoutingConfigError when one cannot
+    be built.
 
-    `store` None means engine metrics are off: metrics-driven strategies then work from
+    `store` None means engine metrics are off: metrics-driven profiles then work from
     our in-flight counts or fall back to random, counted as fallbacks. With `registry`,
-    a deleted pod's prefix-index entries and sessions are dropped when the registry says so.
-    `kv_index` holds what the engines' KV-cache events report (precise-prefix-cache);
-    without one, that scorer is the approximate one.
+    a deleted pod's prefix-index entries and sessions are dropped when the registry says
+    so. `prefix_*` are the prefix-cache scorer's defaults. `shared` hands plugins what
+    the server owns (`PluginEnv.shared(key, ...)` finds it under its key).
     """
-    rng = rng or random.Random()
+    plugins = plugins if plugins is not None else plugin_registry.PLUGINS
     signals = PodSignals(
         store,
         inflight,
@@ -165,52 +198,56 @@ def build_catalog(
         warn_every=fallback_warn_every,
         clock=clock,
     )
-    index = PrefixIndex(block_chars=prefix_block_chars, blocks_per_pod=prefix_blocks_per_pod)
-    queue = QueueScorer()
-    approximate = PrefixCacheScorer(index, max_load_gap=prefix_max_load_gap)
-    scorers: Mapping[str, Scorer] = {
-        s.name: s
-        for s in (
-            queue,
-            KVCacheScorer(),
-            LatencyScorer(),
-            ThroughputScorer(),
-            approximate,
-            PrecisePrefixScorer(
-                kv_index if kv_index is not None else KVBlockIndex(),
-                approximate,
-                max_load_gap=prefix_max_load_gap,
-            ),
-        )
+    defaults = {
+        "prefix-cache": {
+            "block_chars": prefix_block_chars,
+            "blocks_per_pod": prefix_blocks_per_pod,
+            "max_load_gap": prefix_max_load_gap,
+        },
+        "precise-prefix-cache": {"max_load_gap": prefix_max_load_gap},
     }
 
-    def scored(name: str, weights: Weights) -> Strategy:
-        parts = [(scorers[scorer], weight) for scorer, weight in weights]
-        return ScoredStrategy(name, parts, signals, rng, tiebreak=queue)
+    def make_scorer(env: PluginEnv, name: str, params: Mapping[str, object]) -> Scorer:
+        return plugins.make_scorer(env, name, {**defaults.get(name, {}), **params})
 
-    affinity = SessionAffinityStrategy(
-        LeastRequestStrategy(signals, rng, name="session-affinity"),
-        signals,
-        capacity=session_capacity,
-    )
-    strategies: list[Strategy] = [
-        RandomStrategy(rng),
-        RoundRobinStrategy(),
-        LeastRequestStrategy(signals, rng),
-        scored("least-kv-cache", [("least-kv-cache", 1.0), ("least-request", BURST_SPREAD_WEIGHT)]),
-        scored("least-latency", [("least-latency", 1.0)]),
-        scored("throughput", [("throughput", 1.0), ("least-request", BURST_SPREAD_WEIGHT)]),
-        scored("prefix-cache", [("prefix-cache", 1.0)]),
-        scored("precise-prefix-cache", [("precise-prefix-cache", 1.0)]),
-        affinity,
+    env = PluginEnv(signals, rng or random.Random(), make_scorer, shared)
+    for scorer in plugins.scorers:  # a scorer that cannot be built stops the start
+        env.scorer(scorer)
+    request_filters = [plugins.make_filter(env, PluginRef(name)) for name in REQUEST_FILTERS]
+    built: list[Profile] = [
+        build_profile(plugins, env, name, spec, session_capacity=session_capacity)
+        for name, spec in plugins.profiles.items()
     ]
+    if routing is not None:
+        try:
+            built.extend(
+                build_profile(plugins, env, name, spec, session_capacity=session_capacity)
+                for name, spec in routing.profiles.items()
+            )
+        except RoutingConfigError as exc:
+            raise RoutingConfigError(f"routing config {routing.source}: {exc}") from None
+
+    def combine(name: str, weights: Weights) -> Strategy:
+        spec = ProfileSpec(scorers=tuple((PluginRef(s), w) for s, w in weights))
+        return build_profile(plugins, env, name, spec)
+
+    def forget_plugin_state(pod_key: str) -> None:
+        for forget in env.forgetters:
+            forget(pod_key)
+
+    strategies: list[Strategy] = list(built)
     catalog = StrategyCatalog(
         strategies,
-        scorer_names=list(scorers),
-        combine=scored,
-        on_pod_removed=(signals.forget, index.forget, affinity.forget),
+        scorer_names=list(plugins.scorers),
+        combine=combine,
+        on_pod_removed=(
+            signals.forget,
+            forget_plugin_state,
+            *(p.sessions.forget for p in built if p.sessions is not None),
+        ),
         on_combination_evicted=signals.forget_strategy,
         max_combinations=max_combinations,
+        request_filters=request_filters,
     )
     if registry is not None:
         registry.on_pod_removed(catalog.forget)

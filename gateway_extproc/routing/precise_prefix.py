@@ -13,20 +13,18 @@ candidate by more than `max_load_gap` requests gets no credit for its cache.
 from __future__ import annotations
 
 from gateway_extproc.kvevents.index import KVBlockIndex
-from gateway_extproc.routing.prefix import PrefixCacheScorer
-from gateway_extproc.routing.scorers import Scores, ScoringContext
+from gateway_extproc.routing.fastpath import Sparse
+from gateway_extproc.routing.plugins import Scorer, Scores, ScoringContext
 
 
-class PrecisePrefixScorer:
+class PrecisePrefixScorer(Scorer):
     name = "precise-prefix-cache"
     # Asks the router to render and tokenize the prompt before ranking (prompt_blocks.py).
     uses_tokens = True
 
-    def __init__(
-        self, index: KVBlockIndex, approximate: PrefixCacheScorer, *, max_load_gap: int = 8
-    ) -> None:
+    def __init__(self, index: KVBlockIndex, approximate: Scorer, *, max_load_gap: int = 8) -> None:
         self.index = index
-        self.approximate = approximate
+        self.approximate = approximate  # the prefix-cache scorer, as registered
         self.max_load_gap = max_load_gap
 
     def score(self, ctx: ScoringContext) -> Scores:
@@ -45,9 +43,15 @@ class PrecisePrefixScorer:
                 by_size.setdefault(size, []).append(i)
             # else: trusted, and nothing stored yet (or a size keyed for no one): 0.0
         if fallback:
-            approximate = self.approximate.sparse(ctx)
-            for i in fallback:
-                out[i] = approximate.get(i, 0.0)
+            approximate = self.approximate
+            if isinstance(approximate, Sparse):  # the few pods it scores above 0
+                found = approximate.sparse(ctx)
+                for i in fallback:
+                    out[i] = found.get(i, 0.0)
+            else:
+                column = approximate.score(ctx)
+                for i in fallback:
+                    out[i] = column[i]
         if by_size:
             assert blocks is not None
             loads = ctx.loads()

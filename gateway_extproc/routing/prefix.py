@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from gateway_extproc.routing.scorers import Scores, ScoringContext
+from gateway_extproc.routing.fastpath import Sparse
+from gateway_extproc.routing.plugins import Scorer, Scores, ScoringContext
 
 
 class PrefixIndex:
@@ -82,7 +83,7 @@ class PrefixIndex:
                 del self._pods_by_hash[h]
 
 
-class PrefixCacheScorer:
+class PrefixCacheScorer(Scorer, Sparse):
     """Share of the prompt's blocks a pod was already sent, guarded by load: a pod busier
     than the least busy candidate by more than `max_load_gap` requests gets no credit for
     its cache, so a popular prefix cannot pile every request onto one pod."""

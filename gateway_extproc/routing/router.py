@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from gateway_extproc import errors, telemetry
 from gateway_extproc.models.registry import ModelRegistry, ModelState, ModelView, Pod
-from gateway_extproc.routing.base import RoutingRequest, Strategy
+from gateway_extproc.routing.base import NoCandidates, RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import StrategyCatalog
+from gateway_extproc.routing.filters import HealthyFilter
 from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.plugins import Filter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
-
-# Narrows the candidates before ranking (flowcontrol/saturation.py drops full pods). An
-# empty answer is ignored: a filter never turns a routable request into an error.
-CandidateFilter = Callable[[tuple[Pod, ...]], tuple[Pod, ...]]
+from gateway_extproc.routing.registry import RoutingConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +46,11 @@ class Router:
         retry_after: int = 5,
         preparer: PromptPreparer | None = None,
         health: PodHealth | None = None,
-        filters: Sequence[CandidateFilter] = (),
+        filters: Sequence[Filter] = (),
     ) -> None:
         default = catalog.resolve(default_strategy)
         if default is None:
-            raise ValueError(
+            raise RoutingConfigError(
                 f"unknown default strategy {default_strategy!r}; known: {catalog.names()}"
             )
         self.registry = registry
@@ -59,11 +58,14 @@ class Router:
         # Sessions report how each response ended; failing pods drop out of candidates.
         self.health = health or PodHealth(in_flight=inflight.count)
         self._catalog = catalog
+        # Applied to every request before its strategy's own: the registry's request
+        # filters (the subset hint), passive health, then the server's (flow control's
+        # saturation filter).
+        self._filters = (*catalog.request_filters, HealthyFilter(self.health), *filters)
         self._default = default
         self._fallbacks = fallback_endpoints
         self._retry_after = retry_after
         self._preparer = preparer
-        self._filters = tuple(filters)
 
     def strategy(self, name: str | None) -> Strategy:
         """The strategy a request asked for (header), or the default; 400 if unknown."""
@@ -106,41 +108,43 @@ class Router:
         """Pick a pod (and fallbacks) and count the request in flight on it."""
         started = time.perf_counter()
         view = self.check_model(request.model)
-        candidates = view.routable
         if subset is not None:
-            candidates = tuple(p for p in candidates if in_subset(p.address, subset))
-            if not candidates:
-                raise errors.no_ready_pods(
-                    request.model, self._retry_after, " inside the requested endpoint subset"
-                )
-        candidates = self.health.usable(candidates)
-        for keep in self._filters:
-            candidates = keep(candidates) or candidates
-        ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
-        # The snapshot may be older than the registry: a pod that turned terminating
-        # since must never be chosen.
-        live = [p for p in ranked if self.registry.is_routable(p, request.model)]
-        if not live:
-            still = tuple(p for p in candidates if self.registry.is_routable(p, request.model))
-            if not still:
-                raise errors.no_ready_pods(request.model, self._retry_after)
-            reranked = strategy.rank(still, request, 1 + self._fallbacks)
-            live = [p for p in reranked if p in still] or list(still[: 1 + self._fallbacks])
+            request = replace(request, subset=subset)
+        candidates: Sequence[Pod] = view.routable
+        try:
+            for keep in self._filters:  # profile.apply_filters, inlined: per decision
+                kept = keep.filter(candidates, request)
+                if kept:
+                    candidates = kept
+                elif not keep.fail_open:
+                    raise NoCandidates(keep.empty_detail())
+            ranked = strategy.rank(candidates, request, 1 + self._fallbacks)
+            # The snapshot may be older than the registry: a pod that turned terminating
+            # since must never be chosen.
+            live = [p for p in ranked if self.registry.is_routable(p, request.model)]
+            if not live:
+                live = self._rerank(candidates, request, strategy)
+        except NoCandidates as exc:
+            raise errors.no_ready_pods(request.model, self._retry_after, exc.detail) from None
         decision = RoutingDecision(request.model, tuple(live), strategy.name)
         self.inflight.acquire(request.model, decision.pod)
         telemetry.ROUTING_DECISION.observe(time.perf_counter() - started)
         return decision
+
+    def _rerank(
+        self, candidates: Sequence[Pod], request: RoutingRequest, strategy: Strategy
+    ) -> list[Pod]:
+        """Rank again among the candidates still routable."""
+        still = tuple(p for p in candidates if self.registry.is_routable(p, request.model))
+        if not still:
+            raise NoCandidates("")
+        reranked = strategy.rank(still, request, 1 + self._fallbacks)
+        return [p for p in reranked if p in still] or list(still[: 1 + self._fallbacks])
 
     def release(self, decision: RoutingDecision) -> None:
         self.inflight.release(decision.model, decision.pod)
 
 
 def _uses_tokens(strategy: Strategy) -> bool:
-    scorers = getattr(strategy, "scorers", ())
-    return any(getattr(scorer, "uses_tokens", False) for scorer, _ in scorers)
-
-
-def in_subset(address: str, subset: frozenset[str]) -> bool:
-    """Is `address` (ip:port or [ip6]:port) named by `subset`, whose entries are
-    endpoints (ip:port) or bare IPs (every port of that IP: every rank of a pod)?"""
-    return address in subset or address.rpartition(":")[0].strip("[]") in subset
+    """Whether the strategy's scorers read the prompt's KV blocks (a profile knows)."""
+    return bool(getattr(strategy, "uses_tokens", False))

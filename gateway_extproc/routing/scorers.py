@@ -1,10 +1,10 @@
-"""Scorers: each turns what is known of the candidate pods into a score per pod.
+"""The built-in scorers of engine metrics and load (the prefix-cache scorer is in
+prefix.py).
 
-A score is in 0..1, higher is better, or None for "no data" (no fresh metrics, or the
-field this scorer needs is unknown). A scorer scores the whole candidate list at once so a
-decision costs one call per scorer, not one per pod. NaN, infinite and negative inputs
-count as no data. The picker (`picker.ScoredStrategy`) combines scores by weight; this
-follows the Gateway API Inference Extension's split into filters, scorers and pickers.
+Each follows `plugins.Scorer`: a score per candidate in 0..1, higher is better, or None
+for "no data" (no fresh metrics, or the field this scorer needs is unknown); NaN,
+infinite and negative inputs count as no data. Each also declares the fast paths its
+scores allow (`fastpath`), which is why some carry more than `score`.
 """
 
 from __future__ import annotations
@@ -14,171 +14,14 @@ from bisect import bisect_left, insort
 from collections.abc import Callable
 from itertools import chain, compress, repeat
 from operator import gt, is_not, truediv
-from typing import Protocol, TypeVar, cast
+from typing import cast
 
 from gateway_extproc.metrics.store import PodMetrics
-from gateway_extproc.routing.base import RoutingRequest
-from gateway_extproc.routing.signals import (
-    CandidateSet,
-    LoadBook,
-    PodSignals,
-    ScrapeView,
-    worth_updating,
-)
+from gateway_extproc.routing.fastpath import Affine, Lowering, Partial, PerScrape
+from gateway_extproc.routing.plugins import Scorer, Scores, ScoringContext
+from gateway_extproc.routing.signals import LoadBook, worth_updating
 
-T = TypeVar("T")
-
-Scores = list[float | None]
 _INF = math.inf
-
-
-class ScoringContext:
-    """One routing decision: the candidates and what is known of them, computed lazily
-    and at most once however many scorers ask."""
-
-    __slots__ = (
-        "_book",
-        "_loads",
-        "_spread",
-        "_view",
-        "candidates",
-        "now",
-        "prefix_hashes",
-        "request",
-        "signals",
-    )
-
-    def __init__(
-        self, candidates: CandidateSet, request: RoutingRequest, now: float, signals: PodSignals
-    ) -> None:
-        self.candidates = candidates
-        self.request = request
-        self.now = now
-        self.signals = signals
-        self._view: ScrapeView | None = None
-        self._book: LoadBook | None = None
-        self._loads: list[int] | None = None
-        self._spread: tuple[int, int] | None = None
-        # The prompt's block hashes, computed by the prefix scorer and reused when the
-        # pick is recorded.
-        self.prefix_hashes: list[int] | None = None
-
-    def view(self) -> ScrapeView:
-        if self._view is None:
-            self._view = self.signals.view(self.candidates, self.now)
-        return self._view
-
-    def metrics(self) -> list[PodMetrics | None]:
-        """Fresh metrics per candidate (None when missing or stale); shared and updated
-        in place as scrapes land, so read it within this decision only, never change it."""
-        return self.view().metrics
-
-    def per_scrape(
-        self,
-        owner: object,
-        build: Callable[[list[PodMetrics | None]], T],
-        update: Callable[[T, list[PodMetrics | None], list[int]], bool] | None = None,
-    ) -> T:
-        """`build(metrics())`, kept under `owner` (a scorer) for this candidate set: the
-        metric-only part of a score, shared by every decision. Once scrapes have landed
-        it is brought up to date by `update(value, metrics(), positions)` when given,
-        which changes `value` in place at the positions whose metrics changed (and may
-        touch others) and says True, or says False to have it built again; without
-        `update`, or when too many pods changed, it is built again. Never change what it
-        returns."""
-        view = self.view()
-        derived = view.derived
-        found = derived.get(owner)
-        if found is not None:
-            value: T = found[0]
-            if found[1] == view.version:
-                return value
-            if update is not None and value is not None:
-                positions = view.positions_since(found[1])
-                if positions is not None and update(value, view.metrics, positions):
-                    derived[owner] = (value, view.version)
-                    return value
-        value = build(view.metrics)
-        derived[owner] = (value, view.version)
-        return value
-
-    def loads(self) -> list[int]:
-        """Load per candidate: shared and kept current between decisions, so read it
-        within this decision only, never change it."""
-        if self._loads is None:
-            self._loads = self.book().loads
-        return self._loads
-
-    def book(self) -> LoadBook:
-        if self._book is None:
-            self._book = self.signals.book(self.candidates, self.now)
-        return self._book
-
-    def spread(self) -> tuple[int, int]:
-        """(lowest load, highest - lowest), for the scorers that normalise loads."""
-        if self._spread is None:
-            self._spread = self.book().spread()
-        return self._spread
-
-
-class Scorer(Protocol):
-    name: str
-
-    def score(self, ctx: ScoringContext) -> Scores:
-        """One score per candidate, in candidate order."""
-        ...
-
-    def picked(self, position: int, ctx: ScoringContext) -> None:
-        """The pod at `position` was chosen (scorers that learn from picks record it)."""
-        ...
-
-
-class PerScrapeScorer(Protocol):
-    """A scorer whose scores depend on engine metrics alone (not on the request or on
-    in-flight counts), so one column serves every decision, changed only by scrapes."""
-
-    def column(self, ctx: ScoringContext) -> Scores:
-        """The shared column: never change it. It is the same list from decision to
-        decision while a scrape changes only the scores of the pods scraped; when one
-        changes the others' too, it is a new list."""
-        ...
-
-
-class PartialScorer(Protocol):
-    """A scorer that can score some of the candidates only, and always has data."""
-
-    def score_at(self, ctx: ScoringContext, positions: list[int]) -> list[float]:
-        """Exactly `score(ctx)` at these positions, none of them None."""
-        ...
-
-
-class AffineScorer(Protocol):
-    """A scorer whose score is an affine function of each pod's load."""
-
-    def affine(self, ctx: ScoringContext) -> tuple[int, float] | None:
-        """(hi, inv): score = (hi - load) * inv for every pod; None: all 1.0."""
-        ...
-
-    def by_load(self, ctx: ScoringContext) -> list[float] | None:
-        """The same scores indexed by load, or None (then use `affine`)."""
-        ...
-
-
-class LoweringScorer(Protocol):
-    """A scorer whose live inputs can only lower some scores below the per-scrape ones."""
-
-    def near(self, ctx: ScoringContext, tolerance: float) -> list[int] | None:
-        """Positions (ascending) of the pods whose `score` is within `tolerance` of the
-        best, or None when some pod has no data (then use `score`)."""
-        ...
-
-
-class SparseScorer(Protocol):
-    """A scorer that always has data and scores 0.0 but for a few pods."""
-
-    def sparse(self, ctx: ScoringContext) -> dict[int, float]:
-        """Position -> score of the pods that do not score 0.0."""
-        ...
 
 
 def lower_is_better(values: list[float | None]) -> Scores:
@@ -193,13 +36,15 @@ def lower_is_better(values: list[float | None]) -> Scores:
     return [None if v is None else (lo + span - v) / span for v in values]
 
 
-class QueueScorer:
+class QueueScorer(Scorer, Partial, Affine):
     """Fewest requests ahead: our in-flight count plus the engine's waiting queue.
 
-    Always has data (the in-flight count is our own), so it is also the tie-breaker.
+    Always has data (the in-flight count is our own), so it is also the tie-breaker;
+    without fresh metrics the engine's queue is unknown, so such a pick is a fallback.
     """
 
     name = "least-request"
+    partial_without_metrics = True
 
     def score(self, ctx: ScoringContext) -> Scores:
         loads = ctx.loads()
@@ -245,11 +90,8 @@ class QueueScorer:
             return None
         return lo + span, 1.0 / span
 
-    def picked(self, position: int, ctx: ScoringContext) -> None:
-        return None
 
-
-class KVCacheScorer:
+class KVCacheScorer(Scorer, PerScrape):
     """Most free KV cache: 1 - kv_cache_usage, as an absolute fraction so that weights
     mean the same thing whatever the other pods show."""
 
@@ -280,11 +122,8 @@ class KVCacheScorer:
             for m in metrics
         ]
 
-    def picked(self, position: int, ctx: ScoringContext) -> None:
-        return None
 
-
-class LatencyScorer:
+class LatencyScorer(Scorer, Lowering):
     """Shortest expected time to first token.
 
     expected = recent mean TTFT + requests ahead x time for one slot to free up, where
@@ -362,9 +201,6 @@ class LatencyScorer:
 
     def _base(self, metrics: list[PodMetrics | None]) -> _LatencyBase:
         return _LatencyBase(metrics, self.FLOOR_SECONDS)
-
-    def picked(self, position: int, ctx: ScoringContext) -> None:
-        return None
 
 
 _Inputs = tuple[float, int, int, float]
@@ -510,7 +346,7 @@ def _best_over(expected: list[float | None], complete: bool) -> Scores:
     return [None if v is None else best / v for v in expected]
 
 
-class ThroughputScorer:
+class ThroughputScorer(Scorer, PerScrape):
     """Least busy by token throughput (prompt + generation tokens per second)."""
 
     name = "throughput"
@@ -527,9 +363,6 @@ class ThroughputScorer:
     @staticmethod
     def _busy(metrics: list[PodMetrics | None]) -> _LowerIsBetter:
         return _LowerIsBetter(list(map(_tokens_per_second, metrics)))
-
-    def picked(self, position: int, ctx: ScoringContext) -> None:
-        return None
 
 
 def _tokens_per_second(m: PodMetrics | None) -> float | None:

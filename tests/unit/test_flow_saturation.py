@@ -3,7 +3,7 @@ the routing filter drops full pods (handing back the same tuple when none is ful
 
 from __future__ import annotations
 
-from gateway_extproc.flowcontrol.saturation import SaturationDetector
+from gateway_extproc.flowcontrol.saturation import NotSaturated, SaturationDetector
 from gateway_extproc.metrics.parser import EngineSample
 from gateway_extproc.metrics.store import MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, Pod
@@ -82,7 +82,7 @@ def test_the_router_skips_full_pods_and_routes_anyway_when_all_are_full():
     registry = ModelRegistry()
     registry.replace_all(PODS)
     router = Router(
-        registry, StrategyCatalog(), "round-robin", counter, filters=(saturation.filter,)
+        registry, StrategyCatalog(), "round-robin", counter, filters=(NotSaturated(saturation),)
     )
     strategy = router.strategy(None)
     picks = [router.route(RoutingRequest("m"), strategy).pod.name for _ in range(3)]

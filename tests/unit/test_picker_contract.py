@@ -11,8 +11,9 @@ from google.protobuf import struct_pb2
 from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
 from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing.catalog import StrategyCatalog
+from gateway_extproc.routing.filters import in_subset
 from gateway_extproc.routing.inflight import InFlightCounter
-from gateway_extproc.routing.router import Router, in_subset
+from gateway_extproc.routing.router import Router
 from tests import frames
 from tests.frames import Mode
 

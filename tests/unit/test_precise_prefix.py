@@ -59,7 +59,11 @@ class Fleet:
         self.preparer = PromptPreparer(self.tokenizers, self.index)
         inflight = InFlightCounter()
         catalog = build_catalog(
-            None, inflight, rng=random.Random(5), registry=self.registry, kv_index=self.index
+            None,
+            inflight,
+            rng=random.Random(5),
+            registry=self.registry,
+            shared={KVBlockIndex: self.index},
         )
         self.router = Router(self.registry, catalog, "random", inflight, preparer=self.preparer)
         self.tokenizer = ModelTokenizer.load(TINY)

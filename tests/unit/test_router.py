@@ -11,6 +11,7 @@ from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.plugins import Filter
 from gateway_extproc.routing.router import Router
 
 PODS = [Pod(f"p{i}", f"10.0.0.{i}:8000", ("m",)) for i in range(3)]
@@ -89,3 +90,48 @@ def test_release_returns_the_count_to_zero():
     for decision in decisions:
         router.release(decision)
     assert router.inflight.total() == 0
+
+
+# -- request filters ------------------------------------------------------------------------
+
+
+class DropPods(Filter):
+    """Drops the pods named; a rule, or (fail_open) a preference."""
+
+    name = "drop-pods"
+
+    def __init__(self, names: set[str], *, fail_open: bool = False) -> None:
+        self.names = names
+        self.fail_open = fail_open
+
+    def filter(self, candidates, request):
+        return tuple(p for p in candidates if p.name not in self.names)
+
+
+def filtered_router(*filters: Filter) -> Router:
+    registry = ModelRegistry()
+    registry.replace_all(PODS)
+    catalog = StrategyCatalog(request_filters=filters)
+    return Router(registry, catalog, "random", InFlightCounter())
+
+
+def test_request_filters_drop_candidates_for_every_strategy():
+    router = filtered_router(DropPods({"p1"}))
+    for name in ("random", "round-robin"):
+        strategy = router.strategy(name)
+        picks = {router.route(RoutingRequest("m"), strategy).pod.name for _ in range(30)}
+        assert picks == {"p0", "p2"}, name
+
+
+def test_a_filter_that_keeps_no_pod_is_503_naming_it_unless_it_fails_open():
+    router = filtered_router(DropPods({"p0", "p1", "p2"}))
+    with pytest.raises(GatewayError) as caught:
+        router.route(RoutingRequest("m"), router.strategy(None))
+    assert caught.value.status == 503 and caught.value.code == "no_ready_pods"
+    assert "has no ready pod passing the drop-pods filter" in caught.value.message
+    assert router.inflight.total() == 0
+    preferring = filtered_router(DropPods({"p0", "p1", "p2"}, fail_open=True), DropPods({"p2"}))
+    picks = {
+        preferring.route(RoutingRequest("m"), preferring.strategy(None)).pod.name for _ in range(30)
+    }
+    assert picks == {"p0", "p1"}

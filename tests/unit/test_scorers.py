@@ -6,25 +6,22 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 from prometheus_client import REGISTRY
 
 from gateway_extproc.metrics import EngineSample, MetricsStore
 from gateway_extproc.models.registry import Pod
-from gateway_extproc.routing import picker
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
-from gateway_extproc.routing.picker import ScoredStrategy
+from gateway_extproc.routing.plugins import Scorer, ScoringContext
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
+from gateway_extproc.routing.registry import PluginRegistry
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
     LatencyScorer,
     QueueScorer,
-    Scorer,
-    ScoringContext,
     ThroughputScorer,
 )
 from gateway_extproc.routing.signals import PodSignals
@@ -44,7 +41,14 @@ class Clock:
 class Fleet:
     """Pods, a store on a test clock, in-flight counts and a catalog over them."""
 
-    def __init__(self, n: int, *, seed: int = 7, slow_start_window: float = 30.0) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int = 7,
+        slow_start_window: float = 30.0,
+        plugins: PluginRegistry | None = None,
+    ) -> None:
         self.clock = Clock()
         self.store = MetricsStore(staleness=2.0, clock=self.clock)
         self.inflight = InFlightCounter()
@@ -57,6 +61,7 @@ class Fleet:
             self.inflight,
             slow_start_window=slow_start_window,
             rng=random.Random(seed),
+            plugins=plugins,
         )
         self.signals = PodSignals(self.store, self.inflight, slow_start_window=0)
 
@@ -298,12 +303,14 @@ def test_a_pod_with_bad_values_is_neither_preferred_nor_skipped(name: str) -> No
     assert fallbacks(name, "no_data") == before + picks["p0"]
 
 
-# -- fast paths: the same decisions as the full ranking ------------------------------------
+# -- what scorers keep between decisions: the same scores as built afresh ------------------
 
 
-def varied_fleet(seed: int, n: int = 40, running: int = 6) -> Fleet:
+def varied_fleet(
+    seed: int, n: int = 40, running: int = 6, plugins: PluginRegistry | None = None
+) -> Fleet:
     """A fleet whose pods differ in every metric and in what is in flight."""
-    fleet = Fleet(n, seed=seed)
+    fleet = Fleet(n, seed=seed, plugins=plugins)
     fleet.warm()
     rng = random.Random(seed)
     for pod in fleet.pods:
@@ -348,103 +355,6 @@ def live_scrape(fleets: tuple[Fleet, ...], rng: random.Random, step: int) -> Non
             fleet.store.forget(pods[step % len(pods)].key)
     for fleet in fleets:
         fleet.clock.now += 1.6 if step % 149 == 148 else 0.01
-
-
-def count_shortcuts(strategy: ScoredStrategy) -> list[int]:
-    """Counts (in the one item of the list returned) the picks the strategy's shortcuts
-    made rather than leave to the full ranking."""
-    taken = [0]
-
-    def counting(pick: Callable[[ScoringContext], int]) -> Callable[[ScoringContext], int]:
-        def counted(ctx: ScoringContext) -> int:
-            chosen = pick(ctx)
-            taken[0] += chosen >= 0
-            return chosen
-
-        return counted
-
-    for shortcut in ("_fused", "_shortlisted", "_lowered", "_sparse_pick"):
-        setattr(strategy, shortcut, counting(getattr(strategy, shortcut)))
-    return taken
-
-
-FAST_PATH_STRATEGIES = [
-    "least-kv-cache",
-    "throughput",
-    "least-latency",
-    "prefix-cache",
-    "prefix-cache:3,least-kv-cache:2,least-request:2",
-    "least-kv-cache:1,prefix-cache:1,least-request:3",
-    "throughput:1,least-kv-cache:1,least-request:1",
-    "least-request:1,least-kv-cache:1",
-    "least-kv-cache:1",
-]
-
-
-@pytest.mark.parametrize("name", FAST_PATH_STRATEGIES)
-@pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.parametrize(
-    ("spread", "max_groups"),
-    [
-        (False, picker._MAX_GROUPS),  # few distinct loads: the fused pick walks groups
-        (True, 8),  # loads 0..100 on 40 pods, more groups than allowed: it makes passes
-        (True, 1000),  # or walks groups, loads above the pod count too
-    ],
-)
-@pytest.mark.parametrize("live", [False, True])
-def test_fast_paths_pick_as_the_full_ranking(
-    monkeypatch: pytest.MonkeyPatch,
-    name: str,
-    seed: int,
-    spread: bool,
-    max_groups: int,
-    live: bool,
-) -> None:
-    """The shortlist and single-pass picks (taken once per decision when they apply),
-    with what they keep updated pod by pod as scrapes land, choose the same pods,
-    drawing the same random numbers, as scoring every pod from scratch: the reference
-    keeps nothing from one decision to the next. Scrapes land rarely, or (live) before
-    every decision."""
-    monkeypatch.setattr(picker, "_MAX_GROUPS", max_groups)
-    fast, full = varied_fleet(seed), varied_fleet(seed)
-    if spread:
-        for pod in fast.pods:
-            for _ in range(random.Random(pod.name).randint(0, 100)):
-                for f in (fast, full):
-                    f.inflight.acquire("m", pod)
-    fast_strategy = fast.catalog.resolve(name)
-    full_strategy = full.catalog.resolve(name)
-    assert isinstance(fast_strategy, ScoredStrategy)
-    assert isinstance(full_strategy, ScoredStrategy)
-    full_strategy._prunable = False
-    full_strategy._affine = None
-    full_strategy._lowering = None
-    full_strategy._only_sparse = None
-    taken = count_shortcuts(fast_strategy)
-    prompts = [f"system prompt {k % 3} " * 20 + f"user {k}" for k in range(12)]
-    rng = random.Random(seed)
-    for i in range(300):
-        request = RoutingRequest(model="m", prompt=prompts[i % len(prompts)])
-        for kept in full_strategy._signals._sets.values():
-            kept.view = kept.book = None  # nothing kept: scored from scratch
-        picked = [
-            s.rank(f.pods, request, 1)[0] for s, f in ((fast_strategy, fast), (full_strategy, full))
-        ]
-        assert picked[0].name == picked[1].name, i
-        for f in (fast, full):
-            f.inflight.acquire("m", picked[0])
-        if rng.random() < 0.4:  # some finish, so loads go down as well as up
-            pod = fast.pods[rng.randrange(len(fast.pods))]
-            for f in (fast, full):
-                f.inflight.release("m", pod)
-        if live:
-            live_scrape((fast, full), rng, i)
-        elif i % 100 == 99:  # a scrape: the per-scrape vectors must follow
-            pod = fast.pods[i % len(fast.pods)]
-            for f in (fast, full):
-                f.set(pod, kv=0.01, ttft=0.02, tps=5.0)
-    if live and not spread:  # (heavy loads keep the latency shortcut out of play)
-        assert taken[0] > 5  # shortcuts on kept state were tested, not only full ranking
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
@@ -550,38 +460,3 @@ def test_kept_scores_see_expiry_and_first_scrapes_at_once() -> None:
     for pod in pods[:2]:
         store.record(pod.key, EngineSample(kv_cache_usage=0.5), clock.now)
     assert fleet.picks("least-kv-cache", 20) == {newcomer.name: 20}
-
-
-def test_latency_fast_path_is_taken_and_agrees() -> None:
-    """With engines running more than we have in flight, most decisions only lower a
-    few scores: the fast path decides them, as the full ranking would."""
-    fast, full = varied_fleet(9, running=30), varied_fleet(9, running=30)
-    fast_strategy = fast.catalog.resolve("least-latency")
-    full_strategy = full.catalog.resolve("least-latency")
-    assert isinstance(fast_strategy, ScoredStrategy)
-    assert isinstance(full_strategy, ScoredStrategy)
-    full_strategy._lowering = None
-    full_strategy._only_sparse = None
-    taken = 0
-    lowered = fast_strategy._lowered
-
-    def counting(ctx: ScoringContext) -> int:
-        nonlocal taken
-        chosen = lowered(ctx)
-        taken += chosen >= 0
-        return chosen
-
-    fast_strategy._lowered = counting  # type: ignore[method-assign]
-    request = RoutingRequest(model="m")
-    previous: Pod | None = None
-    for i in range(300):
-        picked = [
-            s.rank(f.pods, request, 1)[0] for s, f in ((fast_strategy, fast), (full_strategy, full))
-        ]
-        assert picked[0].name == picked[1].name, i
-        for f in (fast, full):  # one more in flight, the previous one done
-            f.inflight.acquire("m", picked[0])
-            if previous is not None:
-                f.inflight.release("m", previous)
-        previous = picked[0]
-    assert taken > 150

@@ -10,7 +10,6 @@ import heapq
 import math
 import random
 from collections.abc import Sequence
-from itertools import chain
 from typing import Any
 
 import pytest
@@ -21,7 +20,9 @@ from gateway_extproc.models.registry import Pod
 from gateway_extproc.routing import inflight as inflight_module
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.inflight import InFlightCounter
-from gateway_extproc.routing.least_request import LeastRequestStrategy
+from gateway_extproc.routing.pickers import MaxScorePicker
+from gateway_extproc.routing.plugins import WeightedScorers
+from gateway_extproc.routing.scorers import QueueScorer
 from gateway_extproc.routing.signals import (
     LoadBook,
     PodSignals,
@@ -148,12 +149,14 @@ def test_load_book_equals_a_fresh_read(
 def reference_least_request(
     rng: random.Random, loads: list[float], ramping: list[tuple[int, float]], count: int
 ) -> list[int]:
-    """Least-request's pick written as a scan over every candidate."""
+    """Least-request's pick written as a scan over every candidate: pods in slow start
+    take their share, then the least loaded (ties at random); fallback endpoints are
+    the next least loaded, equal ones in random order, pods in slow start last."""
     n = len(loads)
     chosen = probation_pick(rng, ramping, n) if ramping else -1
+    for i, _ in ramping:
+        loads[i] = math.inf
     if chosen < 0:
-        for i, _ in ramping:
-            loads[i] = math.inf
         low = min(loads)
         if low == math.inf:
             chosen = weighted_choice(rng, ramping)
@@ -162,8 +165,8 @@ def reference_least_request(
             chosen = tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]
     if count <= 1:
         return [chosen]
-    start = rng.randrange(n)
-    order = (i for i in chain(range(start, n), range(start)) if i != chosen)
+    order = [i for i in range(n) if i != chosen]
+    rng.shuffle(order)
     return [chosen, *heapq.nsmallest(count - 1, order, key=loads.__getitem__)]
 
 
@@ -175,7 +178,14 @@ def test_least_request_picks_as_a_scan(seed: int, count: int) -> None:
     store = MetricsStore(staleness=5.0, clock=clock)
     inflight = InFlightCounter()
     signals = PodSignals(store, inflight, clock=clock, slow_start_window=30.0)
-    strategy = LeastRequestStrategy(signals, random.Random(seed))
+    queue = QueueScorer()
+    strategy = MaxScorePicker(
+        "least-request",
+        WeightedScorers([(queue, 1.0)]),
+        signals,
+        random.Random(seed),
+        tiebreak=queue,
+    )
     reference_rng = random.Random(seed)
     pods = make_pods(40)
     for pod in pods[:36]:

@@ -6,23 +6,30 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import REGISTRY
 
 from gateway_extproc.metrics import EngineSample, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing import signals as signals_module
-from gateway_extproc.routing.base import RoutingRequest, Strategy
+from gateway_extproc.routing.base import NoCandidates, RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import (
     StrategyCatalog,
     build_catalog,
     canonical_name,
     parse_weights,
 )
+from gateway_extproc.routing.config import parse_routing_config
 from gateway_extproc.routing.inflight import InFlightCounter
-from gateway_extproc.routing.picker import ScoredStrategy
+from gateway_extproc.routing.pickers import MaxScorePicker
+from gateway_extproc.routing.plugins import PluginEnv, Scorer
+from gateway_extproc.routing.profile import Profile
+from gateway_extproc.routing.registry import PLUGINS
+from gateway_extproc.routing.scorers import KVCacheScorer
 
 
 class Clock:
@@ -258,7 +265,7 @@ def test_malformed_weights(spec: str) -> None:
 def test_catalog_resolves_and_caches_combinations() -> None:
     catalog = Setup(2).catalog
     first = catalog.resolve("prefix-cache:3,least-kv-cache:2,least-request:2")
-    assert isinstance(first, ScoredStrategy)
+    assert isinstance(first, Profile) and isinstance(first.picker, MaxScorePicker)
     assert first.name == "prefix-cache:3,least-kv-cache:2,least-request:2"
     assert catalog.resolve("prefix-cache:3,least-kv-cache:2,least-request:2") is first
     assert catalog.resolve("least-request:1").name == "least-request:1"  # type: ignore[union-attr]
@@ -382,8 +389,9 @@ def test_session_map_is_bounded() -> None:
     strategy = setup.strategy("session-affinity")
     for i in range(10):
         strategy.rank(setup.candidates(), RoutingRequest("m", session_id=f"s{i}"), 1)
-    assert len(strategy) == 3  # type: ignore[arg-type]
-    assert strategy.pod_of("s0") is None and strategy.pod_of("s9") is not None  # type: ignore[attr-defined]
+    sessions = strategy.sessions  # type: ignore[attr-defined]
+    assert len(sessions) == 3
+    assert sessions.pod_of("s0") is None and sessions.pod_of("s9") is not None
 
 
 # -- deleted pods -------------------------------------------------------------------------
@@ -397,13 +405,14 @@ def test_deleting_a_pod_drops_its_prefix_entries_and_sessions() -> None:
     home = setup.route("prefix-cache", request)
     affinity = setup.strategy("session-affinity")
     assert affinity.rank((home,), request, 1) == [home]
-    assert affinity.pod_of("chat") == home.key  # type: ignore[attr-defined]
+    sessions = affinity.sessions  # type: ignore[attr-defined]
+    assert sessions.pod_of("chat") == home.key
     index = setup.strategy("prefix-cache").scorers[0][0].index  # type: ignore[attr-defined]
     assert index.blocks(home.key) > 0
 
     setup.registry.delete_pod(home.key)
     assert index.blocks(home.key) == 0
-    assert affinity.pod_of("chat") is None  # type: ignore[attr-defined]
+    assert sessions.pod_of("chat") is None
     remaining = setup.candidates()
     assert home not in remaining
     assert setup.strategy("prefix-cache").rank(remaining, request, 1)[0] is not home
@@ -455,3 +464,61 @@ def test_least_latency_spreads_over_pods_whose_latency_differs_by_noise():
             setup.inflight.release("m", held.pop(0))
     assert set(counts) == {"p0", "p1", "p2"}, counts
     assert min(counts.values()) >= 80, counts
+
+
+# -- pickers and profiles of a routing config -----------------------------------------------
+
+
+def configured(text: str, **setup_args: Any) -> Setup:
+    return Setup(routing=parse_routing_config(yaml.safe_load(text), "test"), **setup_args)
+
+
+def test_weighted_random_spreads_in_proportion_to_the_scores() -> None:
+    setup = configured(
+        "profiles: [{name: kv-spread, picker: weighted-random, scorers: [least-kv-cache]}]", n=3
+    )
+    for pod, kv in zip(setup.pods, (0.0, 0.5, 1.0), strict=True):
+        setup.scrape(pod, kv=kv)  # free: 1.0, 0.5, 0.0
+    strategy = setup.strategy("kv-spread")
+    picks = Counter(
+        strategy.rank(setup.candidates(), RoutingRequest("m"), 1)[0].name for _ in range(3000)
+    )
+    assert set(picks) == {"p0", "p1"}, picks  # a pod scoring 0 is never drawn
+    assert 1.7 < picks["p0"] / picks["p1"] < 2.3, picks  # 1.0 : 0.5
+    ranked = strategy.rank(setup.candidates(), RoutingRequest("m"), 3)
+    assert sorted(p.name for p in ranked) == ["p0", "p1", "p2"] and ranked[-1].name == "p2"
+
+
+def test_a_configured_profile_filters_and_keeps_sessions() -> None:
+    setup = configured(
+        "profiles: [{name: sticky, session-affinity: true, filters: [endpoint-subset], "
+        "scorers: [least-kv-cache]}]"
+    )
+    for pod in setup.pods:
+        setup.scrape(pod)
+    strategy = setup.strategy("sticky")
+    request = RoutingRequest("m", session_id="chat")
+    home = strategy.rank(setup.candidates(), request, 1)[0]
+    setup.scrape(home, kv=0.99)  # now the worst by score, yet the session stays
+    assert {strategy.rank(setup.candidates(), request, 1)[0].name for _ in range(10)} == {home.name}
+    # Its own filter drops the session's pod: the session moves, within the subset.
+    others = frozenset(p.address for p in setup.pods if p is not home)
+    moved = strategy.rank(setup.candidates(), replace(request, subset=others), 1)[0]
+    assert moved is not home and moved.address in others
+    with pytest.raises(NoCandidates, match="inside the requested endpoint subset"):
+        strategy.rank(setup.candidates(), replace(request, subset=frozenset()), 1)
+
+
+def test_plugins_find_what_the_server_shares_with_them() -> None:
+    plugins = PLUGINS.copy()
+    owned = object()  # e.g. the KV-event index the server fills
+    seen: list[object] = []
+
+    def factory(env: PluginEnv) -> Scorer:
+        seen.append(env.shared("the-index", object))
+        return KVCacheScorer()
+
+    plugins.register_scorer("uses-index", factory)
+    Setup(plugins=plugins, shared={"the-index": owned})
+    Setup(plugins=plugins)
+    assert seen[0] is owned and seen[1] is not owned
