@@ -79,9 +79,9 @@ async def route(gateway: Gateway, session: str) -> str:
 
 
 async def knows(gateway: Gateway, session: str) -> None:
-    affinity = gateway.router.strategy("session-affinity")
+    affinity = gateway.router.strategy("session-affinity").sessions  # type: ignore[attr-defined]
     for _ in range(250):
-        if affinity.pod_of(session) is not None:  # type: ignore[attr-defined]
+        if affinity.pod_of(session) is not None:
             return
         await asyncio.sleep(0.02)
     pytest.fail(f"{session} never reached the other replica")
