@@ -25,7 +25,7 @@ class Settings:
     discovery: str = "static"
     models_file: str = ""
     models_reload_interval: float = 1.0
-    default_strategy: str = "random"
+    default_strategy: str = "predicted-latency"
     log_level: str = "info"
     log_format: str = "json"
     max_body_bytes: int = 8 * 1024 * 1024

@@ -22,9 +22,11 @@ from gateway_extproc.routing.affinity import SessionAffinityStrategy
 from gateway_extproc.routing.base import Strategy
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.least_request import LeastRequestStrategy
+from gateway_extproc.routing.measured import MeasuredLatency, ResponseTiming
 from gateway_extproc.routing.picker import ScoredStrategy
 from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
+from gateway_extproc.routing.prefix_capacity import CacheFitScorer, CachePressure, CapacityIndex
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
     LatencyScorer,
@@ -34,6 +36,7 @@ from gateway_extproc.routing.scorers import (
 )
 from gateway_extproc.routing.signals import PodSignals
 from gateway_extproc.routing.simple import RandomStrategy, RoundRobinStrategy
+from gateway_extproc.routing.ttft_predictor import PredictedTTFTScorer
 
 Weights = list[tuple[str, float]]
 # Builds the strategy for one canonical weighted name.
@@ -44,6 +47,11 @@ CombinationFactory = Callable[[str, Weights], Strategy]
 # land on the same pod. A light in-flight term spreads such a burst; a real difference in
 # the main signal still dominates.
 BURST_SPREAD_WEIGHT = 0.2
+# The profile that routes requests which name no strategy (docs/configuration.md): the
+# predicted time to first token (pod speed, cached prefix, queue), where a new prompt's
+# blocks fit, and our in-flight counts to spread what the engines have not reported yet.
+PREDICTED_LATENCY = "predicted-latency"
+PREDICTED_LATENCY_WEIGHTS = [("predicted-ttft", 3.0), ("cache-fit", 1.0), ("least-request", 1.0)]
 
 
 class StrategyCatalog:
@@ -56,6 +64,7 @@ class StrategyCatalog:
         on_pod_removed: Sequence[Callable[[str], None]] = (),
         on_combination_evicted: Callable[[str], None] | None = None,
         max_combinations: int = 64,
+        on_response: Sequence[Callable[[ResponseTiming], None]] = (),
     ) -> None:
         chosen: list[Strategy] = (
             strategies if strategies is not None else [RandomStrategy(), RoundRobinStrategy()]
@@ -64,6 +73,7 @@ class StrategyCatalog:
         self._scorer_names = frozenset(scorer_names)
         self._combine = combine
         self._forgetters = tuple(on_pod_removed)
+        self._response_observers = tuple(on_response)
         self._on_evicted = on_combination_evicted
         self._max_combinations = max_combinations
         self._combinations: OrderedDict[str, Strategy] = OrderedDict()
@@ -103,6 +113,11 @@ class StrategyCatalog:
         """Drop what strategies keep about a deleted pod (prefix index, sessions, ...)."""
         for forget in self._forgetters:
             forget(pod.key)
+
+    def observe(self, timing: ResponseTiming) -> None:
+        """A routed response ended: strategies that learn from measured latency see it."""
+        for observe in self._response_observers:
+            observe(timing)
 
 
 def parse_weights(spec: str, known: frozenset[str] | set[str]) -> Weights | None:
@@ -166,6 +181,10 @@ def build_catalog(
         clock=clock,
     )
     index = PrefixIndex(block_chars=prefix_block_chars, blocks_per_pod=prefix_blocks_per_pod)
+    pressure = CachePressure(
+        CapacityIndex(block_chars=prefix_block_chars, blocks_per_pod=prefix_blocks_per_pod)
+    )
+    predicted = PredictedTTFTScorer(MeasuredLatency(clock=signals.now), pressure)
     queue = QueueScorer()
     approximate = PrefixCacheScorer(index, max_load_gap=prefix_max_load_gap)
     scorers: Mapping[str, Scorer] = {
@@ -181,6 +200,8 @@ def build_catalog(
                 approximate,
                 max_load_gap=prefix_max_load_gap,
             ),
+            predicted,
+            CacheFitScorer(pressure),
         )
     }
 
@@ -202,15 +223,24 @@ def build_catalog(
         scored("throughput", [("throughput", 1.0), ("least-request", BURST_SPREAD_WEIGHT)]),
         scored("prefix-cache", [("prefix-cache", 1.0)]),
         scored("precise-prefix-cache", [("precise-prefix-cache", 1.0)]),
+        scored(PREDICTED_LATENCY, PREDICTED_LATENCY_WEIGHTS),
         affinity,
     ]
     catalog = StrategyCatalog(
         strategies,
         scorer_names=list(scorers),
         combine=scored,
-        on_pod_removed=(signals.forget, index.forget, affinity.forget),
+        on_pod_removed=(
+            signals.forget,
+            index.forget,
+            affinity.forget,
+            pressure.index.forget,
+            pressure.forget,
+            predicted.forget,
+        ),
         on_combination_evicted=signals.forget_strategy,
         max_combinations=max_combinations,
+        on_response=(predicted.observed,),
     )
     if registry is not None:
         registry.on_pod_removed(catalog.forget)

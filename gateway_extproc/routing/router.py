@@ -13,6 +13,7 @@ from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.measured import ResponseTiming
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 
 # Narrows the candidates before ranking (flowcontrol/saturation.py drops full pods). An
@@ -134,6 +135,10 @@ class Router:
     def release(self, decision: RoutingDecision) -> None:
         self.inflight.release(decision.model, decision.pod)
 
+    def observed(self, timing: ResponseTiming) -> None:
+        """What the gateway measured of a routed response, for strategies that learn
+        pod speeds from it."""
+        self._catalog.observe(timing)
 
 def _uses_tokens(strategy: Strategy) -> bool:
     scorers = getattr(strategy, "scorers", ())

@@ -1,0 +1,355 @@
+"""Approximate prefix-cache routing that knows how much each engine's cache holds.
+
+Without KV-cache events the gateway can only guess what an engine holds from what it
+sent there. `prefix.PrefixIndex` guesses "everything recent", up to a fixed number of
+blocks per pod, so on tight caches it keeps sending a prompt to a pod that evicted it
+long ago, and it places a new prompt wherever in-flight counts are lowest, so one pod can
+be given more prompts than its cache holds and thrash while the others idle.
+
+Here each pod's index is an LRU as large as the pod's cache, in the index's character
+blocks, and it remembers when each block was last sent:
+
+- capacity: `vllm:cache_config_info` (num_gpu_blocks x block_size tokens) times the
+  characters per token this processor sees (`CharsPerToken`: the characters it routed
+  over the prompt tokens the engines counted, so traffic it did not route, another
+  replica's or a direct client's, shrinks its share as it does in the engine), scaled
+  down while the engine's own prefix-cache hit rate stays well below what the index
+  expected (the cache holds less than we think). Without cache info the index keeps
+  `blocks_per_pod`, as `PrefixIndex` does;
+- aging: a pod's blocks beyond its capacity, least recently sent first, are dropped:
+  what the engine has likely evicted no longer attracts requests;
+- placement (`CacheFitScorer`): a prompt's blocks the pod does not hold must fit. A pod
+  with free room scores 1; a full one scores by how long its least recently sent block
+  has gone unused (its eviction age) relative to the other candidates: the new prompt
+  evicts what is least likely to be asked for again, not another prompt still in use.
+
+`CachePressure` is shared by the scorers that use it (this one and the TTFT predictor):
+it computes a decision's matches once and records the pick once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+from itertools import islice
+from collections.abc import Sequence
+
+from gateway_extproc.metrics.store import PodMetrics
+from gateway_extproc.routing.prefix import PrefixIndex
+from gateway_extproc.routing.scorers import Scores, ScoringContext
+
+# Characters per token before any estimate (English text with BPE tokenizers), and the
+# range an estimate is kept in.
+DEFAULT_CHARS_PER_TOKEN = 4.0
+CHARS_PER_TOKEN_RANGE = (1.0, 16.0)
+# Below this expected hit rate (the share of prompt characters the index expected
+# cached) a pod's reported hit rate says too little about whether it thrashes.
+MIN_EXPECTED_HITS = 0.3
+# A pod whose engine hits at least this share of what the index expected is not
+# thrashing; below it, its cache-fit score shrinks in proportion.
+HIT_TOLERANCE = 0.9
+# The cache-fit score of a pod holding the whole matched prefix when another holder was
+# sent it more recently: copies of one prompt on several pods would otherwise share its
+# traffic, stay warm together and crowd other prompts out of the fleet's caches.
+STALER_COPY = 0.5
+
+
+class CapacityIndex(PrefixIndex):
+    """A PrefixIndex whose per-pod LRU is bounded by each pod's own capacity (blocks,
+    set by `set_capacity`) and stamps each block with when it was last sent."""
+
+    def __init__(
+        self, *, block_chars: int = 128, max_blocks: int = 512, blocks_per_pod: int = 8192
+    ) -> None:
+        super().__init__(
+            block_chars=block_chars, max_blocks=max_blocks, blocks_per_pod=blocks_per_pod
+        )
+        self._capacity: dict[str, int] = {}
+        self._stamped: dict[str, OrderedDict[int, float]] = {}
+
+    def capacity(self, pod_key: str) -> int:
+        return self._capacity.get(pod_key, self.blocks_per_pod)
+
+    def set_capacity(self, pod_key: str, blocks: int) -> None:
+        """The pod's cache holds about `blocks` index blocks: drop what lies beyond."""
+        blocks = max(1, blocks)
+        if self._capacity.get(pod_key) == blocks:
+            return
+        self._capacity[pod_key] = blocks
+        self._trim(pod_key)
+
+    def record(self, pod_key: str, hashes: list[int], now: float | None = None) -> None:
+        if not hashes:
+            return
+        now = time.monotonic() if now is None else now
+        lru = self._stamped.get(pod_key)
+        if lru is None:
+            lru = self._stamped[pod_key] = OrderedDict()
+        pods_by_hash = self._pods_by_hash
+        # Last block first, so a prompt's first blocks are the most recent: its tail is
+        # evicted before its head, as engines do, and a partly evicted prompt still
+        # matches from its start.
+        for h in reversed(hashes):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                pods_by_hash.setdefault(h, set()).add(pod_key)
+            lru[h] = now
+        self._trim(pod_key)
+
+    def held(self, pod_key: str) -> int:
+        lru = self._stamped.get(pod_key)
+        return len(lru) if lru is not None else 0
+
+    def blocks(self, pod_key: str) -> int:
+        return self.held(pod_key)
+
+    def sent_at(self, pod_key: str, block_hash: int) -> float | None:
+        """When the pod was last sent this block (None: not held)."""
+        lru = self._stamped.get(pod_key)
+        return lru.get(block_hash) if lru is not None else None
+
+    def evicted_at(self, pod_key: str, blocks: int) -> float | None:
+        """When the last of the `blocks` least recently sent blocks of the pod was sent:
+        what making room for `blocks` more would evict (None: nothing would be)."""
+        lru = self._stamped.get(pod_key)
+        if not lru or blocks <= 0:
+            return None
+        # In C: no Python step per block skipped.
+        return next(islice(lru.values(), min(blocks, len(lru)) - 1, None))
+
+    def forget(self, pod_key: str) -> None:
+        self._capacity.pop(pod_key, None)
+        for h in self._stamped.pop(pod_key, ()):
+            self._unlink(h, pod_key)
+
+    def _trim(self, pod_key: str) -> None:
+        lru = self._stamped.get(pod_key)
+        if lru is None:
+            return
+        limit = self.capacity(pod_key)
+        while len(lru) > limit:
+            old, _ = lru.popitem(last=False)
+            self._unlink(old, pod_key)
+
+
+class CharsPerToken:
+    """Prompt characters this processor routed per prompt token the engines counted.
+
+    Per pod, each scrape's cumulative prompt-token counter is paired with the characters
+    routed to the pod by then; the estimate compares the growth of both over the last
+    `window` seconds, summed over the pods (a counter that went backwards, an engine
+    restart, starts the pod's pairs afresh), and is smoothed from one estimate to the
+    next. The engine counts a prompt when its prefill is done, a fraction of a second
+    after it was routed: small against the window.
+    """
+
+    def __init__(self, *, window: float = 10.0, every: float = 1.0) -> None:
+        self.value = DEFAULT_CHARS_PER_TOKEN
+        self._window = window
+        self._every = every
+        self._chars: dict[str, int] = {}  # pod -> characters routed so far
+        # pod -> (scraped_at, characters routed by then, engine prompt tokens), oldest first
+        self._pairs: dict[str, deque[tuple[float, int, float]]] = {}
+        self._updated_at = -math.inf
+        self._estimated = False
+
+    def sent(self, pod_key: str, chars: int) -> None:
+        if chars > 0:
+            self._chars[pod_key] = self._chars.get(pod_key, 0) + chars
+
+    def update(self, keys: Sequence[str], metrics: Sequence[PodMetrics | None], now: float) -> float:
+        """Take the candidates' latest counters and re-estimate (at most every `every`
+        seconds); returns the current estimate."""
+        if now - self._updated_at < self._every:
+            return self.value
+        self._updated_at = now
+        chars = tokens = 0.0
+        for key, m in zip(keys, metrics, strict=True):
+            if m is None or m.prompt_tokens_total is None:
+                continue
+            pairs = self._pairs.get(key)
+            if pairs is None:
+                pairs = self._pairs[key] = deque()
+            if pairs and m.prompt_tokens_total < pairs[-1][2]:
+                pairs.clear()
+            if not pairs or m.scraped_at > pairs[-1][0]:
+                pairs.append((m.scraped_at, self._chars.get(key, 0), m.prompt_tokens_total))
+            while len(pairs) > 2 and pairs[1][0] <= m.scraped_at - self._window:
+                pairs.popleft()
+            chars += pairs[-1][1] - pairs[0][1]
+            tokens += pairs[-1][2] - pairs[0][2]
+        if chars <= 0 or tokens <= 0:
+            return self.value
+        low, high = CHARS_PER_TOKEN_RANGE
+        estimate = min(max(chars / tokens, low), high)
+        # The first estimate replaces the default outright; later ones are smoothed.
+        self.value = 0.5 * self.value + 0.5 * estimate if self._estimated else estimate
+        self._estimated = True
+        return self.value
+
+    def forget(self, pod_key: str) -> None:
+        self._chars.pop(pod_key, None)
+        self._pairs.pop(pod_key, None)
+
+
+class _Expected:
+    """Per pod: the prompt characters the index expected cached on the requests it sent
+    there, and all their characters, decayed per request."""
+
+    __slots__ = ("cached", "sent")
+
+    def __init__(self) -> None:
+        self.cached = 0.0
+        self.sent = 0.0
+
+
+class CachePressure:
+    """The shared state of cache-pressure-aware prefix routing: the index, each pod's
+    capacity, and per decision the candidates' matches (computed once)."""
+
+    def __init__(
+        self,
+        index: CapacityIndex,
+        *,
+        keep: float = 0.9,
+    ) -> None:
+        self.index = index
+        self.chars_per_token: dict[str, CharsPerToken] = {}
+        self._keep = keep
+        self._expected: dict[str, _Expected] = {}
+        # The decision the cached matches and the recorded pick belong to.
+        self._matched_ctx: ScoringContext | None = None
+        self._matched: dict[int, int] = {}
+        self._recorded_ctx: ScoringContext | None = None
+
+    def hashes(self, ctx: ScoringContext) -> list[int]:
+        if ctx.prefix_hashes is None:
+            ctx.prefix_hashes = self.index.hashes(ctx.request.model, ctx.request.prompt)
+        return ctx.prefix_hashes
+
+    def matched_blocks(self, ctx: ScoringContext) -> dict[int, int]:
+        """Position -> leading blocks of the prompt the pod holds (pods with none left
+        out), after bringing each candidate's capacity up to date."""
+        if self._matched_ctx is ctx:
+            return self._matched
+        self._refresh_capacities(ctx)
+        hashes = self.hashes(ctx)
+        index = ctx.candidates.index
+        found: dict[int, int] = {}
+        if hashes:
+            for key, depth in self.index.matches(hashes).items():
+                i = index.get(key)
+                if i is not None:
+                    found[i] = depth
+        self._matched_ctx, self._matched = ctx, found
+        return found
+
+    def record(self, position: int, ctx: ScoringContext) -> None:
+        """The pick: its blocks are now the pod's most recently sent (once per decision,
+        however many scorers report it)."""
+        if self._recorded_ctx is ctx:
+            return
+        self._recorded_ctx = ctx
+        key = ctx.candidates.keys[position]
+        prompt_chars = len(ctx.request.prompt)
+        expected = self.matched_blocks(ctx).get(position, 0) * self.index.block_chars
+        self._counter(ctx.request.model).sent(key, prompt_chars)
+        seen = self._expected.get(key)
+        if seen is None:
+            seen = self._expected[key] = _Expected()
+        seen.cached = seen.cached * self._keep + min(expected, prompt_chars)
+        seen.sent = seen.sent * self._keep + prompt_chars
+        self.index.record(key, self.hashes(ctx), ctx.now)
+
+    def hit_shortfall(self, pod_key: str, m: PodMetrics | None) -> float:
+        """1.0, or less when the engine's reported prefix-cache hit rate falls short of
+        what the index expected of the requests sent there: the pod holds less than the
+        index thinks (its cache is thrashing, or traffic we do not see fills it)."""
+        seen = self._expected.get(pod_key)
+        if seen is None or not seen.sent or m is None:
+            return 1.0
+        engine = m.prefix_cache_hit_rate
+        expected = seen.cached / seen.sent
+        if engine is None or expected < MIN_EXPECTED_HITS:
+            return 1.0
+        return min(1.0, engine / (HIT_TOLERANCE * expected))
+
+    def forget(self, pod_key: str) -> None:
+        self._expected.pop(pod_key, None)
+        for counter in self.chars_per_token.values():
+            counter.forget(pod_key)
+
+    def _counter(self, model: str) -> CharsPerToken:
+        found = self.chars_per_token.get(model)
+        if found is None:
+            found = self.chars_per_token[model] = CharsPerToken()
+        return found
+
+    def _refresh_capacities(self, ctx: ScoringContext) -> None:
+        metrics = ctx.metrics()
+        keys = ctx.candidates.keys
+        chars_per_token = self._counter(ctx.request.model).update(keys, metrics, ctx.now)
+        block_chars = self.index.block_chars
+        for key, m in zip(keys, metrics, strict=True):
+            if m is not None and m.kv_capacity_tokens:
+                blocks = int(m.kv_capacity_tokens * chars_per_token / block_chars)
+                self.index.set_capacity(key, blocks)
+
+
+class CacheFitScorer:
+    """Where the prompt's uncached blocks fit: 1.0 where the pod has room for them, else
+    its eviction age relative to the oldest among the candidates (see the module
+    docstring). Always has data."""
+
+    name = "cache-fit"
+
+    def __init__(self, pressure: CachePressure) -> None:
+        self.pressure = pressure
+
+    def score(self, ctx: ScoringContext) -> Scores:
+        pressure = self.pressure
+        index = pressure.index
+        matched = pressure.matched_blocks(ctx)
+        total = len(pressure.hashes(ctx))
+        now = ctx.now
+        ages: list[float] = []
+        for i, key in enumerate(ctx.candidates.keys):
+            excess = index.held(key) + total - matched.get(i, 0) - index.capacity(key)
+            evicted = index.evicted_at(key, excess)
+            ages.append(math.inf if evicted is None else max(now - evicted, 0.0))
+        best = max(ages, default=math.inf)
+        if best == math.inf:
+            scores = [1.0 if age == math.inf else 0.0 for age in ages]
+        elif best <= 0.0:
+            scores = [1.0] * len(ages)
+        else:
+            scores = [age / best for age in ages]
+        self._prefer_one_copy(ctx, matched, scores)
+        metrics = ctx.metrics()
+        for i, key in enumerate(ctx.candidates.keys):
+            if i not in matched:  # a new prompt for this pod: does its cache keep up?
+                scores[i] *= pressure.hit_shortfall(key, metrics[i])
+        return scores
+
+    def _prefer_one_copy(
+        self, ctx: ScoringContext, matched: dict[int, int], scores: list[float]
+    ) -> None:
+        """Of the pods holding the deepest match, all but the most recently sent one
+        score STALER_COPY of their fit: the copy in use stays, the others age out,
+        unless load sends requests to them (a load term outweighs this one)."""
+        depth = max(matched.values(), default=0)
+        holders = [i for i, d in matched.items() if d == depth]
+        if len(holders) < 2:
+            return
+        block = self.pressure.hashes(ctx)[depth - 1]
+        keys = ctx.candidates.keys
+        index = self.pressure.index
+        newest = max(holders, key=lambda i: index.sent_at(keys[i], block) or -math.inf)
+        for i in holders:
+            if i != newest:
+                scores[i] *= STALER_COPY
+
+    def picked(self, position: int, ctx: ScoringContext) -> None:
+        self.pressure.record(position, ctx)

@@ -1,0 +1,122 @@
+"""Predicted time to first token: the scorer that prefers the pod where this request
+should see its first token soonest.
+
+    predicted = queue wait + slowness x line(uncached prompt characters)
+
+- uncached: the prompt's length minus the prefix the pod is expected to hold
+  (`prefix_capacity.CachePressure`: its index ages out what the engine has likely
+  evicted);
+- slowness x line: the pod's measured speed (`measured.MeasuredLatency`, from the
+  responses the gateway saw; a pod without samples counts as typical);
+- queue wait: requests ahead x how often a slot frees up (the pod's measured response
+  duration / the requests it runs). Requests ahead are the engine's waiting queue and,
+  while the engine reports one (it is full), the requests we sent it since that it has
+  not counted yet. An engine that queues nothing runs what we send at once, so in-flight
+  counts alone add no wait; the profile's load term spreads those.
+
+Scores are best / predicted, so a pod predicted twice as slow as the best scores 0.5. It
+always has data: with no metrics the queue term is 0, with no samples the speed is the
+fleet's (or a default line), so it never sends a pod to probation by itself.
+
+When a pick is made the scorer notes what it expected of the request (the pod and the
+uncached length), keyed by request id, so that the response's measured TTFT teaches the
+line and the pod's slowness (`observed`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from gateway_extproc.routing.measured import MeasuredLatency, ResponseTiming
+from gateway_extproc.routing.prefix_capacity import CachePressure
+from gateway_extproc.routing.scorers import Scores, ScoringContext
+
+# Keeps tiny predictions from turning small absolute differences into large ratios.
+FLOOR_SECONDS = 0.001
+# Predictions within this fraction of the best one score as the best: measured speeds
+# are this noisy, and a pod a few percent "faster" by chance must not draw every new
+# prompt (where a prompt fits, and load, decide between them).
+MARGIN = 0.15
+# Picks remembered until their response ends (older ones are dropped first).
+MAX_NOTES = 65536
+
+
+class PredictedTTFTScorer:
+    name = "predicted-ttft"
+
+    def __init__(
+        self, measured: MeasuredLatency, pressure: CachePressure, *, max_notes: int = MAX_NOTES
+    ) -> None:
+        self.measured = measured
+        self.pressure = pressure
+        self._max_notes = max_notes
+        # request id -> (pod key, expected uncached characters, prompt characters)
+        self._notes: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
+        self._last: tuple[ScoringContext, list[float]] | None = None
+
+    def score(self, ctx: ScoringContext) -> Scores:
+        predicted = self.predict(ctx)
+        top = min(predicted, default=0.0) * (1.0 + MARGIN)
+        return [min(top / value, 1.0) for value in predicted]
+
+    def predict(self, ctx: ScoringContext) -> list[float]:
+        """Predicted TTFT (seconds) per candidate."""
+        last = self._last
+        if last is not None and last[0] is ctx:
+            return last[1]
+        measured = self.measured
+        now = ctx.now
+        prompt_chars = len(ctx.request.prompt)
+        block_chars = self.pressure.index.block_chars
+        matched = self.pressure.matched_blocks(ctx)
+        metrics = ctx.metrics()
+        loads = ctx.loads()
+        waiting_seen = ctx.view().waiting
+        out: list[float] = []
+        for i, key in enumerate(ctx.candidates.keys):
+            uncached = max(prompt_chars - matched.get(i, 0) * block_chars, 0)
+            value = measured.expected_ttft(key, uncached, now) + FLOOR_SECONDS
+            m = metrics[i]
+            if m is not None and (waiting := m.waiting):
+                running = m.running or 0
+                # Our in-flight count is loads - the waiting queue the loads include.
+                inflight = loads[i] - waiting_seen[i]
+                ahead = waiting + max(inflight - running - waiting, 0)
+                per_request = measured.duration(key, now) or m.e2e_mean_recent or 0.0
+                if 0.0 < per_request < math.inf:
+                    value += ahead * per_request / max(running, 1)
+            out.append(value)
+        self._last = (ctx, out)
+        return out
+
+    def picked(self, position: int, ctx: ScoringContext) -> None:
+        self.pressure.record(position, ctx)
+        request_id = ctx.request.request_id
+        if not request_id:
+            return
+        matched = self.pressure.matched_blocks(ctx).get(position, 0)
+        prompt_chars = len(ctx.request.prompt)
+        uncached = max(prompt_chars - matched * self.pressure.index.block_chars, 0)
+        notes = self._notes
+        notes.pop(request_id, None)
+        notes[request_id] = (ctx.candidates.keys[position], float(uncached), float(prompt_chars))
+        if len(notes) > self._max_notes:
+            notes.popitem(last=False)
+
+    def observed(self, timing: ResponseTiming) -> None:
+        """A response ended: teach the measured latencies what it showed."""
+        note = self._notes.pop(timing.request_id, None)
+        if note is None or note[0] != timing.pod_key:  # served elsewhere: nothing known
+            note = (timing.pod_key, None, None)  # type: ignore[assignment]
+        self.measured.observe(
+            timing.pod_key,
+            ttft=timing.ttft,
+            tpot=timing.tpot,
+            duration=timing.duration,
+            uncached_chars=note[1],
+            prompt_chars=note[2],
+        )
+
+    def forget(self, pod_key: str) -> None:
+        self.measured.forget(pod_key)
