@@ -75,6 +75,7 @@ class PodMetrics:
     waiting_lora_adapters: tuple[str, ...] | None = None
     max_lora: int | None = None
     prompt_tokens_total: float | None = None  # the engine's counter, as scraped
+    requests_total: float | None = None  # requests the engine finished (e2e count)
     kv_block_size: int | None = None  # tokens per KV block (vllm:cache_config_info)
     kv_capacity_tokens: int | None = None  # the KV cache's size in tokens (same)
 
@@ -420,6 +421,7 @@ def _derive(
         waiting_lora_adapters=sample.waiting_lora_adapters,
         max_lora=sample.max_lora,
         prompt_tokens_total=_usable(sample.prompt_tokens),
+        requests_total=_usable(sample.e2e_count),
         kv_block_size=sample.kv_block_size,
         kv_capacity_tokens=sample.kv_capacity_tokens,
     )

@@ -44,6 +44,9 @@ DEFAULT_S_PER_CHAR = 2e-5
 # The line needs this many samples (decayed per sample) before it replaces the
 # defaults, and before samples are judged against it for the pods' slowness.
 MIN_LINE_WEIGHT = 5.0
+# The share of a pod's prefill backlog taken to delay a new request before the fleet's
+# responses have shown it (see `backlog_weight`).
+BACKLOG_PRIOR = 0.5
 # With prompts of nearly one length the slope is unknown: it leans towards "all of TTFT
 # is prefill" (the slope through the origin) unless the uncached lengths spread by more
 # than this fraction of their mean.
@@ -154,6 +157,7 @@ class MeasuredLatency:
         self.clock = clock
         self._pods: dict[str, _Pod] = {}
         self._line = _Line()
+        self._queue = _Line()  # TTFT beyond the pod's speed, against the backlog
         self._duration = DecayedMean()  # fleet-wide, for pods without their own
 
     # -- writing ------------------------------------------------------------------------
@@ -167,11 +171,14 @@ class MeasuredLatency:
         duration: float | None = None,
         uncached_chars: float | None = None,
         prompt_chars: float | None = None,
+        backlog: float = 0.0,
         now: float | None = None,
     ) -> None:
         """One finished response of `pod_key`; `uncached_chars` is the prompt length the
         pod was expected not to hold cached, of `prompt_chars` (None: unknown, then TTFT
-        only updates the pod's mean, not the line or its slowness)."""
+        only updates the pod's mean, not the line or its slowness), and `backlog` the
+        seconds of prefill routing expected the pod still had to do for earlier requests
+        when this one was sent."""
         now = self.clock() if now is None else now
         pod = self._pods.get(pod_key)
         if pod is None:
@@ -192,6 +199,15 @@ class MeasuredLatency:
             return
         if prompt is not None and prompt > uncached:
             uncached = self._explained(pod_key, ttft, uncached, prompt, now)
+        backlog = _usable(backlog) or 0.0
+        if backlog > 0.0 and self._line.s0 >= MIN_LINE_WEIGHT:
+            # How much of the backlog showed in this TTFT, beyond what the pod's speed
+            # explains: the engines' share of prefill work that runs one after another.
+            alone = self.slowness(pod_key, now) * self._line_value(uncached, now)
+            self._queue.add(backlog, ttft - alone, now, self.fleet_keep, half)
+        # What this TTFT would have been without the backlog teaches speed (at least
+        # part of it is always the request's own).
+        ttft = max(ttft - self.backlog_weight() * backlog, ttft / MAX_SAMPLE_RATIO)
         # The pod's slowness is judged against the line as it stood before this sample,
         # averaged as logarithms (a geometric mean) so one outlier moves it little, and
         # only once the line rests on samples rather than on the defaults.
@@ -236,6 +252,11 @@ class MeasuredLatency:
         now = self.clock() if now is None else now
         return self.slowness(pod_key, now) * self._line_value(max(uncached_chars, 0.0), now)
 
+    def prefill_seconds(self, pod_key: str, uncached_chars: float, now: float | None = None) -> float:
+        """The prefill part of `expected_ttft`: the line's per-character cost only."""
+        now = self.clock() if now is None else now
+        return self.slowness(pod_key, now) * self.line()[1] * max(uncached_chars, 0.0)
+
     def duration(self, pod_key: str, now: float | None = None) -> float | None:
         """The pod's mean response duration, or the fleet's when it has none of its
         own; None before any response was seen."""
@@ -256,6 +277,16 @@ class MeasuredLatency:
             "duration": pod.duration.value if pod.duration.weight else None,
             "slowness": self.slowness(pod_key),
         }
+
+    def backlog_weight(self) -> float:
+        """How much of a pod's prefill backlog (seconds of prefill routed to it and not
+        done yet, as expected) adds to a new request's TTFT: 1 when the engine prefills
+        one request after another, 0 when prefills run side by side. Fitted through the
+        origin over the fleet's samples; BACKLOG_PRIOR until there are enough."""
+        queue = self._queue
+        if queue.s0 < MIN_LINE_WEIGHT or queue.sxx <= 0.0:
+            return BACKLOG_PRIOR
+        return min(max(queue.sxy / queue.sxx, 0.0), 1.5)
 
     def line(self) -> tuple[float, float]:
         """(base seconds, seconds per uncached character) of the fleet's TTFT line."""

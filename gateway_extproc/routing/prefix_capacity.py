@@ -43,6 +43,8 @@ from gateway_extproc.routing.scorers import Scores, ScoringContext
 # range an estimate is kept in.
 DEFAULT_CHARS_PER_TOKEN = 4.0
 CHARS_PER_TOKEN_RANGE = (1.0, 16.0)
+# Requests (routed, and finished by the engines) a per-request estimate needs.
+MIN_REQUESTS = 5
 # Below this expected hit rate (the share of prompt characters the index expected
 # cached) a pod's reported hit rate says too little about whether it thrashes.
 MIN_EXPECTED_HITS = 0.3
@@ -135,29 +137,34 @@ class CapacityIndex(PrefixIndex):
 
 
 class CharsPerToken:
-    """Prompt characters this processor routed per prompt token the engines counted.
+    """Prompt characters this processor routes per prompt token the engines count.
 
-    Per pod, each scrape's cumulative prompt-token counter is paired with the characters
-    routed to the pod by then; the estimate compares the growth of both over the last
-    `window` seconds, summed over the pods (a counter that went backwards, an engine
-    restart, starts the pod's pairs afresh), and is smoothed from one estimate to the
-    next. The engine counts a prompt when its prefill is done, a fraction of a second
-    after it was routed: small against the window.
+    Per pod, each scrape's cumulative counters (prompt tokens, and requests finished,
+    from the e2e latency histogram's count) are paired with what was routed to the pod
+    by then (characters and requests); the estimate compares their growth over the last
+    `window` seconds, summed over the pods, and is smoothed from one estimate to the
+    next. Per request where the engine counts requests: characters per routed request
+    over tokens per engine request, so traffic this processor does not route (another
+    replica's, a direct client's) does not look like longer tokens; else characters
+    over tokens. A counter that went backwards (an engine restart) starts the pod's
+    pairs afresh. The engine counts a prompt a fraction of a second after it was routed
+    (a request when it ends): small against the window.
     """
 
     def __init__(self, *, window: float = 10.0, every: float = 1.0) -> None:
         self.value = DEFAULT_CHARS_PER_TOKEN
         self._window = window
         self._every = every
-        self._chars: dict[str, int] = {}  # pod -> characters routed so far
-        # pod -> (scraped_at, characters routed by then, engine prompt tokens), oldest first
-        self._pairs: dict[str, deque[tuple[float, int, float]]] = {}
+        self._sent: dict[str, tuple[int, int]] = {}  # pod -> (characters, requests) so far
+        # pod -> (scraped_at, characters and requests routed by then, engine prompt
+        # tokens, engine requests), oldest first
+        self._pairs: dict[str, deque[tuple[float, int, int, float, float | None]]] = {}
         self._updated_at = -math.inf
         self._estimated = False
 
     def sent(self, pod_key: str, chars: int) -> None:
-        if chars > 0:
-            self._chars[pod_key] = self._chars.get(pod_key, 0) + chars
+        chars_so_far, requests = self._sent.get(pod_key, (0, 0))
+        self._sent[pod_key] = (chars_so_far + max(chars, 0), requests + 1)
 
     def update(self, keys: Sequence[str], metrics: Sequence[PodMetrics | None], now: float) -> float:
         """Take the candidates' latest counters and re-estimate (at most every `every`
@@ -165,32 +172,60 @@ class CharsPerToken:
         if now - self._updated_at < self._every:
             return self.value
         self._updated_at = now
+        # Sums over every pod, and over the pods whose engine counts requests.
         chars = tokens = 0.0
+        per_request = [0.0, 0.0, 0.0, 0.0]  # characters, our requests, tokens, engine's
         for key, m in zip(keys, metrics, strict=True):
             if m is None or m.prompt_tokens_total is None:
                 continue
-            pairs = self._pairs.get(key)
-            if pairs is None:
-                pairs = self._pairs[key] = deque()
-            if pairs and m.prompt_tokens_total < pairs[-1][2]:
-                pairs.clear()
-            if not pairs or m.scraped_at > pairs[-1][0]:
-                pairs.append((m.scraped_at, self._chars.get(key, 0), m.prompt_tokens_total))
-            while len(pairs) > 2 and pairs[1][0] <= m.scraped_at - self._window:
-                pairs.popleft()
-            chars += pairs[-1][1] - pairs[0][1]
-            tokens += pairs[-1][2] - pairs[0][2]
-        if chars <= 0 or tokens <= 0:
+            first, last = self._pair(key, m)
+            if first is last:
+                continue
+            d_chars, d_tokens = last[1] - first[1], last[3] - first[3]
+            chars += d_chars
+            tokens += d_tokens
+            if first[4] is not None and last[4] is not None:
+                per_request[0] += d_chars
+                per_request[1] += last[2] - first[2]
+                per_request[2] += d_tokens
+                per_request[3] += last[4] - first[4]
+        c, ours, t, theirs = per_request
+        if c > 0 and t > 0 and ours >= MIN_REQUESTS and theirs >= MIN_REQUESTS:
+            estimate = (c / ours) / (t / theirs)
+        elif chars > 0 and tokens > 0:
+            estimate = chars / tokens
+        else:
             return self.value
         low, high = CHARS_PER_TOKEN_RANGE
-        estimate = min(max(chars / tokens, low), high)
+        estimate = min(max(estimate, low), high)
         # The first estimate replaces the default outright; later ones are smoothed.
         self.value = 0.5 * self.value + 0.5 * estimate if self._estimated else estimate
         self._estimated = True
         return self.value
 
+    def _pair(
+        self, key: str, m: PodMetrics
+    ) -> tuple[tuple[float, int, int, float, float | None], ...]:
+        """The pod's oldest pair within the window and its newest (this scrape's)."""
+        pairs = self._pairs.get(key)
+        if pairs is None:
+            pairs = self._pairs[key] = deque()
+        tokens = m.prompt_tokens_total or 0.0
+        requests = m.requests_total
+        if pairs and (
+            tokens < pairs[-1][3]
+            or (requests is not None and (pairs[-1][4] or 0.0) > requests)
+        ):
+            pairs.clear()
+        if not pairs or m.scraped_at > pairs[-1][0]:
+            chars, sent = self._sent.get(key, (0, 0))
+            pairs.append((m.scraped_at, chars, sent, tokens, requests))
+        while len(pairs) > 2 and pairs[1][0] <= m.scraped_at - self._window:
+            pairs.popleft()
+        return pairs[0], pairs[-1]
+
     def forget(self, pod_key: str) -> None:
-        self._chars.pop(pod_key, None)
+        self._sent.pop(pod_key, None)
         self._pairs.pop(pod_key, None)
 
 

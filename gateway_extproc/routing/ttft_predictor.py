@@ -1,7 +1,7 @@
 """Predicted time to first token: the scorer that prefers the pod where this request
 should see its first token soonest.
 
-    predicted = queue wait + slowness x line(uncached prompt characters)
+    predicted = queue wait + backlog wait + slowness x line(uncached prompt characters)
 
 - uncached: the prompt's length minus the prefix the pod is expected to hold
   (`prefix_capacity.CachePressure`: its index ages out what the engine has likely
@@ -12,7 +12,12 @@ should see its first token soonest.
   duration / the requests it runs). Requests ahead are the engine's waiting queue and,
   while the engine reports one (it is full), the requests we sent it since that it has
   not counted yet. An engine that queues nothing runs what we send at once, so in-flight
-  counts alone add no wait; the profile's load term spreads those.
+  counts alone add no wait; the profile's load term spreads those;
+- backlog wait: the prefill this processor sent the pod that should not be done yet
+  (each pick's predicted prefill, queued behind the pod's earlier ones), times the share
+  of it that the fleet's measured TTFTs show to delay a new request
+  (`MeasuredLatency.backlog_weight`: engines whose prefills share the GPU delay the
+  next request by about all of it; the simulator without --serial-prefill by none).
 
 Scores are best / predicted, so a pod predicted twice as slow as the best scores 0.5. It
 always has data: with no metrics the queue term is 0, with no samples the speed is the
@@ -51,8 +56,11 @@ class PredictedTTFTScorer:
         self.measured = measured
         self.pressure = pressure
         self._max_notes = max_notes
-        # request id -> (pod key, expected uncached characters, prompt characters)
-        self._notes: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
+        # request id -> (pod key, expected uncached characters, prompt characters,
+        # the pod's prefill backlog then)
+        self._notes: OrderedDict[str, tuple[str, float, float, float]] = OrderedDict()
+        # pod key -> when the prefill routing expects the pod to have done
+        self._prefill_done_at: dict[str, float] = {}
         self._last: tuple[ScoringContext, list[float]] | None = None
 
     def score(self, ctx: ScoringContext) -> Scores:
@@ -73,10 +81,15 @@ class PredictedTTFTScorer:
         metrics = ctx.metrics()
         loads = ctx.loads()
         waiting_seen = ctx.view().waiting
+        done_at = self._prefill_done_at
+        backlog_weight = measured.backlog_weight()
         out: list[float] = []
         for i, key in enumerate(ctx.candidates.keys):
             uncached = max(prompt_chars - matched.get(i, 0) * block_chars, 0)
             value = measured.expected_ttft(key, uncached, now) + FLOOR_SECONDS
+            pending = done_at.get(key, 0.0) - now
+            if pending > 0.0:
+                value += backlog_weight * pending
             m = metrics[i]
             if m is not None and (waiting := m.waiting):
                 running = m.running or 0
@@ -98,9 +111,14 @@ class PredictedTTFTScorer:
         matched = self.pressure.matched_blocks(ctx).get(position, 0)
         prompt_chars = len(ctx.request.prompt)
         uncached = max(prompt_chars - matched * self.pressure.index.block_chars, 0)
+        key = ctx.candidates.keys[position]
+        # This request's prefill queues behind what the pod has not done yet.
+        now = ctx.now
+        start = max(self._prefill_done_at.get(key, now), now)
+        self._prefill_done_at[key] = start + self.measured.prefill_seconds(key, uncached, now)
         notes = self._notes
         notes.pop(request_id, None)
-        notes[request_id] = (ctx.candidates.keys[position], float(uncached), float(prompt_chars))
+        notes[request_id] = (key, float(uncached), float(prompt_chars), start - now)
         if len(notes) > self._max_notes:
             notes.popitem(last=False)
 
@@ -108,7 +126,7 @@ class PredictedTTFTScorer:
         """A response ended: teach the measured latencies what it showed."""
         note = self._notes.pop(timing.request_id, None)
         if note is None or note[0] != timing.pod_key:  # served elsewhere: nothing known
-            note = (timing.pod_key, None, None)  # type: ignore[assignment]
+            note = (timing.pod_key, None, None, 0.0)  # type: ignore[assignment]
         self.measured.observe(
             timing.pod_key,
             ttft=timing.ttft,
@@ -116,7 +134,9 @@ class PredictedTTFTScorer:
             duration=timing.duration,
             uncached_chars=note[1],
             prompt_chars=note[2],
+            backlog=note[3],
         )
 
     def forget(self, pod_key: str) -> None:
         self.measured.forget(pod_key)
+        self._prefill_done_at.pop(pod_key, None)
