@@ -27,6 +27,7 @@ from gateway_extproc.routing.picker import ScoredStrategy
 from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
 from gateway_extproc.routing.prefix_capacity import CacheFitScorer, CachePressure, CapacityIndex
+from gateway_extproc.routing.sampling import SampledStrategy
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
     LatencyScorer,
@@ -223,7 +224,9 @@ def build_catalog(
         scored("throughput", [("throughput", 1.0), ("least-request", BURST_SPREAD_WEIGHT)]),
         scored("prefix-cache", [("prefix-cache", 1.0)]),
         scored("precise-prefix-cache", [("precise-prefix-cache", 1.0)]),
-        scored(PREDICTED_LATENCY, PREDICTED_LATENCY_WEIGHTS),
+        SampledStrategy(
+            scored(PREDICTED_LATENCY, PREDICTED_LATENCY_WEIGHTS), pressure.index, signals, rng
+        ),
         affinity,
     ]
     catalog = StrategyCatalog(

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 # A pod's slowness with no samples, and how many samples that prior is worth.
 PRIOR_SLOWNESS = 1.0
@@ -44,6 +45,9 @@ DEFAULT_S_PER_CHAR = 2e-5
 # The line needs this many samples (decayed per sample) before it replaces the
 # defaults, and before samples are judged against it for the pods' slowness.
 MIN_LINE_WEIGHT = 5.0
+# Seconds between refreshes of every pod's slowness (it fades with a half-life of a
+# minute; an observed pod's is refreshed at once).
+REFRESH_S = 1.0
 # The share of a pod's prefill backlog taken to delay a new request before the fleet's
 # responses have shown it (see `backlog_weight`).
 BACKLOG_PRIOR = 0.5
@@ -156,6 +160,11 @@ class MeasuredLatency:
         self.fleet_keep = fleet_keep
         self.clock = clock
         self._pods: dict[str, _Pod] = {}
+        # pod -> slowness, for the pods with samples: brought up to date for a pod when
+        # it is observed and for all every REFRESH_S (their weights fade slowly), so a
+        # decision reads every candidate's with one lookup each.
+        self._slowness: dict[str, float] = {}
+        self._slowness_at = -math.inf
         self._line = _Line()
         self._queue = _Line()  # TTFT beyond the pod's speed, against the backlog
         self._duration = DecayedMean()  # fleet-wide, for pods without their own
@@ -215,6 +224,7 @@ class MeasuredLatency:
         if expected > 0.0 and self._line.s0 >= MIN_LINE_WEIGHT:
             ratio = min(max(ttft / expected, 1.0 / MAX_SAMPLE_RATIO), MAX_SAMPLE_RATIO)
             pod.slowness.add(math.log(ratio), now, keep, half)
+            self._slowness[pod_key] = self.slowness(pod_key, now)
         self._line.add(uncached, ttft, now, self.fleet_keep, half)
 
     def _explained(
@@ -233,6 +243,7 @@ class MeasuredLatency:
 
     def forget(self, pod_key: str) -> None:
         self._pods.pop(pod_key, None)
+        self._slowness.pop(pod_key, None)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -246,6 +257,15 @@ class MeasuredLatency:
         log_slowness = pod.slowness.value * weight / (weight + PRIOR_SAMPLES)
         return PRIOR_SLOWNESS * math.exp(log_slowness)
 
+    def slowness_of(self, pod_keys: Sequence[str], now: float) -> list[float]:
+        """`slowness` of each pod (up to REFRESH_S old): one C-level pass."""
+        if now - self._slowness_at >= REFRESH_S:
+            self._slowness_at = now
+            table = self._slowness
+            for key in table:
+                table[key] = self.slowness(key, now)
+        return list(map(self._slowness.get, pod_keys, repeat(PRIOR_SLOWNESS)))  # type: ignore[arg-type]
+
     def expected_ttft(self, pod_key: str, uncached_chars: float, now: float | None = None) -> float:
         """Expected TTFT (seconds) on this pod for a request with this many uncached
         prompt characters, with no queue ahead of it."""
@@ -257,12 +277,11 @@ class MeasuredLatency:
         now = self.clock() if now is None else now
         return self.slowness(pod_key, now) * self.line()[1] * max(uncached_chars, 0.0)
 
-    def duration(self, pod_key: str, now: float | None = None) -> float | None:
+    def duration(self, pod_key: str) -> float | None:
         """The pod's mean response duration, or the fleet's when it has none of its
         own; None before any response was seen."""
-        now = self.clock() if now is None else now
         pod = self._pods.get(pod_key)
-        if pod is not None and pod.duration.weight_at(now, self.half_life) > 0.0:
+        if pod is not None and pod.duration.weight > 0.0:
             return pod.duration.value
         return self._duration.value if self._duration.weight > 0.0 else None
 

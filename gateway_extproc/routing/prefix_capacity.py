@@ -32,8 +32,9 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from itertools import islice
-from collections.abc import Sequence
+from itertools import compress, islice, repeat
+from operator import ge, not_
+from collections.abc import Iterable, Sequence
 
 from gateway_extproc.metrics.store import PodMetrics
 from gateway_extproc.routing.prefix import PrefixIndex
@@ -69,9 +70,16 @@ class CapacityIndex(PrefixIndex):
         )
         self._capacity: dict[str, int] = {}
         self._stamped: dict[str, OrderedDict[int, float]] = {}
+        # pod -> capacity - blocks held (pods never recorded nor sized: blocks_per_pod),
+        # kept with every change so a decision reads all candidates' in one pass.
+        self.room: dict[str, int] = {}
 
     def capacity(self, pod_key: str) -> int:
         return self._capacity.get(pod_key, self.blocks_per_pod)
+
+    def rooms(self, pod_keys: Sequence[str]) -> list[int]:
+        """Free blocks per pod (in C: one lookup per pod)."""
+        return list(map(self.room.get, pod_keys, repeat(self.blocks_per_pod)))  # type: ignore[arg-type]
 
     def set_capacity(self, pod_key: str, blocks: int) -> None:
         """The pod's cache holds about `blocks` index blocks: drop what lies beyond."""
@@ -123,17 +131,18 @@ class CapacityIndex(PrefixIndex):
 
     def forget(self, pod_key: str) -> None:
         self._capacity.pop(pod_key, None)
+        self.room.pop(pod_key, None)
         for h in self._stamped.pop(pod_key, ()):
             self._unlink(h, pod_key)
 
     def _trim(self, pod_key: str) -> None:
-        lru = self._stamped.get(pod_key)
-        if lru is None:
-            return
         limit = self.capacity(pod_key)
-        while len(lru) > limit:
-            old, _ = lru.popitem(last=False)
-            self._unlink(old, pod_key)
+        lru = self._stamped.get(pod_key)
+        if lru is not None:
+            while len(lru) > limit:
+                old, _ = lru.popitem(last=False)
+                self._unlink(old, pod_key)
+        self.room[pod_key] = limit - (len(lru) if lru is not None else 0)
 
 
 class CharsPerToken:
@@ -254,6 +263,8 @@ class CachePressure:
         self.chars_per_token: dict[str, CharsPerToken] = {}
         self._keep = keep
         self._expected: dict[str, _Expected] = {}
+        # pod -> `hit_shortfall` below 1.0, judged when the pod is picked or scraped
+        self.shortfalls: dict[str, float] = {}
         # The decision the cached matches and the recorded pick belong to.
         self._matched_ctx: ScoringContext | None = None
         self._matched: dict[int, int] = {}
@@ -296,6 +307,7 @@ class CachePressure:
             seen = self._expected[key] = _Expected()
         seen.cached = seen.cached * self._keep + min(expected, prompt_chars)
         seen.sent = seen.sent * self._keep + prompt_chars
+        self._judge(key, ctx.metrics()[position])
         self.index.record(key, self.hashes(ctx), ctx.now)
 
     def hit_shortfall(self, pod_key: str, m: PodMetrics | None) -> float:
@@ -311,8 +323,16 @@ class CachePressure:
             return 1.0
         return min(1.0, engine / (HIT_TOLERANCE * expected))
 
+    def _judge(self, pod_key: str, m: PodMetrics | None) -> None:
+        factor = self.hit_shortfall(pod_key, m)
+        if factor < 1.0:
+            self.shortfalls[pod_key] = factor
+        else:
+            self.shortfalls.pop(pod_key, None)
+
     def forget(self, pod_key: str) -> None:
         self._expected.pop(pod_key, None)
+        self.shortfalls.pop(pod_key, None)
         for counter in self.chars_per_token.values():
             counter.forget(pod_key)
 
@@ -323,14 +343,43 @@ class CachePressure:
         return found
 
     def _refresh_capacities(self, ctx: ScoringContext) -> None:
-        metrics = ctx.metrics()
+        """Each candidate's capacity from its metrics: set again only at the pods a
+        scrape changed, or at every pod when the characters per token moved."""
         keys = ctx.candidates.keys
-        chars_per_token = self._counter(ctx.request.model).update(keys, metrics, ctx.now)
+        counter = self._counter(ctx.request.model)
+        counter.update(keys, ctx.metrics(), ctx.now)
+
+        def build(metrics: list[PodMetrics | None]) -> list[float]:
+            self._set_capacities(keys, metrics, range(len(keys)), counter.value)
+            return [counter.value]
+
+        def update(used: list[float], metrics: list[PodMetrics | None], at: list[int]) -> bool:
+            if used[0] != counter.value:
+                return False
+            self._set_capacities(keys, metrics, at, counter.value)
+            return True
+
+        used = ctx.per_scrape(self, build, update)
+        if used[0] != counter.value:  # moved since the last scrape: every pod again
+            self._set_capacities(keys, ctx.metrics(), range(len(keys)), counter.value)
+            used[0] = counter.value
+
+    def _set_capacities(
+        self,
+        keys: Sequence[str],
+        metrics: Sequence[PodMetrics | None],
+        positions: Iterable[int],
+        chars_per_token: float,
+    ) -> None:
         block_chars = self.index.block_chars
-        for key, m in zip(keys, metrics, strict=True):
+        expected = self._expected
+        for i in positions:
+            m = metrics[i]
             if m is not None and m.kv_capacity_tokens:
                 blocks = int(m.kv_capacity_tokens * chars_per_token / block_chars)
-                self.index.set_capacity(key, blocks)
+                self.index.set_capacity(keys[i], blocks)
+            if keys[i] in expected:
+                self._judge(keys[i], m)
 
 
 class CacheFitScorer:
@@ -348,24 +397,33 @@ class CacheFitScorer:
         index = pressure.index
         matched = pressure.matched_blocks(ctx)
         total = len(pressure.hashes(ctx))
+        keys = ctx.candidates.keys
+        rooms = index.rooms(keys)
+        # Whether the prompt's blocks fit without evicting anything, in one C-level pass
+        # for the pods that hold none of it; then the few that hold some of it.
+        fits = list(map(ge, rooms, repeat(total)))
+        for i, depth in matched.items():
+            fits[i] = rooms[i] >= total - depth
         now = ctx.now
-        ages: list[float] = []
-        for i, key in enumerate(ctx.candidates.keys):
-            excess = index.held(key) + total - matched.get(i, 0) - index.capacity(key)
-            evicted = index.evicted_at(key, excess)
-            ages.append(math.inf if evicted is None else max(now - evicted, 0.0))
+        ages = [math.inf] * len(keys)
+        for i in compress(range(len(keys)), map(not_, fits)):
+            evicted = index.evicted_at(keys[i], total - matched.get(i, 0) - rooms[i])
+            if evicted is not None:
+                ages[i] = max(now - evicted, 0.0)
         best = max(ages, default=math.inf)
         if best == math.inf:
-            scores = [1.0 if age == math.inf else 0.0 for age in ages]
+            scores = [1.0 if fit else 0.0 for fit in fits]
         elif best <= 0.0:
             scores = [1.0] * len(ages)
         else:
             scores = [age / best for age in ages]
         self._prefer_one_copy(ctx, matched, scores)
-        metrics = ctx.metrics()
-        for i, key in enumerate(ctx.candidates.keys):
-            if i not in matched:  # a new prompt for this pod: does its cache keep up?
-                scores[i] *= pressure.hit_shortfall(key, metrics[i])
+        # A new prompt for a pod whose cache does not keep up scores less there.
+        positions = ctx.candidates.index
+        for key, factor in pressure.shortfalls.items():
+            i = positions.get(key)
+            if i is not None and i not in matched:
+                scores[i] *= factor
         return scores
 
     def _prefer_one_copy(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from itertools import compress
 
 from gateway_extproc.routing.measured import MeasuredLatency, ResponseTiming
 from gateway_extproc.routing.prefix_capacity import CachePressure
@@ -69,39 +70,61 @@ class PredictedTTFTScorer:
         return [min(top / value, 1.0) for value in predicted]
 
     def predict(self, ctx: ScoringContext) -> list[float]:
-        """Predicted TTFT (seconds) per candidate."""
+        """Predicted TTFT (seconds) per candidate. Per pod, a multiplication and an
+        addition in one pass; the few pods that hold part of the prompt, have prefill
+        backlog or a waiting queue are adjusted one by one."""
         last = self._last
         if last is not None and last[0] is ctx:
             return last[1]
         measured = self.measured
         now = ctx.now
+        keys = ctx.candidates.keys
         prompt_chars = len(ctx.request.prompt)
+        base, per_char = measured.line()
+        slowness = measured.slowness_of(keys, now)
+        uncached_all = base + per_char * prompt_chars
+        out = [s * uncached_all + FLOOR_SECONDS for s in slowness]
         block_chars = self.pressure.index.block_chars
-        matched = self.pressure.matched_blocks(ctx)
-        metrics = ctx.metrics()
-        loads = ctx.loads()
+        for i, depth in self.pressure.matched_blocks(ctx).items():
+            uncached = max(prompt_chars - depth * block_chars, 0)
+            out[i] = slowness[i] * (base + per_char * uncached) + FLOOR_SECONDS
+        self._add_backlog(ctx, out, now)
         waiting_seen = ctx.view().waiting
-        done_at = self._prefill_done_at
-        backlog_weight = measured.backlog_weight()
-        out: list[float] = []
-        for i, key in enumerate(ctx.candidates.keys):
-            uncached = max(prompt_chars - matched.get(i, 0) * block_chars, 0)
-            value = measured.expected_ttft(key, uncached, now) + FLOOR_SECONDS
-            pending = done_at.get(key, 0.0) - now
-            if pending > 0.0:
-                value += backlog_weight * pending
-            m = metrics[i]
-            if m is not None and (waiting := m.waiting):
+        if any(waiting_seen):
+            metrics = ctx.metrics()
+            loads = ctx.loads()
+            for i in compress(range(len(keys)), waiting_seen):
+                m = metrics[i]
+                if m is None or not m.waiting:
+                    continue
                 running = m.running or 0
                 # Our in-flight count is loads - the waiting queue the loads include.
                 inflight = loads[i] - waiting_seen[i]
-                ahead = waiting + max(inflight - running - waiting, 0)
-                per_request = measured.duration(key, now) or m.e2e_mean_recent or 0.0
+                ahead = m.waiting + max(inflight - running - m.waiting, 0)
+                per_request = measured.duration(keys[i]) or m.e2e_mean_recent or 0.0
                 if 0.0 < per_request < math.inf:
-                    value += ahead * per_request / max(running, 1)
-            out.append(value)
+                    out[i] += ahead * per_request / max(running, 1)
         self._last = (ctx, out)
         return out
+
+    def _add_backlog(self, ctx: ScoringContext, out: list[float], now: float) -> None:
+        """Add the weighted prefill backlog of the candidates that have one (and drop
+        the pods whose backlog is done)."""
+        done_at = self._prefill_done_at
+        if not done_at:
+            return
+        weight = self.measured.backlog_weight()
+        index = ctx.candidates.index
+        done = []
+        for key, at in done_at.items():
+            if at <= now:
+                done.append(key)
+                continue
+            i = index.get(key)
+            if i is not None:
+                out[i] += weight * (at - now)
+        for key in done:
+            del done_at[key]
 
     def picked(self, position: int, ctx: ScoringContext) -> None:
         self.pressure.record(position, ctx)

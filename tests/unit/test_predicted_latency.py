@@ -23,6 +23,7 @@ from gateway_extproc.routing.prefix_capacity import (
     CapacityIndex,
     CharsPerToken,
 )
+from gateway_extproc.routing.sampling import SampledStrategy
 from gateway_extproc.routing.scorers import ScoringContext
 from gateway_extproc.routing.signals import PodSignals
 from gateway_extproc.routing.ttft_predictor import PredictedTTFTScorer
@@ -133,7 +134,8 @@ def prompt_of(rng: random.Random, words: int, tag: str = "") -> str:
 
 def scorer(fleet: Fleet, name: str) -> object:
     strategy = fleet.strategy()
-    return next(s for s, _ in strategy.scorers if s.name == name)  # type: ignore[attr-defined]
+    assert isinstance(strategy, SampledStrategy)
+    return next(s for s, _ in strategy.inner.scorers if s.name == name)  # type: ignore[attr-defined]
 
 
 # -- slow pods ------------------------------------------------------------------------
