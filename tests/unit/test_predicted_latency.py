@@ -359,3 +359,37 @@ def test_forgetting_a_pod_drops_its_blocks_capacity_and_speed() -> None:
     predictor = scorer(fleet, "predicted-ttft")
     assert isinstance(predictor, PredictedTTFTScorer)
     assert predictor.measured.pod(key)["ttft"] is None
+
+
+# -- large fleets ------------------------------------------------------------------------
+
+
+def test_on_a_large_fleet_a_sample_is_scored_and_holders_are_always_in_it() -> None:
+    fleet = Fleet(200)
+    strategy = fleet.strategy()
+    assert isinstance(strategy, SampledStrategy)
+    rng = random.Random(6)
+    misses = {p.name: 0.2 for p in fleet.pods}  # 200 ms without a cached prefix
+    for _ in range(20):
+        fleet.route(prompt_of(rng, 600), misses)
+    prompt = prompt_of(rng, 600, "shared system prompt. ")
+    first = fleet.route(prompt + " q0", misses)
+    hit = {**misses, first: 0.03}
+    # The pod holding the prompt is in every sample, and wins every time.
+    assert {fleet.route(f"{prompt} q{i}", hit) for i in range(1, 30)} == {first}
+    request = RoutingRequest(model="m", prompt=prompt + " q")
+    holder = [p.name for p in fleet.pods].index(first)
+    for _ in range(20):
+        sample = strategy.sample(fleet.pods, request, 32)
+        assert holder in sample
+        assert 16 <= len(sample) <= 32
+
+
+def test_on_a_large_fleet_slow_pods_still_lose() -> None:
+    fleet = Fleet(120)
+    rng = random.Random(7)
+    slow = {f"p{i}": 0.16 for i in range(0, 120, 4)}  # a quarter of the fleet
+    for _ in range(400):
+        fleet.route(prompt_of(rng, 100), slow)
+    picks = Counter(fleet.route(prompt_of(rng, 100), slow) for _ in range(200))
+    assert sum(n for pod, n in picks.items() if pod in slow) < 200 * 0.1, picks
