@@ -11,9 +11,17 @@ TTFT depends on the request: most of it is the prefill of the prompt tokens the 
 does not hold in its prefix cache. So the tracker fits one line over the whole fleet,
 TTFT = base + per_char x uncached prompt characters (least squares over decayed sums; the
 uncached length is what routing expected when it picked the pod), and keeps per pod its
-*slowness*: the decayed mean of its TTFT over the line's value for the same request. A
-pod's expected TTFT for a request is then slowness x line(uncached). Characters stand in
-for tokens (the processor does not tokenize); within one model they are proportional.
+*slowness*: the geometric mean of its TTFT over the line's value for the same request
+(each ratio clipped, so one request that queued cannot brand a pod slow). A pod's
+expected TTFT for a request is then slowness x line(uncached). Characters stand in for
+tokens (the processor does not tokenize); within one model they are proportional.
+
+A TTFT nearer to what a cache miss costs than to the hit routing expected counts as the
+miss it was (the prefix was evicted sooner than thought, or was still being computed
+for an earlier request), so it teaches neither the line nor the pod's slowness wrongly.
+The prefill routing expected the pod still had to do for earlier requests (its
+backlog) is taken out of a TTFT before it teaches speed, in the share the fleet's samples
+show it to delay a request (`backlog_weight`).
 
 Old samples fade two ways: each newer sample of the same pod (or, for the line, of the
 fleet) weighs more, and every weight halves every `half_life` seconds. A pod with little
@@ -272,7 +280,9 @@ class MeasuredLatency:
         now = self.clock() if now is None else now
         return self.slowness(pod_key, now) * self._line_value(max(uncached_chars, 0.0), now)
 
-    def prefill_seconds(self, pod_key: str, uncached_chars: float, now: float | None = None) -> float:
+    def prefill_seconds(
+        self, pod_key: str, uncached_chars: float, now: float | None = None
+    ) -> float:
         """The prefill part of `expected_ttft`: the line's per-character cost only."""
         now = self.clock() if now is None else now
         return self.slowness(pod_key, now) * self.line()[1] * max(uncached_chars, 0.0)

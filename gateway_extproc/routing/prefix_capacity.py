@@ -10,18 +10,20 @@ Here each pod's index is an LRU as large as the pod's cache, in the index's char
 blocks, and it remembers when each block was last sent:
 
 - capacity: `vllm:cache_config_info` (num_gpu_blocks x block_size tokens) times the
-  characters per token this processor sees (`CharsPerToken`: the characters it routed
-  over the prompt tokens the engines counted, so traffic it did not route, another
-  replica's or a direct client's, shrinks its share as it does in the engine), scaled
-  down while the engine's own prefix-cache hit rate stays well below what the index
-  expected (the cache holds less than we think). Without cache info the index keeps
+  characters per token (`CharsPerToken`: learned from what this processor routed and
+  the prompt tokens the engines counted). Without cache info the index keeps
   `blocks_per_pod`, as `PrefixIndex` does;
-- aging: a pod's blocks beyond its capacity, least recently sent first, are dropped:
-  what the engine has likely evicted no longer attracts requests;
+- aging: a pod's blocks beyond its capacity, least recently sent first (a prompt's tail
+  before its head, as engines evict), are dropped: what the engine has likely evicted
+  no longer attracts requests;
 - placement (`CacheFitScorer`): a prompt's blocks the pod does not hold must fit. A pod
-  with free room scores 1; a full one scores by how long its least recently sent block
-  has gone unused (its eviction age) relative to the other candidates: the new prompt
-  evicts what is least likely to be asked for again, not another prompt still in use.
+  with room for them scores 1; a full one scores by how long the blocks it would evict
+  for them have gone unused, relative to the other candidates: the new prompt evicts
+  what is least likely to be asked for again, not another prompt still in use. A pod
+  whose engine reports a prefix-cache hit rate well below what the index expected of
+  the requests sent there (vllm:prefix_cache_hits / queries: it holds less than the
+  index thinks, it thrashes) scores less for new prompts, and of several pods holding
+  one prompt the one sent it last is preferred, so copies age out.
 
 `CachePressure` is shared by the scorers that use it (this one and the TTFT predictor):
 it computes a decision's matches once and records the pick once.
@@ -32,9 +34,9 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from itertools import compress, islice, repeat
 from operator import ge, not_
-from collections.abc import Iterable, Sequence
 
 from gateway_extproc.metrics.store import PodMetrics
 from gateway_extproc.routing.prefix import PrefixIndex
@@ -175,7 +177,9 @@ class CharsPerToken:
         chars_so_far, requests = self._sent.get(pod_key, (0, 0))
         self._sent[pod_key] = (chars_so_far + max(chars, 0), requests + 1)
 
-    def update(self, keys: Sequence[str], metrics: Sequence[PodMetrics | None], now: float) -> float:
+    def update(
+        self, keys: Sequence[str], metrics: Sequence[PodMetrics | None], now: float
+    ) -> float:
         """Take the candidates' latest counters and re-estimate (at most every `every`
         seconds); returns the current estimate."""
         if now - self._updated_at < self._every:
@@ -222,8 +226,7 @@ class CharsPerToken:
         tokens = m.prompt_tokens_total or 0.0
         requests = m.requests_total
         if pairs and (
-            tokens < pairs[-1][3]
-            or (requests is not None and (pairs[-1][4] or 0.0) > requests)
+            tokens < pairs[-1][3] or (requests is not None and (pairs[-1][4] or 0.0) > requests)
         ):
             pairs.clear()
         if not pairs or m.scraped_at > pairs[-1][0]:
@@ -421,10 +424,10 @@ class CacheFitScorer:
         # A new prompt for a pod whose cache does not keep up scores less there.
         positions = ctx.candidates.index
         for key, factor in pressure.shortfalls.items():
-            i = positions.get(key)
-            if i is not None and i not in matched:
-                scores[i] *= factor
-        return scores
+            at = positions.get(key)
+            if at is not None and at not in matched:
+                scores[at] *= factor
+        return list(scores)
 
     def _prefer_one_copy(
         self, ctx: ScoringContext, matched: dict[int, int], scores: list[float]

@@ -148,16 +148,22 @@ class PredictedTTFTScorer:
     def observed(self, timing: ResponseTiming) -> None:
         """A response ended: teach the measured latencies what it showed."""
         note = self._notes.pop(timing.request_id, None)
-        if note is None or note[0] != timing.pod_key:  # served elsewhere: nothing known
-            note = (timing.pod_key, None, None, 0.0)  # type: ignore[assignment]
+        if note is None or note[0] != timing.pod_key:
+            # Not picked by this scorer, or served by another pod (Envoy's fallback):
+            # its expectations are unknown, only the pod's plain means learn.
+            self.measured.observe(
+                timing.pod_key, ttft=timing.ttft, tpot=timing.tpot, duration=timing.duration
+            )
+            return
+        _, uncached, prompt_chars, backlog = note
         self.measured.observe(
             timing.pod_key,
             ttft=timing.ttft,
             tpot=timing.tpot,
             duration=timing.duration,
-            uncached_chars=note[1],
-            prompt_chars=note[2],
-            backlog=note[3],
+            uncached_chars=uncached,
+            prompt_chars=prompt_chars,
+            backlog=backlog,
         )
 
     def forget(self, pod_key: str) -> None:

@@ -150,7 +150,9 @@ def test_a_slow_pod_at_light_load_is_avoided_once_measured() -> None:
         fleet = Fleet()
         for _ in range(40):  # learning
             fleet.route(prompt_of(rng, 200), slow, strategy=strategy)
-        picks = Counter(fleet.route(prompt_of(rng, 200), slow, strategy=strategy) for _ in range(200))
+        picks = Counter(
+            fleet.route(prompt_of(rng, 200), slow, strategy=strategy) for _ in range(200)
+        )
         share = picks["p3"] / 200
         if strategy == "least-request":
             assert share > limit, picks  # load cannot tell: a fair share, about 25%
@@ -239,7 +241,9 @@ TENANT_WORDS = 560
 
 def tenants(count: int, seed: int = 11) -> list[str]:
     rng = random.Random(seed)
-    return [prompt_of(rng, TENANT_WORDS, f"You are the assistant of tenant {t}. ") for t in range(count)]
+    return [
+        prompt_of(rng, TENANT_WORDS, f"You are the assistant of tenant {t}. ") for t in range(count)
+    ]
 
 
 def test_capacity_follows_the_engines_cache_and_characters_per_token() -> None:
