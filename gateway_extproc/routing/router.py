@@ -140,6 +140,7 @@ class Router:
         pod speeds from it."""
         self._catalog.observe(timing)
 
+
 def _uses_tokens(strategy: Strategy) -> bool:
     scorers = getattr(strategy, "scorers", ())
     return any(getattr(scorer, "uses_tokens", False) for scorer, _ in scorers)

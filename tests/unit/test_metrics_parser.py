@@ -8,9 +8,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway_extproc.devtools.simulator.config import SimulatorConfig
+from gateway_extproc.devtools.simulator.metrics import EngineMetrics, EngineSnapshot
 from gateway_extproc.metrics import EngineSample, MetricsParseError, parse_engine_metrics
-from gateway_extproc.simulator.config import SimulatorConfig
-from gateway_extproc.simulator.metrics import EngineMetrics, EngineSnapshot
 
 LABELS = ("model_name", "engine")
 
