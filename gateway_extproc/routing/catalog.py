@@ -225,7 +225,7 @@ def build_catalog(
         scored("prefix-cache", [("prefix-cache", 1.0)]),
         scored("precise-prefix-cache", [("precise-prefix-cache", 1.0)]),
         SampledStrategy(
-            scored(PREDICTED_LATENCY, PREDICTED_LATENCY_WEIGHTS), pressure.index, signals, rng
+            scored(PREDICTED_LATENCY, PREDICTED_LATENCY_WEIGHTS), pressure, signals, rng
         ),
         affinity,
     ]

@@ -39,6 +39,7 @@ from itertools import compress, islice, repeat
 from operator import ge, not_
 
 from gateway_extproc.metrics.store import PodMetrics
+from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.routing.prefix import PrefixIndex
 from gateway_extproc.routing.scorers import Scores, ScoringContext
 
@@ -46,6 +47,9 @@ from gateway_extproc.routing.scorers import Scores, ScoringContext
 # range an estimate is kept in.
 DEFAULT_CHARS_PER_TOKEN = 4.0
 CHARS_PER_TOKEN_RANGE = (1.0, 16.0)
+# Capacities are resized when the characters-per-token estimate has moved by more than
+# this share since they were last sized.
+RESIZE_STEP = 0.05
 # Requests (routed, and finished by the engines) a per-request estimate needs.
 MIN_REQUESTS = 5
 # Below this expected hit rate (the share of prompt characters the index expected
@@ -83,13 +87,15 @@ class CapacityIndex(PrefixIndex):
         """Free blocks per pod (in C: one lookup per pod)."""
         return list(map(self.room.get, pod_keys, repeat(self.blocks_per_pod)))  # type: ignore[arg-type]
 
-    def set_capacity(self, pod_key: str, blocks: int) -> None:
-        """The pod's cache holds about `blocks` index blocks: drop what lies beyond."""
+    def set_capacity(self, pod_key: str, blocks: int) -> bool:
+        """The pod's cache holds about `blocks` index blocks: drop what lies beyond.
+        True when the capacity changed."""
         blocks = max(1, blocks)
         if self._capacity.get(pod_key) == blocks:
-            return
+            return False
         self._capacity[pod_key] = blocks
         self._trim(pod_key)
+        return True
 
     def record(self, pod_key: str, hashes: list[int], now: float | None = None) -> None:
         if not hashes:
@@ -264,6 +270,12 @@ class CachePressure:
     ) -> None:
         self.index = index
         self.chars_per_token: dict[str, CharsPerToken] = {}
+        # model -> the characters per token the capacities were last sized with
+        self._sizing: dict[str, float] = {}
+        # The last request hashed, its hashes and which pods hold them (a sampled
+        # decision asks before its candidates are scored); dropped when a pick is recorded.
+        self._hashed: tuple[RoutingRequest, list[int]] | None = None
+        self._held: tuple[RoutingRequest, dict[str, int]] | None = None
         self._keep = keep
         self._expected: dict[str, _Expected] = {}
         # pod -> `hit_shortfall` below 1.0, judged when the pod is picked or scraped
@@ -275,23 +287,41 @@ class CachePressure:
 
     def hashes(self, ctx: ScoringContext) -> list[int]:
         if ctx.prefix_hashes is None:
-            ctx.prefix_hashes = self.index.hashes(ctx.request.model, ctx.request.prompt)
+            ctx.prefix_hashes = self.hashes_of(ctx.request)
         return ctx.prefix_hashes
+
+    def hashes_of(self, request: RoutingRequest) -> list[int]:
+        """The request's block hashes, computed once however many steps ask."""
+        hashed = self._hashed
+        if hashed is not None and hashed[0] is request:
+            return hashed[1]
+        found = self.index.hashes(request.model, request.prompt)
+        self._hashed = (request, found)
+        return found
+
+    def held_by(self, request: RoutingRequest) -> dict[str, int]:
+        """Pod key -> leading blocks of the request's prompt the pod holds."""
+        held = self._held
+        if held is not None and held[0] is request:
+            return held[1]
+        hashes = self.hashes_of(request)
+        found = self.index.matches(hashes) if hashes else {}
+        self._held = (request, found)
+        return found
 
     def matched_blocks(self, ctx: ScoringContext) -> dict[int, int]:
         """Position -> leading blocks of the prompt the pod holds (pods with none left
         out), after bringing each candidate's capacity up to date."""
         if self._matched_ctx is ctx:
             return self._matched
-        self._refresh_capacities(ctx)
-        hashes = self.hashes(ctx)
+        if self._refresh_capacities(ctx):
+            self._held = None  # capacities shrank: some blocks may have gone
         index = ctx.candidates.index
         found: dict[int, int] = {}
-        if hashes:
-            for key, depth in self.index.matches(hashes).items():
-                i = index.get(key)
-                if i is not None:
-                    found[i] = depth
+        for key, depth in self.held_by(ctx.request).items():
+            i = index.get(key)
+            if i is not None:
+                found[i] = depth
         self._matched_ctx, self._matched = ctx, found
         return found
 
@@ -301,6 +331,7 @@ class CachePressure:
         if self._recorded_ctx is ctx:
             return
         self._recorded_ctx = ctx
+        self._held = None  # the index changes
         key = ctx.candidates.keys[position]
         prompt_chars = len(ctx.request.prompt)
         expected = self.matched_blocks(ctx).get(position, 0) * self.index.block_chars
@@ -345,27 +376,38 @@ class CachePressure:
             found = self.chars_per_token[model] = CharsPerToken()
         return found
 
-    def _refresh_capacities(self, ctx: ScoringContext) -> None:
+    def _refresh_capacities(self, ctx: ScoringContext) -> bool:
         """Each candidate's capacity from its metrics: set again only at the pods a
-        scrape changed, or at every pod when the characters per token moved."""
+        scrape changed, or at every pod when the characters per token moved. True when
+        any capacity was set (the index may have dropped blocks)."""
         keys = ctx.candidates.keys
-        counter = self._counter(ctx.request.model)
-        counter.update(keys, ctx.metrics(), ctx.now)
+        model = ctx.request.model
+        estimate = self._counter(model).update(keys, ctx.metrics(), ctx.now)
+        # Capacities follow the estimate in steps, not its every wobble: resizing every
+        # pod is a pass over the fleet.
+        sizing = self._sizing.get(model)
+        if sizing is None or abs(estimate - sizing) > RESIZE_STEP * sizing:
+            sizing = self._sizing[model] = estimate
+
+        changed = False
 
         def build(metrics: list[PodMetrics | None]) -> list[float]:
-            self._set_capacities(keys, metrics, range(len(keys)), counter.value)
-            return [counter.value]
+            nonlocal changed
+            changed = self._set_capacities(keys, metrics, range(len(keys)), sizing)
+            return [sizing]
 
         def update(used: list[float], metrics: list[PodMetrics | None], at: list[int]) -> bool:
-            if used[0] != counter.value:
+            nonlocal changed
+            if used[0] != sizing:
                 return False
-            self._set_capacities(keys, metrics, at, counter.value)
+            changed = self._set_capacities(keys, metrics, at, sizing)
             return True
 
         used = ctx.per_scrape(self, build, update)
-        if used[0] != counter.value:  # moved since the last scrape: every pod again
-            self._set_capacities(keys, ctx.metrics(), range(len(keys)), counter.value)
-            used[0] = counter.value
+        if used[0] != sizing:  # resized since the last scrape: every pod again
+            changed = self._set_capacities(keys, ctx.metrics(), range(len(keys)), sizing)
+            used[0] = sizing
+        return changed
 
     def _set_capacities(
         self,
@@ -373,16 +415,19 @@ class CachePressure:
         metrics: Sequence[PodMetrics | None],
         positions: Iterable[int],
         chars_per_token: float,
-    ) -> None:
+    ) -> bool:
+        """True when some pod's capacity was set (and it may have dropped blocks)."""
         block_chars = self.index.block_chars
         expected = self._expected
+        changed = False
         for i in positions:
             m = metrics[i]
             if m is not None and m.kv_capacity_tokens:
                 blocks = int(m.kv_capacity_tokens * chars_per_token / block_chars)
-                self.index.set_capacity(keys[i], blocks)
+                changed = self.index.set_capacity(keys[i], blocks) or changed
             if keys[i] in expected:
                 self._judge(keys[i], m)
+        return changed
 
 
 class CacheFitScorer:

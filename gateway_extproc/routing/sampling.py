@@ -17,18 +17,18 @@ from collections.abc import Sequence
 
 from gateway_extproc.models.registry import Pod
 from gateway_extproc.routing.base import RoutingRequest, Strategy
-from gateway_extproc.routing.prefix import PrefixIndex
+from gateway_extproc.routing.prefix_capacity import CachePressure
 from gateway_extproc.routing.signals import PodSignals
 
 # Candidates scored per decision on large fleets (all of them up to this many).
-SAMPLE_SIZE = 32
+SAMPLE_SIZE = 16
 
 
 class SampledStrategy:
     def __init__(
         self,
         inner: Strategy,
-        index: PrefixIndex,
+        pressure: CachePressure,
         signals: PodSignals,
         rng: random.Random,
         *,
@@ -38,7 +38,7 @@ class SampledStrategy:
             raise ValueError("a sample needs at least two pods")
         self.name = inner.name
         self.inner = inner
-        self._index = index
+        self._pressure = pressure
         self._signals = signals
         self._rng = rng
         self._size = size
@@ -58,9 +58,8 @@ class SampledStrategy:
         full = signals.candidates(candidates)
         positions = full.index
         chosen: set[int] = set()
-        hashes = self._index.hashes(request.model, request.prompt)
-        if hashes:
-            held = self._index.matches(hashes)
+        held = self._pressure.held_by(request)
+        if held:
             deepest = sorted(held, key=held.__getitem__, reverse=True)[: size // 2]
             chosen.update(i for i in map(positions.get, deepest) if i is not None)
         book = signals.book(full, signals.now())
