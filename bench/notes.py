@@ -88,8 +88,11 @@ metrics store (frozen clock, so nothing goes stale) and in-flight counter; the t
 includes the decision histogram and in-flight bookkeeping the router does per request.
 **Routing quality** runs through Envoy and the processor rather than calling the router
 in process, because the strategies' inputs (scrape delay, staleness, in-flight counts
-that drop only when a response ends) are part of what is being judged; every strategy
-gets the same seeded workload and freshly started processes. **Kubernetes scale** uses
+that drop only when a response ends, the latencies it measures on responses) are part
+of what is being judged; every variant gets the same seeded workload and freshly started
+processes, the variants of a workload run interleaved seed by seed, and each is judged by
+its ratio to `random` on the same seed, on held-out seeds that were not looked at while
+the default profile was tuned. **Kubernetes scale** uses
 the tests' fake API server in a process of its own and the product's informer in
 another, so the memory figure is the informer's.
 

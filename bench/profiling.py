@@ -38,6 +38,7 @@ from bench.common import (
     wrk_script,
 )
 from bench.stack import route_headers, start_stack
+from gateway_extproc.config import Settings
 
 NAME = "profile"
 TITLE = "6. Profile: where the processor's time goes under the overhead load"
@@ -322,7 +323,8 @@ def run(mode: RunMode) -> Section:
     section.body = "\n\n".join(
         [
             f"Load: wrk, {CONNECTIONS} connections, through route, the overhead set-up "
-            f"(processor defaults: random strategy, JSON access log on). {fmt(rps, 0)} req/s "
+            f"(processor defaults: {Settings().default_strategy} strategy, JSON access log "
+            f"on). {fmt(rps, 0)} req/s "
             "while profiling (py-spy costs some). Raw stacks: "
             f"`{work}/pyspy-*.txt`.",
             f"CPU per thread over {wall:.1f} s of load (from /proc; % of one core, and "

@@ -71,6 +71,7 @@ STRATEGIES = (
     "least-latency",
     "prefix-cache",
     WEIGHTED,
+    "predicted-latency",  # the default
 )
 TARGET_PODS = 1000
 TARGET_P99_US = 200.0

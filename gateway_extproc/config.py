@@ -25,7 +25,7 @@ class Settings:
     discovery: str = "static"
     models_file: str = ""
     models_reload_interval: float = 1.0
-    default_strategy: str = ""  # empty: the routing config's default, else random
+    default_strategy: str = ""  # empty: the routing config's default, else predicted-latency
     routing_config: str = ""
     log_level: str = "info"
     log_format: str = "json"
@@ -281,7 +281,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         "--default-strategy",
         default=d.default_strategy,
         help="routing strategy (profile) of requests without a routing-strategy header "
-        "(default: the routing config's default, else random)",
+        "(default: the routing config's default, else predicted-latency)",
     )
     add_flag(
         parser,

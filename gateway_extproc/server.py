@@ -41,6 +41,7 @@ from gateway_extproc.routing.config import load_routing_config
 from gateway_extproc.routing.health import HealthPolicy, PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
+from gateway_extproc.routing.registry import PREDICTED_LATENCY
 from gateway_extproc.routing.router import Router
 from gateway_extproc.tokenize.catalog import TokenizerCatalog
 from gateway_extproc.tracing import Tracer
@@ -108,7 +109,9 @@ async def start_gateway(
     # Checked before anything starts: a bad certificate is a start-up error, nothing else.
     key_pair = tls.server_key_pair(settings.cert_path) if settings.serves_tls else None
     routing = load_routing_config(settings.routing_config) if settings.routing_config else None
-    default_strategy = settings.default_strategy or (routing and routing.default) or "random"
+    default_strategy = (
+        settings.default_strategy or (routing and routing.default) or PREDICTED_LATENCY
+    )
     registry = ModelRegistry()
     _track_model_states(registry)
     inflight = InFlightCounter()

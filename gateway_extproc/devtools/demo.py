@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from gateway_extproc.config import Settings
 from gateway_extproc.devtools import localstack
 from gateway_extproc.devtools.localstack import LOCALHOST, ProcessGroup, StartupError
 from gateway_extproc.models.static import ModelFileError, parse_models_file
@@ -80,7 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy admin port")
     parser.add_argument("--grpc-port", type=int, default=9002, help="processor gRPC port")
     parser.add_argument("--admin-port", type=int, default=9090, help="processor admin port")
-    parser.add_argument("--default-strategy", default="random", help="processor routing strategy")
+    parser.add_argument(
+        "--default-strategy",
+        default=Settings().default_strategy,
+        help="processor routing strategy",
+    )
     parser.add_argument(
         "--ttft-ms",
         type=float,

@@ -57,6 +57,7 @@ from gateway_extproc.openai.requests import (
 )
 from gateway_extproc.routing.base import RoutingRequest, Strategy
 from gateway_extproc.routing.health import verdict
+from gateway_extproc.routing.measured import ResponseTiming
 from gateway_extproc.routing.router import Router, RoutingDecision
 from gateway_extproc.tracing import RequestSpan, Tracer
 
@@ -801,6 +802,17 @@ class Session:
             accounting.record(model_label, pod if pod_known else "", now)
             if self._flow is not None and accounting.usage is not None:
                 self._flow.record_usage(self._flow_key, accounting.usage)
+            if pod_known and 200 <= self._status < 300:
+                # Errors end fast and say nothing about the pod's speed.
+                self._router.observed(
+                    ResponseTiming(
+                        pod,
+                        self._request_id,
+                        accounting.ttft(),
+                        accounting.inter_token_latency(),
+                        now - self._started,
+                    )
+                )
         if not self._cfg.access_log:
             return
         # A cancelled request also says what the engine (or Envoy) had answered so far.

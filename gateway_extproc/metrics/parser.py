@@ -13,7 +13,7 @@ a fraction per engine.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class MetricsParseError(ValueError):
@@ -44,6 +44,10 @@ class EngineSample:
     running_lora_adapters: tuple[str, ...] | None = None
     waiting_lora_adapters: tuple[str, ...] | None = None
     max_lora: int | None = None
+    # From vllm:cache_config_info: the KV cache's block size (tokens) and its capacity
+    # in tokens (num_gpu_blocks x block_size, summed over the engines of the pod).
+    kv_block_size: int | None = None
+    kv_capacity_tokens: int | None = None
 
 
 # Slots in the accumulator arrays. Old names get their own slot so that an engine which
@@ -88,6 +92,8 @@ _WANTED: dict[str, int] = {
 }
 _AVERAGED = frozenset((_KV, _KV_OLD))
 _LORA_INFO = "vllm:lora_requests_info"
+_CACHE_INFO = "vllm:cache_config_info"
+_INFO = frozenset((_LORA_INFO, _CACHE_INFO))
 
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -103,6 +109,7 @@ def parse_engine_metrics(text: str) -> EngineSample:
     wanted = _WANTED
     lora_labels = ""
     lora_stamp = float("-inf")
+    cache_labels: list[str] = []
     found = False
     for line in text.split("\n"):
         if not line or line[0] == "#":
@@ -112,7 +119,7 @@ def parse_engine_metrics(text: str) -> EngineSample:
         if brace != -1 and (space == -1 or brace < space):
             name = line[:brace]
             slot = wanted.get(name)
-            if slot is None and name != _LORA_INFO:
+            if slot is None and name not in _INFO:
                 continue
             # Label values may hold spaces or braces; the value starts after the last '}'.
             close = line.rfind("}")
@@ -127,7 +134,7 @@ def parse_engine_metrics(text: str) -> EngineSample:
                 continue
             name = line[:space]
             slot = wanted.get(name)
-            if slot is None and name != _LORA_INFO:
+            if slot is None and name not in _INFO:
                 continue
             close = -1
             rest = line[space:]
@@ -139,6 +146,10 @@ def parse_engine_metrics(text: str) -> EngineSample:
         except ValueError:
             raise MetricsParseError(f"bad value {fields[0]!r} for {name}") from None
         found = True
+        if name == _CACHE_INFO:
+            if close > 0:
+                cache_labels.append(line[brace + 1 : close])
+            continue
         if slot is None:
             # The lora info gauge's value is the time it was set; vLLM leaves older label
             # sets behind, so the newest one describes the adapters now.
@@ -150,7 +161,36 @@ def parse_engine_metrics(text: str) -> EngineSample:
         seen[slot] += 1
     if not found:
         raise MetricsParseError("no engine metrics in the text")
-    return _sample(totals, seen, lora_labels if lora_stamp > float("-inf") else None)
+    sample = _sample(totals, seen, lora_labels if lora_stamp > float("-inf") else None)
+    if cache_labels:
+        block_size, capacity = _cache_capacity(cache_labels)
+        sample = replace(sample, kv_block_size=block_size, kv_capacity_tokens=capacity)
+    return sample
+
+
+def _cache_capacity(series: list[str]) -> tuple[int | None, int | None]:
+    """(block size, capacity in tokens) from cache_config_info label sets, one per engine
+    of the pod; None where a value is missing or not a positive integer (vLLM writes
+    "None" for values not known yet)."""
+    block_size: int | None = None
+    capacity = 0
+    for raw in series:
+        labels = dict(_LABEL.findall(raw))
+        size = _positive_int(labels.get("block_size", ""))
+        blocks = _positive_int(labels.get("num_gpu_blocks", ""))
+        if size is None or blocks is None:
+            return size if block_size is None else block_size, None
+        block_size = block_size or size
+        capacity += size * blocks
+    return block_size, capacity
+
+
+def _positive_int(raw: str) -> int | None:
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def _sample(totals: list[float], seen: list[int], lora_labels: str | None) -> EngineSample:

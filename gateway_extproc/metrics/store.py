@@ -74,6 +74,10 @@ class PodMetrics:
     running_lora_adapters: tuple[str, ...] | None = None
     waiting_lora_adapters: tuple[str, ...] | None = None
     max_lora: int | None = None
+    prompt_tokens_total: float | None = None  # the engine's counter, as scraped
+    requests_total: float | None = None  # requests the engine finished (e2e count)
+    kv_block_size: int | None = None  # tokens per KV block (vllm:cache_config_info)
+    kv_capacity_tokens: int | None = None  # the KV cache's size in tokens (same)
 
 
 class _PodState:
@@ -416,4 +420,8 @@ def _derive(
         running_lora_adapters=sample.running_lora_adapters,
         waiting_lora_adapters=sample.waiting_lora_adapters,
         max_lora=sample.max_lora,
+        prompt_tokens_total=_usable(sample.prompt_tokens),
+        requests_total=_usable(sample.e2e_count),
+        kv_block_size=sample.kv_block_size,
+        kv_capacity_tokens=sample.kv_capacity_tokens,
     )

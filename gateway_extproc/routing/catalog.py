@@ -25,10 +25,13 @@ from gateway_extproc.routing.base import Strategy
 from gateway_extproc.routing.config import RoutingConfig
 from gateway_extproc.routing.filters import EndpointSubsetFilter
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.measured import ResponseTiming
 from gateway_extproc.routing.pickers import RandomPicker, RoundRobinPicker
 from gateway_extproc.routing.plugins import Filter, PluginEnv, Scorer, WeightedScorers
+from gateway_extproc.routing.prefix_capacity import CachePressure
 from gateway_extproc.routing.profile import Profile
 from gateway_extproc.routing.registry import (
+    PREDICTED_LATENCY,
     REQUEST_FILTERS,
     PluginRef,
     PluginRegistry,
@@ -36,6 +39,7 @@ from gateway_extproc.routing.registry import (
     RoutingConfigError,
     valid_weight,
 )
+from gateway_extproc.routing.sampling import SampledStrategy
 from gateway_extproc.routing.signals import PodSignals
 
 Weights = list[tuple[str, float]]
@@ -54,6 +58,7 @@ class StrategyCatalog:
         on_combination_evicted: Callable[[str], None] | None = None,
         max_combinations: int = 64,
         request_filters: Sequence[Filter] | None = None,
+        on_response: Sequence[Callable[[ResponseTiming], None]] = (),
     ) -> None:
         chosen: list[Strategy] = (
             strategies
@@ -64,6 +69,7 @@ class StrategyCatalog:
         self._scorer_names = frozenset(scorer_names)
         self._combine = combine
         self._forgetters = tuple(on_pod_removed)
+        self._response_observers = tuple(on_response)
         self._on_evicted = on_combination_evicted
         self._max_combinations = max_combinations
         self._combinations: OrderedDict[str, Strategy] = OrderedDict()
@@ -107,6 +113,11 @@ class StrategyCatalog:
         """Drop what strategies keep about a deleted pod (prefix index, sessions, ...)."""
         for forget in self._forgetters:
             forget(pod.key)
+
+    def observe(self, timing: ResponseTiming) -> None:
+        """A routed response ended: strategies that learn from measured latency see it."""
+        for observe in self._response_observers:
+            observe(timing)
 
 
 def parse_weights(spec: str, known: frozenset[str] | set[str]) -> Weights | None:
@@ -235,7 +246,15 @@ def build_catalog(
         for forget in env.forgetters:
             forget(pod_key)
 
-    strategies: list[Strategy] = list(built)
+    # The default profile's scorers cost a few microseconds per candidate: on a large
+    # fleet it ranks a sample (sampling.py).
+    pressure = env.shared(CachePressure, lambda: None)
+    strategies: list[Strategy] = [
+        SampledStrategy(p, pressure, signals, env.rng)
+        if p.name == PREDICTED_LATENCY and isinstance(pressure, CachePressure)
+        else p
+        for p in built
+    ]
     catalog = StrategyCatalog(
         strategies,
         scorer_names=list(plugins.scorers),
@@ -248,6 +267,7 @@ def build_catalog(
         on_combination_evicted=signals.forget_strategy,
         max_combinations=max_combinations,
         request_filters=request_filters,
+        on_response=env.response_observers,
     )
     if registry is not None:
         registry.on_pod_removed(catalog.forget)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, TypeVar
 from gateway_extproc.metrics.store import PodMetrics
 from gateway_extproc.models.registry import Pod
 from gateway_extproc.routing.base import RoutingRequest
+from gateway_extproc.routing.measured import ResponseTiming
 from gateway_extproc.routing.signals import CandidateSet, LoadBook, PodSignals, ScrapeView
 
 T = TypeVar("T")
@@ -273,6 +274,7 @@ class PluginEnv:
         # Seeded with what the server owns and plugins may use (see `shared`).
         self._shared: dict[Hashable, Any] = dict(shared or {})
         self.forgetters: list[Callable[[str], None]] = []
+        self.response_observers: list[Callable[[ResponseTiming], None]] = []
 
     def scorer(self, name: str, params: Mapping[str, Any] | None = None) -> Scorer:
         """The shared instance of scorer `name` with these parameters."""
@@ -296,3 +298,8 @@ class PluginEnv:
         """Have `forget(pod_key)` called when a pod is deleted, for plugins that keep
         something per pod."""
         self.forgetters.append(forget)
+
+    def on_response(self, observe: Callable[[ResponseTiming], None]) -> None:
+        """Have `observe(timing)` called when a routed response ends, for plugins that
+        learn pod speeds from what the gateway measures (routing/measured.py)."""
+        self.response_observers.append(observe)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.routing.filters import EndpointSubsetFilter
+from gateway_extproc.routing.measured import MeasuredLatency
 from gateway_extproc.routing.pickers import (
     SCORE_TOLERANCE,
     MaxScorePicker,
@@ -37,12 +38,14 @@ from gateway_extproc.routing.pickers import (
 from gateway_extproc.routing.plugins import Filter, Picker, PluginEnv, Scorer, WeightedScorers
 from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
+from gateway_extproc.routing.prefix_capacity import CacheFitScorer, CachePressure, CapacityIndex
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
     LatencyScorer,
     QueueScorer,
     ThroughputScorer,
 )
+from gateway_extproc.routing.ttft_predictor import PredictedTTFTScorer
 
 P = TypeVar("P")
 FilterFactory = Callable[..., Filter]
@@ -54,6 +57,10 @@ PickerFactory = Callable[..., Picker]
 # land on the same pod. A light in-flight term spreads such a burst; a real difference in
 # the main signal still dominates.
 BURST_SPREAD_WEIGHT = 0.2
+# The profile that routes requests which name no strategy (docs/configuration.md): the
+# predicted time to first token (pod speed, cached prefix, queue), where a new prompt's
+# blocks fit, and our in-flight counts to spread what the engines have not reported yet.
+PREDICTED_LATENCY = "predicted-latency"
 
 
 class RoutingConfigError(ValueError):
@@ -107,6 +114,7 @@ BUILTIN_PROFILES: dict[str, ProfileSpec] = {
     "prefix-cache": profile(("prefix-cache", 1)),
     "precise-prefix-cache": profile(("precise-prefix-cache", 1)),
     "session-affinity": profile(("least-request", 1), session_affinity=True),
+    PREDICTED_LATENCY: profile(("predicted-ttft", 3), ("cache-fit", 1), ("least-request", 1)),
 }
 
 # Filters the router applies to every request before any profile's own.
@@ -232,6 +240,25 @@ def _precise_prefix_cache(env: PluginEnv, *, max_load_gap: int = 8) -> PrecisePr
     return PrecisePrefixScorer(index, env.scorer("prefix-cache"), max_load_gap=max_load_gap)
 
 
+def _cache_pressure(env: PluginEnv) -> CachePressure:
+    """One cache-pressure model (the capacity-aware index) shared by the scorers using it."""
+
+    def new_pressure() -> CachePressure:
+        pressure = CachePressure(CapacityIndex())
+        env.on_pod_removed(pressure.index.forget)
+        env.on_pod_removed(pressure.forget)
+        return pressure
+
+    return env.shared(CachePressure, new_pressure)
+
+
+def _predicted_ttft(env: PluginEnv) -> PredictedTTFTScorer:
+    scorer = PredictedTTFTScorer(MeasuredLatency(clock=env.signals.now), _cache_pressure(env))
+    env.on_pod_removed(scorer.forget)
+    env.on_response(scorer.observed)
+    return scorer
+
+
 def _max_score(
     env: PluginEnv,
     profile_name: str,
@@ -274,6 +301,8 @@ def _builtins() -> PluginRegistry:
     plugins.register_scorer("throughput", lambda env: ThroughputScorer())
     plugins.register_scorer("prefix-cache", _prefix_cache)
     plugins.register_scorer("precise-prefix-cache", _precise_prefix_cache)
+    plugins.register_scorer("predicted-ttft", _predicted_ttft)
+    plugins.register_scorer("cache-fit", lambda env: CacheFitScorer(_cache_pressure(env)))
     plugins.register_picker("max-score", _max_score)
     plugins.register_picker(
         "weighted-random",

@@ -14,6 +14,7 @@ from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.filters import HealthyFilter
 from gateway_extproc.routing.health import PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.measured import ResponseTiming
 from gateway_extproc.routing.plugins import Filter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 from gateway_extproc.routing.registry import RoutingConfigError
@@ -143,6 +144,11 @@ class Router:
 
     def release(self, decision: RoutingDecision) -> None:
         self.inflight.release(decision.model, decision.pod)
+
+    def observed(self, timing: ResponseTiming) -> None:
+        """What the gateway measured of a routed response, for strategies that learn
+        pod speeds from it."""
+        self._catalog.observe(timing)
 
 
 def _uses_tokens(strategy: Strategy) -> bool:

@@ -52,10 +52,12 @@ ENGINES = ("a", "b", "c")
 FLEET_MODEL = "fleet-model"  # a, b, c: load balancing, broken metrics, strategy names
 PREFIX_MODEL = "prefix-model"  # a, b, c: prefix-cache stickiness and spill
 RAMP_MODEL = "ramp-model"  # a, b at start; the slow-start test adds c while it runs
+LATENCY_MODEL = "latency-model"  # a, b, c: the default's measured latencies
 MODEL_ENGINES: Mapping[str, tuple[str, ...]] = {
     FLEET_MODEL: ENGINES,
     PREFIX_MODEL: ENGINES,
     RAMP_MODEL: ("a", "b"),
+    LATENCY_MODEL: ENGINES,
 }
 
 # Engine time (20 ms to the first token, 5 ms per token after it) large enough to dominate

@@ -6,7 +6,9 @@ strategy_stack.py) and a real Envoy on envoy/envoy.yaml. Every request goes thro
 Envoy; the pod that served it is read from the simulator's `x-simulator-pod` header.
 
 - a slow pod gets clearly less traffic from `least-request` and `least-latency` than from
-  `random`, which spreads evenly whatever the pods' speed;
+  `random`, which spreads evenly whatever the pods' speed; and from the default
+  (`predicted-latency`, no header) also at light load, where in-flight counts cannot
+  tell it from the others, by the time to first token the processor measures itself;
 - with every engine's metrics endpoint broken, metric-driven strategies still answer
   every request and count their fallbacks;
 - a pod added while the others are busy ramps up: a small share, never none, never all;
@@ -32,6 +34,7 @@ import pytest
 from tests.integration.stack import Response, dictionary_seen, poll
 from tests.integration.strategy_stack import (
     FLEET_MODEL,
+    LATENCY_MODEL,
     PREFIX_MODEL,
     RAMP_MODEL,
     SLOW_START_WINDOW,
@@ -143,6 +146,30 @@ def test_load_aware_strategies_send_a_slow_pod_clearly_less(
     # fraction of what a fast pod gets on average.
     assert seen[slow_pod] <= 0.15, seen
     assert seen[slow_pod] <= sum(fast) / len(fast) / 3, seen
+
+
+def test_the_default_sends_a_slow_pod_little_at_light_load(healthy: Fleet) -> None:
+    """Requests one at a time, streamed, no routing-strategy header: every pod has 0 in
+    flight at every pick, so only the latencies the processor measured on earlier
+    responses tell engine c is 4x slower."""
+    fleet = healthy
+    set_faults(fleet.engines[SLOW], slow_factor=4.0)
+
+    def one(i: int) -> Response:
+        return send_chat(
+            fleet.gateway.port, LATENCY_MODEL, "", f"question {i}", stream=True, max_tokens=4
+        )
+
+    learning = [one(i) for i in range(30)]
+    measured = [one(i) for i in range(30, 120)]
+    statuses = Counter(r.status for r in learning + measured)
+    assert statuses == {200: len(learning) + len(measured)}, statuses
+
+    seen = shares(fleet, measured)
+    print(f"default, one request at a time: {seen}")
+    # A third each if nothing told the pods apart (random and least-request alike at
+    # this load); the default gives the slow pod well under half of that.
+    assert seen[SLOW] < 0.15, seen
 
 
 # -- broken metrics -------------------------------------------------------------------

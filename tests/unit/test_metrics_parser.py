@@ -8,6 +8,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway_extproc.devtools.simulator.config import SimulatorConfig
+from gateway_extproc.devtools.simulator.metrics import EngineMetrics, EngineSnapshot
 from gateway_extproc.metrics import EngineSample, MetricsParseError, parse_engine_metrics
 
 LABELS = ("model_name", "engine")
@@ -188,3 +190,47 @@ def test_malformed_wanted_sample_is_an_error(text: str) -> None:
 def test_unknown_lines_are_ignored() -> None:
     text = "some garbage line without meaning\nvllm:num_requests_running 2\n{weird\n"
     assert parse_engine_metrics(text) == EngineSample(running=2.0)
+
+
+def cache_info(engines: list[tuple[str, str]]) -> str:
+    """vllm:cache_config_info as vLLM writes it: one series per engine, the config in
+    its labels, value 1."""
+    lines = [
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+        "# TYPE vllm:cache_config_info gauge",
+    ]
+    for engine, (block_size, blocks) in enumerate(engines):
+        lines.append(
+            f'vllm:cache_config_info{{block_size="{block_size}",cache_dtype="auto",'
+            f'enable_prefix_caching="True",engine="{engine}",gpu_memory_utilization="0.9",'
+            f'num_cpu_blocks="None",num_gpu_blocks="{blocks}",prefix_caching_hash_algo='
+            f'"sha256"}} 1.0'
+        )
+    return "\n".join(lines) + "\nvllm:num_requests_running 0.0\n"
+
+
+def test_cache_capacity_comes_from_cache_config_info() -> None:
+    sample = parse_engine_metrics(cache_info([("16", "2048")]))
+    assert sample.kv_block_size == 16
+    assert sample.kv_capacity_tokens == 16 * 2048
+
+
+def test_cache_capacity_adds_up_over_data_parallel_engines() -> None:
+    sample = parse_engine_metrics(cache_info([("16", "1000"), ("16", "3000")]))
+    assert sample.kv_capacity_tokens == 16 * 4000
+
+
+@pytest.mark.parametrize("blocks", ["None", "", "-5", "0", "lots"])
+def test_unknown_cache_size_is_none_not_an_error(blocks: str) -> None:
+    sample = parse_engine_metrics(cache_info([("16", blocks)]))
+    assert sample.kv_capacity_tokens is None
+    assert sample.kv_block_size == 16
+    assert sample.running == 0.0
+
+
+def test_the_simulators_cache_info_is_read() -> None:
+    config = SimulatorConfig(models=("m",), kv_blocks=300, block_size=32)
+    metrics = EngineMetrics(config, lambda: EngineSnapshot(0, 0, 0.0, (), ()))
+    sample = parse_engine_metrics(metrics.render().decode())
+    assert sample.kv_block_size == 32
+    assert sample.kv_capacity_tokens == 300 * 32

@@ -317,7 +317,7 @@ async def test_an_observer_of_a_request_routed_by_another_process_counts_it(gate
         "session": context.fields["session"].string_value,
         "model": "llama",
         "pod": "llama-0",
-        "strategy": "random",
+        "strategy": "predicted-latency",  # the default profile
         "request_id": context.fields["request_id"].string_value,
         "flow_fairness_id": "",
         "flow_priority": "0",

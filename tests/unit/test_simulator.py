@@ -362,6 +362,27 @@ async def test_repeated_long_prompt_hits_the_prefix_cache_on_that_pod_only():
     assert other_pod > warm_again * 3
 
 
+@pytest.mark.parametrize("serial", [False, True])
+async def test_serial_prefill_makes_a_short_prompt_wait_for_a_long_one(serial: bool):
+    """A long prompt is admitted just before a short one: with serial prefill the short
+    one's first token waits for the long prefill; without, it comes first."""
+    async with simulator(prefill_us_per_token=200.0, ttft_ms=1.0, serial_prefill=serial) as pod:
+        order: list[str] = []
+
+        async def first_token(name: str, words: int) -> None:
+            await pod.stream("/v1/chat/completions", chat(long_prompt(words, name), max_tokens=1))
+            order.append(name)
+
+        long = asyncio.create_task(first_token("long", 3000))  # ~0.6 s of prefill
+        for _ in range(500):  # until it is admitted and prefilling (bounded)
+            if await pod.value("vllm:num_requests_running") == 1:
+                break
+            await asyncio.sleep(0.002)
+        await first_token("short", 5)
+        await long
+    assert order == (["long", "short"] if serial else ["short", "long"])
+
+
 async def test_next_chat_turn_hits_the_generated_reply():
     async with simulator(block_size=4) as pod:
         history = [{"role": "user", "content": long_prompt(40)}]
@@ -450,6 +471,9 @@ def test_cli_flags_build_the_config():
     assert (config.ttft_ms, config.itl_ms, config.max_num_seqs) == (20.0, 5.0, 256)
     assert (config.kv_blocks, config.block_size, config.max_tokens_default) == (2048, 16, 16)
     assert config.host == "127.0.0.1"
+    assert not config.serial_prefill
+    serial = parser.parse_args(["--model", "m", "--serial-prefill"])
+    assert simulator_app.config_from_args(serial).serial_prefill
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --model is required
     bad = parser.parse_args(["--model", "m", "--lora", "m"])

@@ -272,10 +272,12 @@ def test_catalog_resolves_and_caches_combinations() -> None:
     assert catalog.resolve("least-latency:1,throughput:2") is not None
     assert "least-request" in catalog.names() and "session-affinity" in catalog.names()
     assert catalog.scorers() == [
+        "cache-fit",
         "least-kv-cache",
         "least-latency",
         "least-request",
         "precise-prefix-cache",
+        "predicted-ttft",
         "prefix-cache",
         "throughput",
     ]

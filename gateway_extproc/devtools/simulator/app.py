@@ -164,6 +164,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=50.0,
         help="prefill time per prompt token missing from the prefix cache (microseconds)",
     )
+    parser.add_argument(
+        "--serial-prefill",
+        action="store_true",
+        help="prefill one request at a time (a long prompt delays the next first tokens)",
+    )
     parser.add_argument("--kv-blocks", type=int, default=2048, help="KV cache size in blocks")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument(
@@ -202,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         itl_ms=args.itl_ms,
         max_num_seqs=args.max_num_seqs,
         prefill_us_per_token=args.prefill_us_per_token,
+        serial_prefill=args.serial_prefill,
         kv_blocks=args.kv_blocks,
         block_size=args.block_size,
         max_tokens_default=args.max_tokens_default,

@@ -22,6 +22,9 @@ class SimulatorConfig:
     itl_ms: float = 5.0
     max_num_seqs: int = 256
     prefill_us_per_token: float = 50.0
+    # One prefill at a time per engine (FIFO), as when prompts share the GPU's compute:
+    # a long prompt's prefill delays the first token of the requests behind it.
+    serial_prefill: bool = False
     kv_blocks: int = 2048
     block_size: int = 16
     max_tokens_default: int = 16

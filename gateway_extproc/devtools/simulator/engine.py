@@ -4,7 +4,9 @@ At most `max_num_seqs` requests run at once; the rest wait in arrival order, and
 head of the queue also waits while the KV cache cannot hold it (as vLLM's FCFS
 scheduler does), so waiting grows under memory pressure as well as under concurrency.
 Once admitted a request sleeps TTFT + prefill of its uncached prompt tokens, then
-emits one token every inter-token latency, all scaled by the fault `slow_factor`.
+emits one token every inter-token latency, all scaled by the fault `slow_factor`. With
+`serial_prefill` the prefills of one engine run one after another, in admission order,
+so a request's prefill starts when the one before it has finished.
 Times are absolute deadlines so a slow consumer never makes later tokens drift.
 """
 
@@ -67,6 +69,7 @@ class Engine:
         self._waiting_adapters: collections.Counter[str] = collections.Counter()
         # Adapters get their own block namespace, as vLLM's LoRA extra hash keys do.
         self._salts = {name: text.token_id(name) for name in config.loras}
+        self._prefill_free_at = 0.0  # with serial_prefill: when the last prefill ends
 
     def snapshot(self) -> EngineSnapshot:
         return EngineSnapshot(
@@ -99,8 +102,13 @@ class Engine:
             allocation = seq.allocation
             assert allocation is not None
             prompt_len = len(request.prompt_ids)
-            prefill_s = (prompt_len - cached_tokens) * cfg.prefill_us_per_token / 1e6
-            deadline = loop.time() + self.faults.slow_factor * (cfg.ttft_ms / 1e3 + prefill_s)
+            slow = self.faults.slow_factor
+            prefill_s = slow * (prompt_len - cached_tokens) * cfg.prefill_us_per_token / 1e6
+            start = loop.time()
+            if cfg.serial_prefill:
+                start = max(start, self._prefill_free_at)
+                self._prefill_free_at = start + prefill_s
+            deadline = start + prefill_s + slow * cfg.ttft_ms / 1e3
             await _sleep_until(loop, deadline)
             # The prompt's blocks are computed now; later requests can hit them even
             # while this one is still generating.

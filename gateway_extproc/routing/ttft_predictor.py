@@ -1,0 +1,171 @@
+"""Predicted time to first token: the scorer that prefers the pod where this request
+should see its first token soonest.
+
+    predicted = queue wait + backlog wait + slowness x line(uncached prompt characters)
+
+- uncached: the prompt's length minus the prefix the pod is expected to hold
+  (`prefix_capacity.CachePressure`: its index ages out what the engine has likely
+  evicted);
+- slowness x line: the pod's measured speed (`measured.MeasuredLatency`, from the
+  responses the gateway saw; a pod without samples counts as typical);
+- queue wait: requests ahead x how often a slot frees up (the pod's measured response
+  duration / the requests it runs). Requests ahead are the engine's waiting queue and,
+  while the engine reports one (it is full), the requests we sent it since that it has
+  not counted yet. An engine that queues nothing runs what we send at once, so in-flight
+  counts alone add no wait; the profile's load term spreads those;
+- backlog wait: the prefill this processor sent the pod that should not be done yet
+  (each pick's predicted prefill, queued behind the pod's earlier ones), times the share
+  of it that the fleet's measured TTFTs show to delay a new request
+  (`MeasuredLatency.backlog_weight`: engines whose prefills share the GPU delay the
+  next request by about all of it; the simulator without --serial-prefill by none).
+
+Scores are best / predicted, so a pod predicted twice as slow as the best scores 0.5. It
+always has data: with no metrics the queue term is 0, with no samples the speed is the
+fleet's (or a default line), so it never sends a pod to probation by itself.
+
+When a pick is made the scorer notes what it expected of the request (the pod and the
+uncached length), keyed by request id, so that the response's measured TTFT teaches the
+line and the pod's slowness (`observed`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from itertools import compress
+
+from gateway_extproc.routing.measured import MeasuredLatency, ResponseTiming
+from gateway_extproc.routing.plugins import Scorer, Scores, ScoringContext
+from gateway_extproc.routing.prefix_capacity import CachePressure
+
+# Keeps tiny predictions from turning small absolute differences into large ratios.
+FLOOR_SECONDS = 0.001
+# Predictions within this fraction of the best one score as the best: measured speeds
+# are this noisy, and a pod a few percent "faster" by chance must not draw every new
+# prompt (where a prompt fits, and load, decide between them).
+MARGIN = 0.15
+# Picks remembered until their response ends (older ones are dropped first).
+MAX_NOTES = 65536
+
+
+class PredictedTTFTScorer(Scorer):
+    name = "predicted-ttft"
+
+    def __init__(
+        self, measured: MeasuredLatency, pressure: CachePressure, *, max_notes: int = MAX_NOTES
+    ) -> None:
+        self.measured = measured
+        self.pressure = pressure
+        self._max_notes = max_notes
+        # request id -> (pod key, expected uncached characters, prompt characters,
+        # the pod's prefill backlog then)
+        self._notes: OrderedDict[str, tuple[str, float, float, float]] = OrderedDict()
+        # pod key -> when the prefill routing expects the pod to have done
+        self._prefill_done_at: dict[str, float] = {}
+        self._last: tuple[ScoringContext, list[float]] | None = None
+
+    def score(self, ctx: ScoringContext) -> Scores:
+        predicted = self.predict(ctx)
+        top = min(predicted, default=0.0) * (1.0 + MARGIN)
+        return [min(top / value, 1.0) for value in predicted]
+
+    def predict(self, ctx: ScoringContext) -> list[float]:
+        """Predicted TTFT (seconds) per candidate. Per pod, a multiplication and an
+        addition in one pass; the few pods that hold part of the prompt, have prefill
+        backlog or a waiting queue are adjusted one by one."""
+        last = self._last
+        if last is not None and last[0] is ctx:
+            return last[1]
+        measured = self.measured
+        now = ctx.now
+        keys = ctx.candidates.keys
+        prompt_chars = len(ctx.request.prompt)
+        base, per_char = measured.line()
+        slowness = measured.slowness_of(keys, now)
+        uncached_all = base + per_char * prompt_chars
+        out = [s * uncached_all + FLOOR_SECONDS for s in slowness]
+        block_chars = self.pressure.index.block_chars
+        for i, depth in self.pressure.matched_blocks(ctx).items():
+            uncached = max(prompt_chars - depth * block_chars, 0)
+            out[i] = slowness[i] * (base + per_char * uncached) + FLOOR_SECONDS
+        self._add_backlog(ctx, out, now)
+        waiting_seen = ctx.view().waiting
+        if any(waiting_seen):
+            metrics = ctx.metrics()
+            loads = ctx.loads()
+            for i in compress(range(len(keys)), waiting_seen):
+                m = metrics[i]
+                if m is None or not m.waiting:
+                    continue
+                running = m.running or 0
+                # Our in-flight count is loads - the waiting queue the loads include.
+                inflight = loads[i] - waiting_seen[i]
+                ahead = m.waiting + max(inflight - running - m.waiting, 0)
+                per_request = measured.duration(keys[i]) or m.e2e_mean_recent or 0.0
+                if 0.0 < per_request < math.inf:
+                    out[i] += ahead * per_request / max(running, 1)
+        self._last = (ctx, out)
+        return out
+
+    def _add_backlog(self, ctx: ScoringContext, out: list[float], now: float) -> None:
+        """Add the weighted prefill backlog of the candidates that have one (and drop
+        the pods whose backlog is done)."""
+        done_at = self._prefill_done_at
+        if not done_at:
+            return
+        weight = self.measured.backlog_weight()
+        index = ctx.candidates.index
+        done = []
+        for key, at in done_at.items():
+            if at <= now:
+                done.append(key)
+                continue
+            i = index.get(key)
+            if i is not None:
+                out[i] += weight * (at - now)
+        for key in done:
+            del done_at[key]
+
+    def picked(self, position: int, ctx: ScoringContext) -> None:
+        self.pressure.record(position, ctx)
+        request_id = ctx.request.request_id
+        if not request_id:
+            return
+        matched = self.pressure.matched_blocks(ctx).get(position, 0)
+        prompt_chars = len(ctx.request.prompt)
+        uncached = max(prompt_chars - matched * self.pressure.index.block_chars, 0)
+        key = ctx.candidates.keys[position]
+        # This request's prefill queues behind what the pod has not done yet.
+        now = ctx.now
+        start = max(self._prefill_done_at.get(key, now), now)
+        self._prefill_done_at[key] = start + self.measured.prefill_seconds(key, uncached, now)
+        notes = self._notes
+        notes.pop(request_id, None)
+        notes[request_id] = (key, float(uncached), float(prompt_chars), start - now)
+        if len(notes) > self._max_notes:
+            notes.popitem(last=False)
+
+    def observed(self, timing: ResponseTiming) -> None:
+        """A response ended: teach the measured latencies what it showed."""
+        note = self._notes.pop(timing.request_id, None)
+        if note is None or note[0] != timing.pod_key:
+            # Not picked by this scorer, or served by another pod (Envoy's fallback):
+            # its expectations are unknown, only the pod's plain means learn.
+            self.measured.observe(
+                timing.pod_key, ttft=timing.ttft, tpot=timing.tpot, duration=timing.duration
+            )
+            return
+        _, uncached, prompt_chars, backlog = note
+        self.measured.observe(
+            timing.pod_key,
+            ttft=timing.ttft,
+            tpot=timing.tpot,
+            duration=timing.duration,
+            uncached_chars=uncached,
+            prompt_chars=prompt_chars,
+            backlog=backlog,
+        )
+
+    def forget(self, pod_key: str) -> None:
+        self.measured.forget(pod_key)
+        self._prefill_done_at.pop(pod_key, None)
