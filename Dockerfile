@@ -20,7 +20,10 @@ COPY pyproject.toml README.md ./
 COPY gateway_extproc ./gateway_extproc
 # pip byte-compiles what it installs: the runtime's root file system is read-only, so
 # Python could not write the caches there later.
-RUN pip install --upgrade pip && pip install .
+# xds-protos ships an older copy of OpenTelemetry's protos in opentelemetry-proto's files:
+# lay opentelemetry-proto's down again, last (the OTLP exporter needs them).
+RUN pip install --upgrade pip && pip install . && \
+    pip install --force-reinstall --no-deps "opentelemetry-proto==$(python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 
 # --- runtime: the venv on a clean base, run as an unprivileged numeric user ------------
 # (Debian-based, so the chart's preStop hook finds `sleep`.)
