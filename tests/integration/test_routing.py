@@ -100,7 +100,10 @@ def test_stream_arrives_intact(any_gateway: Gateway, pods: dict[str, Pod]) -> No
 
 
 def test_random_routing_uses_both_pods(gateway: Gateway, pods: dict[str, Pod]) -> None:
-    seen = Counter(served_by(chat(gateway.port, CHAT_MODEL, max_tokens=1)) for _ in range(20))
+    header = {"routing-strategy": "random"}
+    seen = Counter(
+        served_by(chat(gateway.port, CHAT_MODEL, header, max_tokens=1)) for _ in range(20)
+    )
 
     # Both pods get traffic (a random pick misses one 20 times in a row with p = 2e-6).
     assert set(seen) == model_addresses(pods, CHAT_MODEL), seen

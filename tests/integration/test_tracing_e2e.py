@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway_extproc.config import Settings
 from gateway_extproc.devtools import localstack
 from gateway_extproc.devtools.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.integration.stack import (
@@ -81,7 +82,7 @@ def test_the_engine_gets_a_child_of_the_clients_trace_and_the_span_is_exported(
     assert span.attributes["gateway.pod.address"] == pod.address
     assert response.headers["x-simulator-pod"] == pod.address
     assert span.attributes["gateway.model"] == CHAT_MODEL
-    assert span.attributes["gateway.strategy"] == "random"
+    assert span.attributes["gateway.strategy"] == Settings().default_strategy  # no header
     assert span.attributes["http.response.status_code"] == 200
     assert (
         span.attributes["gen_ai.usage.output_tokens"]
