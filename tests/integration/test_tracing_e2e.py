@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway_extproc.config import Settings
 from gateway_extproc.devtools import localstack
 from gateway_extproc.devtools.otlp_receiver import OtlpReceiver, ReceivedSpan
+from gateway_extproc.routing.registry import PREDICTED_LATENCY
 from tests.integration.stack import (
     CHAT_MODEL,
     PROCESSOR_ARGS,
@@ -82,7 +82,7 @@ def test_the_engine_gets_a_child_of_the_clients_trace_and_the_span_is_exported(
     assert span.attributes["gateway.pod.address"] == pod.address
     assert response.headers["x-simulator-pod"] == pod.address
     assert span.attributes["gateway.model"] == CHAT_MODEL
-    assert span.attributes["gateway.strategy"] == Settings().default_strategy  # no header
+    assert span.attributes["gateway.strategy"] == PREDICTED_LATENCY  # no header: the default
     assert span.attributes["http.response.status_code"] == 200
     assert (
         span.attributes["gen_ai.usage.output_tokens"]
