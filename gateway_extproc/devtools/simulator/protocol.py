@@ -287,47 +287,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_response(
-    request_id: str, created: int, model: str, content: str, finish: str, use: dict[str, int]
+def choice_response(
+    request_id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish: str,
+    use: dict[str, int],
+    chat: bool,
 ) -> bytes:
+    """The whole body of a chat (`chat`) or completions response: one choice."""
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": content, "tool_calls": []}
+    else:
+        choice["text"] = content
+    choice["logprobs"] = None
+    choice["finish_reason"] = finish
+    choice["stop_reason"] = None
     return orjson.dumps(
         {
             "id": request_id,
-            "object": "chat.completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content, "tool_calls": []},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": None,
-                }
-            ],
-            "usage": use,
-        }
-    )
-
-
-def completion_response(
-    request_id: str, created: int, model: str, content: str, finish: str, use: dict[str, int]
-) -> bytes:
-    return orjson.dumps(
-        {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": content,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": None,
-                }
-            ],
+            "choices": [choice],
             "usage": use,
         }
     )
