@@ -297,14 +297,11 @@ def choice_response(
     chat: bool,
 ) -> bytes:
     """The whole body of a chat (`chat`) or completions response: one choice."""
-    choice: dict[str, Any] = {"index": 0}
     if chat:
-        choice["message"] = {"role": "assistant", "content": content, "tool_calls": []}
+        message = {"role": "assistant", "content": content, "tool_calls": []}
+        choice = _choice("message", message, finish)
     else:
-        choice["text"] = content
-    choice["logprobs"] = None
-    choice["finish_reason"] = finish
-    choice["stop_reason"] = None
+        choice = _choice("text", content, finish)
     return orjson.dumps(
         {
             "id": request_id,
@@ -315,6 +312,18 @@ def choice_response(
             "usage": use,
         }
     )
+
+
+def _choice(field: str, value: Any, finish: str | None) -> dict[str, Any]:
+    """One choice of a body or chunk: its `field` (message, delta or text), as vLLM
+    orders the keys."""
+    return {
+        "index": 0,
+        field: value,
+        "logprobs": None,
+        "finish_reason": finish,
+        "stop_reason": None,
+    }
 
 
 def sse(payload: bytes) -> bytes:
@@ -349,14 +358,7 @@ class ChunkWriter:
         return sse(orjson.dumps({**self._head, "choices": [], "usage": use}))
 
     def _event(self, delta: dict[str, str] | str, finish: str | None) -> bytes:
-        choice: dict[str, Any] = {"index": 0}
-        if self._chat:
-            choice["delta"] = delta
-        else:
-            choice["text"] = delta
-        choice["logprobs"] = None
-        choice["finish_reason"] = finish
-        choice["stop_reason"] = None
+        choice = _choice("delta" if self._chat else "text", delta, finish)
         return sse(orjson.dumps({**self._head, "choices": [choice]}))
 
 
