@@ -33,7 +33,7 @@ from kubernetes import client as k8s_client
 from gateway_extproc.models.adapters import AdapterDiscovery, ModelProbe
 from gateway_extproc.models.informer import (
     Informer,
-    Stopped,
+    InformerSource,
     WatchTiming,
     new_api_client,
     object_key,
@@ -169,28 +169,24 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo | None:
 # -- the source -----------------------------------------------------------------------------
 
 
-class InferencePoolSource:
+class InferencePoolSource(InformerSource):
     """Keeps `registry` equal to the endpoints of one InferencePool (see module doc)."""
 
     def __init__(self, registry: ModelRegistry, options: PoolOptions) -> None:
-        self._registry = registry
+        super().__init__(registry, None)
         self._options = options
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._informers: list[Informer] = []
         self._probe = ModelProbe(
             self._on_models_found,
             retry=options.model_probe_retry,
             timeout=options.model_probe_timeout,
         )
-        self._adapters: AdapterDiscovery | None = None
         # Loop-thread state.
-        self._closed = False
         self._pool: PoolSpec | None = None
         self._pool_listed = False
         self._pods: dict[str, PodInfo] = {}
         self._pods_listed = False
         self._endpoints: dict[str, set[str]] = {}  # pod key -> its endpoints' keys
-        self._synced = asyncio.Event()
 
     @property
     def pool(self) -> PoolSpec | None:
@@ -229,18 +225,6 @@ class InferencePoolSource:
         if self._adapters is not None:
             await self._adapters.wait_closed()
 
-    @property
-    def synced(self) -> bool:
-        """True once the pool and the namespace's pods have both been listed and applied."""
-        return self._synced.is_set()
-
-    async def wait_synced(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._synced.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     def _pool_informer(self) -> Informer:
         opts = self._options
 
@@ -272,17 +256,7 @@ class InferencePoolSource:
             timing=opts.timing,
         )
 
-    # -- from the informer threads --------------------------------------------------------
-
-    def _post(self, fn: Any, *args: Any) -> None:
-        if self._closed or self._loop is None:
-            raise Stopped
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError as exc:  # the loop is closed: nobody left to inform
-            raise Stopped from exc
-
-    # -- the loop thread ------------------------------------------------------------------
+    # -- the loop thread (synced: once the pool and the namespace's pods have listed) ------
 
     def _apply_pool(self, spec: PoolSpec | PoolSpecError | None, listed: bool) -> None:
         if self._closed:
@@ -401,9 +375,6 @@ class InferencePoolSource:
 
     def _forget_unused_probes(self) -> None:
         self._probe.keep_only({a for pod in self._pods.values() for a in self._addresses(pod)})
-
-    def _decorate(self, pod: Pod) -> Pod:
-        return self._adapters.decorate(pod) if self._adapters is not None else pod
 
 
 @dataclass

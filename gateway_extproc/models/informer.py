@@ -12,10 +12,14 @@ with `_preload_content=False`, so that a malformed line, a BOOKMARK or an ERROR 
 handled here rather than inside the client. What an object means is the handler's
 business: it gets the listed items and each event's object, on this thread, and hands
 them to wherever they belong (a source posts them to its event loop).
+
+`InformerSource` is the sources' common side of that hand-off: posting to the loop from
+an informer thread, the closed guard on registry writes, and the synced flag.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -32,6 +36,9 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+
+from gateway_extproc.models.adapters import AdapterDiscovery
+from gateway_extproc.models.registry import ModelRegistry, Pod
 
 log = structlog.get_logger("gateway_extproc.kubernetes")
 
@@ -401,6 +408,48 @@ class Informer:
     def _check_stopping(self) -> None:
         if self._stopping.is_set():
             raise Stopped
+
+
+# -- the sources' side -----------------------------------------------------------------------
+
+
+class InformerSource:
+    """What both Kubernetes sources share: their informers' handlers post what they read
+    to the event loop (`_post`), where every registry write happens and none once
+    `_closed` is set; `synced` once the first lists have been applied; LoRA adapters
+    found by polling, when on, decorate each pod written."""
+
+    def __init__(self, registry: ModelRegistry, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._registry = registry
+        self._loop = loop  # None: the source takes the running loop in start()
+        self._adapters: AdapterDiscovery | None = None
+        # Loop-thread state.
+        self._closed = False
+        self._synced = asyncio.Event()
+
+    @property
+    def synced(self) -> bool:
+        """True once the first lists have been applied to the registry."""
+        return self._synced.is_set()
+
+    async def wait_synced(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        """From an informer thread: call `fn(*args)` on the loop; Stopped once closed."""
+        if self._closed or self._loop is None:
+            raise Stopped
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError as exc:  # the loop is closed: nobody left to inform
+            raise Stopped from exc
+
+    def _decorate(self, pod: Pod) -> Pod:
+        return self._adapters.decorate(pod) if self._adapters is not None else pod
 
 
 def object_key(obj: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from kubernetes import client as k8s_client
 from gateway_extproc.models.adapters import AdapterDiscovery
 from gateway_extproc.models.informer import (
     Informer,
-    Stopped,
+    InformerSource,
     WatchTiming,
     new_api_client,
     object_key,
@@ -204,7 +204,7 @@ def pod_ready(obj: Mapping[str, Any]) -> bool:
 # -- the source ---------------------------------------------------------------------------
 
 
-class KubernetesSource:
+class KubernetesSource(InformerSource):
     """Keeps `registry` equal to the model pods the API server reports.
 
     A DiscoverySource (models/source.py): `start()` runs one informer thread per scope;
@@ -212,26 +212,24 @@ class KubernetesSource:
     (up to its timeout) for the threads to exit; `running` says whether one is still alive.
     """
 
+    _loop: asyncio.AbstractEventLoop  # given at construction, never None here
+
     def __init__(
         self,
         registry: ModelRegistry,
         loop: asyncio.AbstractEventLoop,
         options: KubernetesOptions | None = None,
     ) -> None:
-        self._registry = registry
-        self._loop = loop
+        super().__init__(registry, loop)
         self._options = options or KubernetesOptions()
         self._mapper = PodMapper(self._options)
         namespaces = tuple(dict.fromkeys(self._options.namespaces))  # dedupe, keep order
         self._informers = {ns: self._informer(ns) for ns in namespaces or ("",)}
         self._started = False
-        self._adapters: AdapterDiscovery | None = None
         # Loop-thread state: the pods each scope reported, undecorated by adapters.
-        self._closed = False
         self._known: dict[str, Pod] = {}
         self._keys_by_scope: dict[str, set[str]] = {ns: set() for ns in self._informers}
         self._listed: set[str] = set()
-        self._synced = asyncio.Event()
 
     def _informer(self, namespace: str) -> Informer:
         opts = self._options
@@ -301,37 +299,12 @@ class KubernetesSource:
         if self._adapters is not None:
             await self._adapters.wait_closed()
 
-    @property
-    def synced(self) -> bool:
-        """True once the first list of every scope has been applied to the registry."""
-        return self._synced.is_set()
-
-    async def wait_synced(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._synced.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     def resource_version(self, namespace: str = "") -> str | None:
         """The resourceVersion the next watch of `namespace` ("" = cluster-wide) starts from."""
         informer = self._informers.get(namespace)
         return informer.resource_version if informer is not None else None
 
-    # -- from the informer threads --------------------------------------------------------
-
-    def _post(self, fn: Any, *args: Any) -> None:
-        if self._closed:
-            raise Stopped
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError as exc:  # the loop is closed: nobody left to inform
-            raise Stopped from exc
-
-    # -- the loop thread ------------------------------------------------------------------
-
-    def _decorate(self, pod: Pod) -> Pod:
-        return self._adapters.decorate(pod) if self._adapters is not None else pod
+    # -- the loop thread (synced: once every scope has listed) ----------------------------
 
     def _apply_list(self, namespace: str, pods: list[Pod]) -> None:
         if self._closed:

@@ -4,7 +4,7 @@ pool and of its pods, and empties when the pool goes away."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ POOL = "vllm-llama"
 APP = {"app": "vllm-llama"}
 FAST = WatchTiming(backoff_base=0.05, backoff_max=0.3, request_timeout=5.0, watch_timeout=30.0)
 
-MakeSource = Callable[..., tuple[InferencePoolSource, ModelRegistry]]
+MakeSource = Callable[..., Awaitable[tuple[InferencePoolSource, ModelRegistry]]]
 
 
 def addresses(registry: ModelRegistry, model: str) -> set[str]:
@@ -49,6 +49,7 @@ def fake() -> Iterator[FakeKubeApiServer]:
 
 @pytest.fixture
 async def make_source(tmp_path: Path, fake: FakeKubeApiServer) -> AsyncIterator[MakeSource]:
+    """Starts a source over the fake API server and returns once it has synced."""
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
     started: list[InferencePoolSource] = []
 
@@ -60,9 +61,10 @@ async def make_source(tmp_path: Path, fake: FakeKubeApiServer) -> AsyncIterator[
         source = InferencePoolSource(registry, options)
         await source.start()
         started.append(source)
+        assert await source.wait_synced(10)
         return source, registry
 
-    yield make  # type: ignore[misc]
+    yield make
     for source in started:
         await source.stop()
 
@@ -81,8 +83,7 @@ async def test_every_pod_times_every_target_port_is_an_endpoint(
     running_pod(fake, "llama-0", "10.0.0.1", **{"model.aibrix.ai/name": "llama"})
     running_pod(fake, "llama-1", "10.0.0.2", **{"model.aibrix.ai/name": "llama"})
     fake.create_pod("other", labels={"app": "other", "model.aibrix.ai/name": "llama"})
-    source, registry = await make_source()
-    assert await source.wait_synced(10)
+    _, registry = await make_source()
 
     assert addresses(registry, "llama") == {
         "10.0.0.1:8000",
@@ -110,8 +111,7 @@ async def test_pod_changes_move_the_endpoints(
     fake: FakeKubeApiServer, make_source: MakeSource
 ) -> None:
     fake.create_pool(POOL, selector=APP, target_ports=[8000])
-    source, registry = await make_source()
-    assert await source.wait_synced(10)
+    _, registry = await make_source()
     assert registry.lookup("llama").state is ModelState.ABSENT
 
     fake.create_pod("llama-0", labels={**APP, "model.aibrix.ai/name": "llama"})
@@ -133,8 +133,7 @@ async def test_a_pool_edit_takes_effect_without_a_restart(
     fake.create_pool(POOL, selector=APP, target_ports=[8000])
     running_pod(fake, "blue-0", "10.0.1.1", track="blue", **{"model.aibrix.ai/name": "llama"})
     running_pod(fake, "green-0", "10.0.2.1", track="green", **{"model.aibrix.ai/name": "llama"})
-    source, registry = await make_source()
-    assert await source.wait_synced(10)
+    _, registry = await make_source()
     assert addresses(registry, "llama") == {"10.0.1.1:8000", "10.0.2.1:8000"}
 
     fake.update_pool(POOL, target_ports=[9000, 9001])
@@ -158,8 +157,7 @@ async def test_deleting_the_pool_empties_the_dictionary_and_recreating_refills_i
 ) -> None:
     fake.create_pool(POOL, selector=APP, target_ports=[8000])
     running_pod(fake, "llama-0", "10.0.0.1", **{"model.aibrix.ai/name": "llama"})
-    source, registry = await make_source()
-    assert await source.wait_synced(10)
+    _, registry = await make_source()
     assert registry.lookup("llama").state is ModelState.READY
 
     fake.delete_pool(POOL)
@@ -175,8 +173,7 @@ async def test_a_missing_pool_is_an_empty_synced_dictionary_until_it_appears(
 ) -> None:
     running_pod(fake, "llama-0", "10.0.0.1", **{"model.aibrix.ai/name": "llama"})
     fake.create_pool("another-pool", selector=APP, target_ports=[7000])
-    source, registry = await make_source()
-    assert await source.wait_synced(10)
+    _, registry = await make_source()
     assert registry.synced and registry.models() == {}
 
     fake.create_pool(POOL, selector=APP, target_ports=[8000])
@@ -191,8 +188,7 @@ async def test_the_pool_namespace_is_the_one_watched(
     fake.create_pod("in-models", "models", labels={**APP, "model.aibrix.ai/name": "llama"})
     fake.update_pod("in-models", "models", ip="10.0.3.1", phase="Running", ready=True)
     running_pod(fake, "in-default", "10.0.4.1", **{"model.aibrix.ai/name": "llama"})
-    source, registry = await make_source(namespace="models")
-    assert await source.wait_synced(10)
+    _, registry = await make_source(namespace="models")
     assert addresses(registry, "llama") == {"10.0.3.1:8000"}
     assert [p.key for p in registry.pods()] == ["models/in-models-rank-0"]
 
@@ -202,8 +198,7 @@ async def test_an_invalid_pool_edit_keeps_the_last_good_endpoints(
 ) -> None:
     fake.create_pool(POOL, selector=APP, target_ports=[8000])
     running_pod(fake, "llama-0", "10.0.0.1", **{"model.aibrix.ai/name": "llama"})
-    source, registry = await make_source()
-    assert await source.wait_synced(10)
+    _, registry = await make_source()
     broken = {"selector": {"matchLabels": APP}, "targetPorts": [{"number": "eighty"}]}
     with capture_logs() as logs:
         fake.update_pool(POOL, spec=broken)
@@ -219,8 +214,7 @@ async def test_an_expired_watch_relists_the_pool_and_catches_up(
 ) -> None:
     fake.create_pool(POOL, selector=APP, target_ports=[8000])
     running_pod(fake, "llama-0", "10.0.0.1", **{"model.aibrix.ai/name": "llama"})
-    source, registry = await make_source()
-    assert await source.wait_synced(10)
+    _, registry = await make_source()
     await eventually(lambda: fake.active_watches >= 2, what="both watches open")
     lists_before = len(fake.requests(watch=False, resource=POOLS))
 
@@ -271,7 +265,6 @@ async def test_an_unlabelled_pod_serves_what_its_engine_lists(
     fake.create_pool(POOL, selector=APP, target_ports=[port])
     running_pod(fake, "qwen-0", "127.0.0.1")  # no model label
     source, registry = await make_source(model_probe_retry=0.05)
-    assert await source.wait_synced(10)
     # Not in the dictionary while the engine does not answer, and asked again.
     await eventually(lambda: state.hits >= 2, what="retries")
     assert registry.models() == {}

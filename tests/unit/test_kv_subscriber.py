@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import msgpack
 import pytest
@@ -28,6 +28,7 @@ from gateway_extproc.kvevents.wire import (
     message,
 )
 from gateway_extproc.models.registry import ModelRegistry, Pod
+from tests.waiting import eventually
 
 SIZE = 4
 TOKENS = list(range(1000, 1032))  # eight blocks
@@ -50,21 +51,12 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Bounded polling: the subscriber works on its own task."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 class RawPublisher:
     """A test-driven XPUB socket: sends whatever frames a test wants, in the order it
     wants, once the subscriber's subscription has arrived (no slow-joiner loss)."""
 
     def __init__(self, context: zmq.asyncio.Context, port: int) -> None:
+        self.port = port
         self.socket = context.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(f"tcp://127.0.0.1:{port}")
@@ -116,6 +108,15 @@ def depth(index: KVBlockIndex, pod: str = POD) -> int:
     return index.longest_prefixes(KEYS, [pod]).get(pod, 0)
 
 
+async def publishing_pod(context: zmq.asyncio.Context, registry: ModelRegistry) -> RawPublisher:
+    """A raw publisher on a fresh port, the pod that names it added, and subscribed to."""
+    port = free_port()
+    publisher = RawPublisher(context, port)
+    add_pod(registry, port)
+    await publisher.subscribed()
+    return publisher
+
+
 @contextlib.asynccontextmanager
 async def simulator_publisher(**kwargs: int) -> AsyncIterator[EventPublisher]:
     publisher = EventPublisher("127.0.0.1", 0, 0, **kwargs)
@@ -128,17 +129,14 @@ async def simulator_publisher(**kwargs: int) -> AsyncIterator[EventPublisher]:
 
 async def test_stored_and_removed_blocks_show_in_the_index(context, gateway) -> None:
     registry, index, _ = gateway
-    port = free_port()
-    publisher = RawPublisher(context, port)
-    add_pod(registry, port)
-    await publisher.subscribed()
-    await wait_for("the pod trusted once connected", lambda: index.trusted(POD))
+    publisher = await publishing_pod(context, registry)
+    await eventually(lambda: index.trusted(POD), what="the pod trusted once connected")
     await publisher.send(0, [stored(0, 4)])
-    await wait_for("four blocks", lambda: depth(index) == 4)
+    await eventually(lambda: depth(index) == 4, what="four blocks")
     await publisher.send(1, [BlockRemoved((102,), "GPU")])
-    await wait_for("the prefix cut at the removed block", lambda: depth(index) == 2)
+    await eventually(lambda: depth(index) == 2, what="the prefix cut at the removed block")
     await publisher.send(2, [AllBlocksCleared()])
-    await wait_for("nothing left", lambda: depth(index) == 0)
+    await eventually(lambda: depth(index) == 0, what="nothing left")
     assert index.trusted(POD)
     publisher.close()
 
@@ -148,21 +146,18 @@ async def test_a_gap_without_replay_distrusts_the_pod_until_its_cache_is_cleared
 ) -> None:
     registry, index, _ = gateway
     gaps = sample("gateway_kv_event_gaps_total")
-    port = free_port()
-    publisher = RawPublisher(context, port)
-    add_pod(registry, port)
-    await publisher.subscribed()
+    publisher = await publishing_pod(context, registry)
     await publisher.send(0, [stored(0, 2)])
-    await wait_for("two blocks", lambda: depth(index) == 2)
+    await eventually(lambda: depth(index) == 2, what="two blocks")
     await publisher.send(5, [stored(2, 1)])  # batches 1..4 lost
-    await wait_for("the pod distrusted", lambda: not index.trusted(POD))
+    await eventually(lambda: not index.trusted(POD), what="the pod distrusted")
     assert sample("gateway_kv_event_gaps_total") == gaps + 1
     assert sample("gateway_kv_event_unreliable_pods") == 1
     await publisher.send(6, [stored(3, 1)])  # later batches do not make it whole again
     await asyncio.sleep(0.05)
     assert not index.trusted(POD)
     await publisher.send(7, [AllBlocksCleared(), stored(0, 1)])  # rebuilt
-    await wait_for("trusted again", lambda: index.trusted(POD))
+    await eventually(lambda: index.trusted(POD), what="trusted again")
     assert depth(index) == 1
     publisher.close()
 
@@ -172,16 +167,16 @@ async def test_a_gap_is_filled_from_the_replay_endpoint(gateway) -> None:
     filled = sample("gateway_kv_event_replays_total", outcome="filled")
     async with simulator_publisher() as publisher:
         add_pod(registry, publisher.port, publisher.replay_port)
-        await wait_for("connected", lambda: index.trusted(POD))
+        await eventually(lambda: index.trusted(POD), what="connected")
         publisher.publish(stored(0, 1))
-        await wait_for("one block", lambda: depth(index) == 1)
+        await eventually(lambda: depth(index) == 1, what="one block")
         publisher.drop_next = 2  # the network loses the next two batches
         publisher.publish(stored(1, 1))
         await asyncio.sleep(0)  # one batch per loop turn
         publisher.publish(stored(2, 1))
         await asyncio.sleep(0)
         publisher.publish(stored(3, 1))
-        await wait_for("all four blocks, two of them replayed", lambda: depth(index) == 4)
+        await eventually(lambda: depth(index) == 4, what="all four blocks, two of them replayed")
         assert index.trusted(POD)
         assert sample("gateway_kv_event_replays_total", outcome="filled") == filled + 1
 
@@ -191,14 +186,14 @@ async def test_a_replay_that_no_longer_holds_the_lost_batches_distrusts_the_pod(
     incomplete = sample("gateway_kv_event_replays_total", outcome="incomplete")
     async with simulator_publisher(buffer=1) as publisher:
         add_pod(registry, publisher.port, publisher.replay_port)
-        await wait_for("connected", lambda: index.trusted(POD))
+        await eventually(lambda: index.trusted(POD), what="connected")
         publisher.publish(stored(0, 1))
-        await wait_for("one block", lambda: depth(index) == 1)
+        await eventually(lambda: depth(index) == 1, what="one block")
         publisher.drop_next = 2
         for first in (1, 2, 3):
             publisher.publish(stored(first, 1))
             await asyncio.sleep(0)
-        await wait_for("the pod distrusted", lambda: not index.trusted(POD))
+        await eventually(lambda: not index.trusted(POD), what="the pod distrusted")
         assert sample("gateway_kv_event_replays_total", outcome="incomplete") == incomplete + 1
 
 
@@ -208,26 +203,23 @@ async def test_a_subscriber_that_joins_late_replays_what_it_missed(gateway) -> N
         publisher.publish(stored(0, 2))  # nobody listens yet: lost on the PUB socket
         await asyncio.sleep(0.05)
         add_pod(registry, publisher.port, publisher.replay_port)
-        await wait_for("connected", lambda: index.trusted(POD))
+        await eventually(lambda: index.trusted(POD), what="connected")
         publisher.publish(stored(2, 1))
-        await wait_for("the early blocks replayed", lambda: depth(index) == 3)
+        await eventually(lambda: depth(index) == 3, what="the early blocks replayed")
 
 
 async def test_a_restarted_publisher_starts_the_index_afresh(context, gateway) -> None:
     registry, index, _ = gateway
-    port = free_port()
-    publisher = RawPublisher(context, port)
-    add_pod(registry, port)
-    await publisher.subscribed()
+    publisher = await publishing_pod(context, registry)
     for seq in range(3):
         await publisher.send(seq, [stored(seq, 1)])
-    await wait_for("three blocks", lambda: depth(index) == 3)
+    await eventually(lambda: depth(index) == 3, what="three blocks")
     publisher.close()
-    await wait_for("distrusted while disconnected", lambda: not index.trusted(POD))
-    restarted = RawPublisher(context, port)
+    await eventually(lambda: not index.trusted(POD), what="distrusted while disconnected")
+    restarted = RawPublisher(context, publisher.port)
     await restarted.subscribed()
     await restarted.send(0, [stored(0, 1)])  # a new engine: its sequence starts over
-    await wait_for("the old blocks gone, the new one in", lambda: depth(index) == 1)
+    await eventually(lambda: depth(index) == 1, what="the old blocks gone, the new one in")
     assert index.trusted(POD)
     restarted.close()
 
@@ -236,20 +228,17 @@ async def test_a_reconnection_without_replay_is_trusted_once_the_next_batch_foll
     context, gateway
 ) -> None:
     registry, index, _ = gateway
-    port = free_port()
-    publisher = RawPublisher(context, port)
-    add_pod(registry, port)
-    await publisher.subscribed()
+    publisher = await publishing_pod(context, registry)
     await publisher.send(0, [stored(0, 1)])
-    await wait_for("one block", lambda: depth(index) == 1)
+    await eventually(lambda: depth(index) == 1, what="one block")
     publisher.close()
-    await wait_for("distrusted while disconnected", lambda: not index.trusted(POD))
-    again = RawPublisher(context, port)
+    await eventually(lambda: not index.trusted(POD), what="distrusted while disconnected")
+    again = RawPublisher(context, publisher.port)
     await again.subscribed()
     await asyncio.sleep(0.05)
     assert not index.trusted(POD)  # connected, but whether batches were lost is unknown
     await again.send(1, [stored(1, 1)])
-    await wait_for("trusted: nothing was lost", lambda: index.trusted(POD))
+    await eventually(lambda: index.trusted(POD), what="trusted: nothing was lost")
     assert depth(index) == 2
     again.close()
 
@@ -260,17 +249,14 @@ async def test_garbage_is_counted_and_skipped_and_the_stream_goes_on(context, ga
         what: sample("gateway_kv_events_malformed_total", what=what)
         for what in ("message", "payload", "event")
     }
-    port = free_port()
-    publisher = RawPublisher(context, port)
-    add_pod(registry, port)
-    await publisher.subscribed()
+    publisher = await publishing_pod(context, registry)
     await publisher.raw([b"only one frame"])
     await publisher.raw([b"kv", b"\x00\x01", b"payload"])  # a 2-byte sequence number
     await publisher.raw([b"kv", (0).to_bytes(8, "big"), b"\xc1\xc1 not msgpack"])
     bad_event = msgpack.packb([1.0, [["BlockStored", [1], None, [1, 2, 3], 4], ["Nope"]]])
     await publisher.raw([b"kv", (1).to_bytes(8, "big"), bad_event])
     await publisher.send(2, [stored(0, 3)])
-    await wait_for("the good batch applied", lambda: depth(index) == 3)
+    await eventually(lambda: depth(index) == 3, what="the good batch applied")
     assert sample("gateway_kv_events_malformed_total", what="message") == before["message"] + 2
     assert sample("gateway_kv_events_malformed_total", what="payload") == before["payload"] + 1
     assert sample("gateway_kv_events_malformed_total", what="event") == before["event"] + 1
@@ -286,12 +272,12 @@ async def test_a_dead_socket_is_counted_and_falls_back_until_the_publisher_appea
     dead = sample("gateway_kv_event_dead_streams_total")
     port = free_port()  # nothing listens there
     add_pod(registry, port)
-    await wait_for("declared dead", lambda: subscriber.streams()[POD]["dead"] is True)
+    await eventually(lambda: subscriber.streams()[POD]["dead"] is True, what="declared dead")
     assert sample("gateway_kv_event_dead_streams_total") == dead + 1
     assert not index.trusted(POD)
     publisher = RawPublisher(context, port)
     await publisher.subscribed()
-    await wait_for("recovered and trusted", lambda: index.trusted(POD))
+    await eventually(lambda: index.trusted(POD), what="recovered and trusted")
     assert subscriber.streams()[POD]["dead"] is False
     publisher.close()
 
@@ -300,19 +286,13 @@ async def test_a_deleted_pod_loses_its_stream_and_blocks_and_a_moved_one_resubsc
     context, gateway
 ) -> None:
     registry, index, subscriber = gateway
-    port = free_port()
-    publisher = RawPublisher(context, port)
-    add_pod(registry, port)
-    await publisher.subscribed()
+    publisher = await publishing_pod(context, registry)
     await publisher.send(0, [stored(0, 2)])
-    await wait_for("two blocks", lambda: depth(index) == 2)
-    other_port = free_port()
-    other = RawPublisher(context, other_port)
-    add_pod(registry, other_port)  # the same pod, now publishing elsewhere
-    await other.subscribed()
+    await eventually(lambda: depth(index) == 2, what="two blocks")
+    other = await publishing_pod(context, registry)  # the same pod, publishing elsewhere
     assert depth(index) == 0  # what the old endpoint said is gone
     await other.send(0, [stored(0, 1)])
-    await wait_for("one block from the new endpoint", lambda: depth(index) == 1)
+    await eventually(lambda: depth(index) == 1, what="one block from the new endpoint")
     registry.delete_pod(POD)
     assert index.pod(POD) is None and POD not in subscriber.streams()
     await other.send(1, [stored(1, 1)])  # from a pod the gateway no longer knows

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import orjson
@@ -18,6 +19,7 @@ from gateway_extproc.kvevents.wire import BlockStored
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
 from gateway_extproc.tokenize.tokenizer import ModelTokenizer
 from tests import frames
+from tests.waiting import eventually
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
 SIZE = 16
@@ -47,8 +49,8 @@ async def engines() -> AsyncIterator[list[EventPublisher]]:
         await publisher.close()
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterator[Gateway]:
+async def start_fleet(tmp_path: Path, engines: list[EventPublisher], **settings: Any) -> Gateway:
+    """A gateway over one model served by `engines`, each publishing its KV-cache events."""
     pods = "\n".join(
         f"      - {{name: e{i}, address: 127.0.0.1:{18101 + i}, "
         f"kv_events: 'tcp://127.0.0.1:{e.port}', kv_events_replay: 'tcp://127.0.0.1:{e.replay_port}'}}"
@@ -56,7 +58,7 @@ async def gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterato
     )
     path = tmp_path / "models.yaml"
     path.write_text(f"models:\n  - name: m\n    tokenizer: {TINY}\n    pods:\n{pods}\n")
-    gateway = await start_gateway(
+    return await start_gateway(
         Settings(
             listen_host="127.0.0.1",
             grpc_port=0,
@@ -65,19 +67,32 @@ async def gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterato
             grace_period=1.0,
             access_log=False,
             slow_start_window=0.0,  # no engine metrics here: no pod is ramping up
+            **settings,
         )
     )
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterator[Gateway]:
+    gateway = await start_fleet(tmp_path, engines)
     yield gateway
     await stop_gateway(gateway)
 
 
-async def wait_for(what: str, condition, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+@pytest.fixture
+async def full_gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterator[Gateway]:
+    """The same fleet with room for one request per pod (flow control holds the rest)."""
+    gateway = await start_fleet(tmp_path, engines, max_inflight_per_pod=1)
+    yield gateway
+    await stop_gateway(gateway)
+
+
+async def every_stream(gateway: Gateway, state: str) -> None:
+    """Wait until every pod's KV-event stream is `state` ("connected", "trusted")."""
+    await eventually(
+        lambda: all(s[state] for s in gateway.kv_events.streams().values()),
+        what=f"every stream {state}",
+    )
 
 
 async def engine_served(gateway: Gateway, engine: EventPublisher, pod: str, body: bytes) -> None:
@@ -88,8 +103,8 @@ async def engine_served(gateway: Gateway, engine: EventPublisher, pod: str, body
     engine.publish(
         BlockStored(tuple(range(blocks)), None, tuple(ids[: blocks * SIZE]), SIZE, medium="GPU")
     )
-    await wait_for(
-        "the blocks indexed", lambda: gateway.kv_events.streams()[pod]["blocks"] == blocks
+    await eventually(
+        lambda: gateway.kv_events.streams()[pod]["blocks"] == blocks, what="the blocks indexed"
     )
 
 
@@ -100,10 +115,7 @@ async def process(gateway: Gateway, sent: list) -> list:
 
 
 async def test_a_long_chat_goes_to_the_engine_holding_its_prefix(gateway, engines) -> None:
-    await wait_for(
-        "every stream connected",
-        lambda: all(s["trusted"] for s in gateway.kv_events.streams().values()),
-    )
+    await every_stream(gateway, "trusted")
     await engine_served(gateway, engines[2], "e2", chat_body("first question"))
     for question in ("second question", "a third one"):
         got = await process(
@@ -115,10 +127,7 @@ async def test_a_long_chat_goes_to_the_engine_holding_its_prefix(gateway, engine
 
 
 async def test_with_trailers_the_body_and_trailers_answers_come_in_order(gateway, engines) -> None:
-    await wait_for(
-        "every stream connected",
-        lambda: all(s["trusted"] for s in gateway.kv_events.streams().values()),
-    )
+    await every_stream(gateway, "trusted")
     await engine_served(gateway, engines[1], "e1", chat_body("first question"))
     got = await process(
         gateway,
@@ -142,49 +151,17 @@ async def test_with_trailers_the_body_and_trailers_answers_come_in_order(gateway
 
 
 async def test_debug_view_shows_each_pods_stream(gateway, engines) -> None:
-    await wait_for(
-        "every stream connected",
-        lambda: all(s["connected"] for s in gateway.kv_events.streams().values()),
-    )
+    await every_stream(gateway, "connected")
     view = gateway.kv_events.streams()
     assert set(view) == {"e0", "e1", "e2"}
     assert view["e0"]["endpoint"] == f"tcp://127.0.0.1:{engines[0].port}"
-
-
-@pytest.fixture
-async def full_gateway(tmp_path: Path, engines: list[EventPublisher]) -> AsyncIterator[Gateway]:
-    """The same fleet with room for one request per pod (flow control holds the rest)."""
-    pods = "\n".join(
-        f"      - {{name: e{i}, address: 127.0.0.1:{18101 + i}, "
-        f"kv_events: 'tcp://127.0.0.1:{e.port}', kv_events_replay: 'tcp://127.0.0.1:{e.replay_port}'}}"
-        for i, e in enumerate(engines)
-    )
-    path = tmp_path / "models.yaml"
-    path.write_text(f"models:\n  - name: m\n    tokenizer: {TINY}\n    pods:\n{pods}\n")
-    gateway = await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
-            models_file=str(path),
-            grace_period=1.0,
-            access_log=False,
-            slow_start_window=0.0,
-            max_inflight_per_pod=1,
-        )
-    )
-    yield gateway
-    await stop_gateway(gateway)
 
 
 async def test_a_prepared_prompt_can_then_wait_for_room(full_gateway, engines) -> None:
     """Both waits in a row: the prompt is tokenized off the loop, then flow control holds
     the request until a pod frees; the answer comes once, routed."""
     gateway = full_gateway
-    await wait_for(
-        "every stream connected",
-        lambda: all(s["trusted"] for s in gateway.kv_events.streams().values()),
-    )
+    await every_stream(gateway, "trusted")
     await engine_served(gateway, engines[0], "e0", chat_body("first question"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
         stub = ext_grpc.ExternalProcessorStub(channel)
@@ -212,4 +189,4 @@ async def test_a_prepared_prompt_can_then_wait_for_room(full_gateway, engines) -
         assert frames.set_headers(answer)["target-pod"] == pods[0]  # the one with room
         for call in (*busy[1:], held):
             call.cancel()
-    await wait_for("nothing in flight", lambda: gateway.inflight.total() == 0)
+    await eventually(lambda: gateway.inflight.total() == 0, what="nothing in flight")

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import orjson
 import pytest
 from cryptography import x509
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
@@ -23,8 +22,9 @@ from gateway_extproc.config import Settings
 from gateway_extproc.devtools import localstack
 from gateway_extproc.devtools.localstack import free_port
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
-from tests import frames
+from tests.answers import eventually_status, status_for
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
+from tests.waiting import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -45,7 +45,7 @@ def settings(kubeconfig: Path, **changes) -> Settings:
 
 
 @pytest.fixture
-def fake() -> AsyncIterator[FakeKubeApiServer]:
+def fake() -> Iterator[FakeKubeApiServer]:
     with FakeKubeApiServer() as server_:
         yield server_
 
@@ -69,33 +69,6 @@ def tls_channel(port: int, certificate: bytes) -> grpc.aio.Channel:
     )
 
 
-async def status_for(stub: ext_grpc.ExternalProcessorStub, model: str) -> tuple[int, str]:
-    sent = [frames.request_headers(), frames.request_body(orjson.dumps({"model": model}))]
-    last = [a async for a in stub.Process(iter(sent))][-1]
-    if last.HasField("immediate_response"):
-        error = orjson.loads(last.immediate_response.body)["error"]
-        return last.immediate_response.status.code, error["code"]
-    return 200, frames.set_headers(last)["x-gateway-destination-endpoint"]
-
-
-async def eventually_status(stub, model: str, want: tuple[int, str]) -> None:
-    got = None
-    for _ in range(200):
-        got = await status_for(stub, model)
-        if got == want:
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"{model}: expected {want}, still {got}")
-
-
-async def synced(gateway: Gateway) -> None:
-    for _ in range(200):
-        if gateway.ready():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail("the gateway did not sync")
-
-
 async def health(gateway: Gateway, service: str) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.health_port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -116,7 +89,7 @@ async def test_self_signed_tls_routes_the_pool_and_follows_it(fake, kubeconfig):
     )
     gateway = await start_gateway(settings(kubeconfig))
     try:
-        await synced(gateway)
+        await eventually(gateway.ready, what="the gateway synced")
         certificate = ssl.get_server_certificate(("127.0.0.1", gateway.grpc_port)).encode()
         async with tls_channel(gateway.grpc_port, certificate) as channel:
             stub = ext_grpc.ExternalProcessorStub(channel)

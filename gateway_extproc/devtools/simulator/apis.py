@@ -18,7 +18,7 @@ stops at its required `max_tokens` (stop reason `max_tokens`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -39,6 +39,19 @@ MESSAGES_PATH = "/v1/messages"
 
 def event(kind: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+class EventWriter(Protocol):
+    """What the simulator's app needs of a Responses or Messages response: the whole
+    body, or the events of a stream (the prompt's token count is given at construction)."""
+
+    def body(self, content: str, output_tokens: int) -> bytes: ...
+
+    def opening(self) -> bytes: ...
+
+    def token(self, token: str) -> bytes: ...
+
+    def closing(self, output_tokens: int) -> bytes: ...
 
 
 def anthropic_error_body(error: ApiError) -> bytes:
@@ -69,15 +82,7 @@ def parse_responses(doc: dict[str, Any]) -> tuple[GenerationRequest, dict[str, A
     max_tokens = doc.get("max_output_tokens")
     if max_tokens is not None and (not _is_count(max_tokens) or max_tokens < 1):
         raise invalid("`max_output_tokens` must be an integer of at least 1", "max_output_tokens")
-    request = GenerationRequest(
-        model=model_of(doc),
-        prompt=text.render_chat(turns),
-        prompt_param="input",
-        max_tokens=max_tokens,
-        stream=stream_of(doc),
-        include_usage=True,
-    )
-    return request, _chat_doc(turns)
+    return _chat_request(doc, turns, "input", max_tokens)
 
 
 def _input_turn(item: Any, index: int) -> tuple[str, str]:
@@ -117,9 +122,15 @@ class ResponsesWriter:
     """The JSON body and the stream events of one Responses API response."""
 
     def __init__(
-        self, response_id: str, created: int, doc: dict[str, Any], request: GenerationRequest
+        self,
+        response_id: str,
+        created: int,
+        doc: dict[str, Any],
+        request: GenerationRequest,
+        prompt_tokens: int,
     ) -> None:
         self._id = response_id
+        self._prompt_tokens = prompt_tokens
         self._message_id = "msg_" + response_id.removeprefix("resp_")
         self._created = created
         self._doc = doc
@@ -127,10 +138,10 @@ class ResponsesWriter:
         self._sequence = 0
         self._text: list[str] = []
 
-    def body(self, content: str, prompt_tokens: int, output_tokens: int) -> bytes:
+    def body(self, content: str, output_tokens: int) -> bytes:
         self._text = [content]
         status = self._final_status(output_tokens)
-        return orjson.dumps(self._response(status, (prompt_tokens, output_tokens)))
+        return orjson.dumps(self._response(status, (self._prompt_tokens, output_tokens)))
 
     # -- a stream ---------------------------------------------------------------------
 
@@ -151,7 +162,7 @@ class ResponsesWriter:
         self._text.append(token)
         return self._event("response.output_text.delta", **self._where(), delta=token, logprobs=[])
 
-    def closing(self, prompt_tokens: int, output_tokens: int) -> bytes:
+    def closing(self, output_tokens: int) -> bytes:
         content = "".join(self._text)
         part = {"type": "output_text", "text": content, "annotations": []}
         status = self._final_status(output_tokens)
@@ -168,7 +179,7 @@ class ResponsesWriter:
                 ),
                 self._event(
                     f"response.{status}",
-                    response=self._response(status, (prompt_tokens, output_tokens)),
+                    response=self._response(status, (self._prompt_tokens, output_tokens)),
                 ),
             ]
         )
@@ -269,15 +280,7 @@ def parse_messages(doc: dict[str, Any]) -> tuple[GenerationRequest, dict[str, An
         raise missing("max_tokens")
     if not _is_count(max_tokens) or max_tokens < 1:
         raise invalid("`max_tokens` must be an integer of at least 1", "max_tokens")
-    request = GenerationRequest(
-        model=model_of(doc),
-        prompt=text.render_chat(turns),
-        prompt_param="messages",
-        max_tokens=max_tokens,
-        stream=stream_of(doc),
-        include_usage=True,
-    )
-    return request, _chat_doc(turns)
+    return _chat_request(doc, turns, "messages", max_tokens)
 
 
 def _blocks_text(content: Any, param: str) -> str:
@@ -301,18 +304,19 @@ def _blocks_text(content: Any, param: str) -> str:
 class MessagesWriter:
     """The JSON body and the stream events of one Messages API response."""
 
-    def __init__(self, message_id: str, model: str) -> None:
+    def __init__(self, message_id: str, model: str, prompt_tokens: int) -> None:
         self._id = message_id
         self._model = model
+        self._prompt_tokens = prompt_tokens
 
-    def body(self, content: str, prompt_tokens: int, output_tokens: int) -> bytes:
+    def body(self, content: str, output_tokens: int) -> bytes:
         message = self._message([{"type": "text", "text": content}], "max_tokens")
-        message["usage"] = {"input_tokens": prompt_tokens, "output_tokens": output_tokens}
+        message["usage"] = {"input_tokens": self._prompt_tokens, "output_tokens": output_tokens}
         return orjson.dumps(message)
 
-    def opening(self, prompt_tokens: int) -> bytes:
+    def opening(self) -> bytes:
         message = self._message([], None)
-        message["usage"] = {"input_tokens": prompt_tokens, "output_tokens": 1}
+        message["usage"] = {"input_tokens": self._prompt_tokens, "output_tokens": 1}
         block = {"type": "text", "text": ""}
         return b"".join(
             [
@@ -358,6 +362,21 @@ class MessagesWriter:
             "stop_reason": stop,
             "stop_sequence": None,
         }
+
+
+def _chat_request(
+    doc: dict[str, Any], turns: list[tuple[str, str]], prompt_param: str, max_tokens: int | None
+) -> tuple[GenerationRequest, dict[str, Any]]:
+    """Both APIs run as a chat: the prompt rendered from `turns`, usage always reported."""
+    request = GenerationRequest(
+        model=model_of(doc),
+        prompt=text.render_chat(turns),
+        prompt_param=prompt_param,
+        max_tokens=max_tokens,
+        stream=stream_of(doc),
+        include_usage=True,
+    )
+    return request, _chat_doc(turns)
 
 
 def _chat_doc(turns: list[tuple[str, str]]) -> dict[str, Any]:

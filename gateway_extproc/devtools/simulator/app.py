@@ -431,14 +431,14 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         return await _stream(request, sim, engine_request, params, request_id, created, chat)
 
     tokens = await _run(sim, engine_request)
-    build = protocol.chat_response if chat else protocol.completion_response
-    body = build(
+    body = protocol.choice_response(
         request_id,
         created,
         params.model,
         "".join(tokens),
         "length",
         protocol.usage(len(engine_request.prompt_ids), len(tokens)),
+        chat,
     )
     return web.Response(body=body, content_type=JSON)
 
@@ -487,20 +487,10 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     doc = protocol.load_object(await request.read())
     params, chat_doc = apis.parse_responses(doc)
     engine_request = _engine_request(request, sim, params, chat_doc)
-    writer = apis.ResponsesWriter("resp_" + _request_id(request), int(time.time()), doc, params)
     prompt_tokens = len(engine_request.prompt_ids)
-    if not params.stream:
-        tokens = await _run(sim, engine_request)
-        body = writer.body("".join(tokens), prompt_tokens, len(tokens))
-        return web.Response(body=body, content_type=JSON)
-    return await _stream_events(
-        request,
-        sim,
-        engine_request,
-        opening=writer.opening(),
-        token=writer.token,
-        closing=lambda sent: writer.closing(prompt_tokens, sent),
-    )
+    response_id = "resp_" + _request_id(request)
+    writer = apis.ResponsesWriter(response_id, int(time.time()), doc, params, prompt_tokens)
+    return await _answer_events(request, sim, engine_request, params.stream, writer)
 
 
 async def _messages(request: web.Request) -> web.StreamResponse:
@@ -508,32 +498,23 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     doc = protocol.load_object(await request.read())
     params, chat_doc = apis.parse_messages(doc)
     engine_request = _engine_request(request, sim, params, chat_doc)
-    writer = apis.MessagesWriter("msg_" + _request_id(request), params.model)
     prompt_tokens = len(engine_request.prompt_ids)
-    if not params.stream:
-        tokens = await _run(sim, engine_request)
-        body = writer.body("".join(tokens), prompt_tokens, len(tokens))
-        return web.Response(body=body, content_type=JSON)
-    return await _stream_events(
-        request,
-        sim,
-        engine_request,
-        opening=writer.opening(prompt_tokens),
-        token=writer.token,
-        closing=writer.closing,
-    )
+    writer = apis.MessagesWriter("msg_" + _request_id(request), params.model, prompt_tokens)
+    return await _answer_events(request, sim, engine_request, params.stream, writer)
 
 
-async def _stream_events(
+async def _answer_events(
     request: web.Request,
     sim: Simulator,
     engine_request: EngineRequest,
-    *,
-    opening: bytes,
-    token: Callable[[str], bytes],
-    closing: Callable[[int], bytes],
+    stream: bool,
+    writer: apis.EventWriter,
 ) -> web.StreamResponse:
-    """A stream of named events: `opening`, one event per token, then `closing(sent)`."""
+    """The whole body, or a stream of named events: the writer's opening, one event per
+    token, then its closing."""
+    if not stream:
+        tokens = await _run(sim, engine_request)
+        return web.Response(body=writer.body("".join(tokens), len(tokens)), content_type=JSON)
     shaper = _StreamShaper.from_headers(request)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -541,12 +522,12 @@ async def _stream_events(
     await response.prepare(request)
     sent = 0
     try:
-        await shaper.write(response, opening)
+        await shaper.write(response, writer.opening())
         async with contextlib.aclosing(sim.engine.generate(engine_request)) as generated:
             async for piece in generated:
-                await shaper.write(response, token(piece))
+                await shaper.write(response, writer.token(piece))
                 sent += 1
-        await shaper.write(response, closing(sent))
+        await shaper.write(response, writer.closing(sent))
         await shaper.flush(response)
         await response.write_eof()
     except ConnectionResetError:

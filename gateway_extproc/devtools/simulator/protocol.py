@@ -287,50 +287,43 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_response(
-    request_id: str, created: int, model: str, content: str, finish: str, use: dict[str, int]
+def choice_response(
+    request_id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish: str,
+    use: dict[str, int],
+    chat: bool,
 ) -> bytes:
+    """The whole body of a chat (`chat`) or completions response: one choice."""
+    if chat:
+        message = {"role": "assistant", "content": content, "tool_calls": []}
+        choice = _choice("message", message, finish)
+    else:
+        choice = _choice("text", content, finish)
     return orjson.dumps(
         {
             "id": request_id,
-            "object": "chat.completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content, "tool_calls": []},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": None,
-                }
-            ],
+            "choices": [choice],
             "usage": use,
         }
     )
 
 
-def completion_response(
-    request_id: str, created: int, model: str, content: str, finish: str, use: dict[str, int]
-) -> bytes:
-    return orjson.dumps(
-        {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": content,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": None,
-                }
-            ],
-            "usage": use,
-        }
-    )
+def _choice(field: str, value: Any, finish: str | None) -> dict[str, Any]:
+    """One choice of a body or chunk: its `field` (message, delta or text), as vLLM
+    orders the keys."""
+    return {
+        "index": 0,
+        field: value,
+        "logprobs": None,
+        "finish_reason": finish,
+        "stop_reason": None,
+    }
 
 
 def sse(payload: bytes) -> bytes:
@@ -365,14 +358,7 @@ class ChunkWriter:
         return sse(orjson.dumps({**self._head, "choices": [], "usage": use}))
 
     def _event(self, delta: dict[str, str] | str, finish: str | None) -> bytes:
-        choice: dict[str, Any] = {"index": 0}
-        if self._chat:
-            choice["delta"] = delta
-        else:
-            choice["text"] = delta
-        choice["logprobs"] = None
-        choice["finish_reason"] = finish
-        choice["stop_reason"] = None
+        choice = _choice("delta" if self._chat else "text", delta, finish)
         return sse(orjson.dumps({**self._head, "choices": [choice]}))
 
 
