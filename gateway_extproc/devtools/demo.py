@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--default-strategy",
         default=Settings().default_strategy,
-        help="processor routing strategy",
+        help="processor routing strategy (default: the processor's, predicted-latency)",
     )
     parser.add_argument(
         "--ttft-ms",
