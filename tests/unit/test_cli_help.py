@@ -34,12 +34,12 @@ def no_gateway_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.mark.parametrize("command", ["serve", "demo", "simulate"])
+@pytest.mark.parametrize("command", ["serve", "demo", "simulate", "replay"])
 def test_every_flag_states_its_default(monkeypatch, capsys, command):
     lines = help_lines(monkeypatch, command, capsys)
 
-    assert len(lines) > 5, lines
-    required = {"--model"}  # simulate: no default to state
+    assert len(lines) >= 2, lines
+    required = {"--model", "--target"}  # simulate's and replay's: no default to state
     silent = [flag for flag, text in lines.items() if "default" not in text]
     assert set(silent) <= required
 
