@@ -8,26 +8,66 @@ import sys
 from gateway_extproc import __version__, config
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` ends each flag's help with its default, as argparse's
+    ArgumentDefaultsHelpFormatter does, except where the help already says it ("default:
+    ...", for a default worked out at start such as "the routing config's default, else
+    predicted-latency"). An empty default (None, "") shows as "none". The default is the value in
+    force when the flag is not given, so a GATEWAY_* variable that is set shows as it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        value = action.default
+        if (
+            not action.option_strings
+            or action.required
+            or "default:" in text
+            or value is argparse.SUPPRESS
+        ):
+            return text
+        if value is None:
+            shown = "none"
+        elif isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            shown = ",".join(str(item) for item in value) or "none"
+        else:
+            shown = str(value) or "none"
+        default = f"(default: {shown.replace('%', '%%')})"
+        # Before the "[env GATEWAY_...]" suffix add_flag gives every serve flag.
+        head, env, tail = text.partition(" [env ")
+        return f"{head} {default}{env}{tail}" if env else f"{text} {default}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway-extproc",
         description="Envoy ext_proc processor that routes LLM inference requests.",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
+    serve = commands.add_parser(
+        "serve", help="run the ext_proc gRPC server", formatter_class=DefaultsHelpFormatter
+    )
     from gateway_extproc.models.source import source_names
 
     config.add_serve_arguments(serve, source_names())
 
     from gateway_extproc.devtools.simulator import app as simulator_app
 
-    simulate = commands.add_parser("simulate", help="run a simulated vLLM-compatible engine")
+    simulate = commands.add_parser(
+        "simulate",
+        help="run a simulated vLLM-compatible engine",
+        formatter_class=DefaultsHelpFormatter,
+    )
     simulator_app.add_arguments(simulate)
 
     replay = commands.add_parser(
-        "replay", help="replay conformance recordings against an ext_proc server"
+        "replay",
+        help="replay conformance recordings against an ext_proc server",
+        formatter_class=DefaultsHelpFormatter,
     )
     replay.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="recordings (*.json)")
     replay.add_argument("--target", required=True, help="the ext_proc server, HOST:PORT")
@@ -40,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway_extproc.devtools import demo
 
     demo_parser = commands.add_parser(
-        "demo", help="start Envoy, the processor and simulated engines locally"
+        "demo",
+        help="start Envoy, the processor and simulated engines locally",
+        formatter_class=DefaultsHelpFormatter,
     )
     demo.add_arguments(demo_parser)
     return parser

@@ -266,7 +266,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         "--discovery",
         default=default_discovery(),
         choices=list(discovery_sources),
-        help="where the model dictionary comes from (default: kubernetes inside a cluster)",
+        help="where the model dictionary comes from "
+        "(default: kubernetes inside a cluster, else static)",
     )
     add_flag(parser, "--models-file", default=d.models_file, help="YAML model file (static)")
     add_flag(
@@ -590,7 +591,8 @@ def add_flow_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
         type=header_policy,
         default=d.header_policy,
         help="who may set which header: NAME=trusted|ignored|rejected, comma-separated, "
-        "NAME one of priority, objective, fairness-id, routing-strategy",
+        "NAME one of priority, objective, fairness-id, routing-strategy "
+        "(default: every header trusted)",
     )
     add_switch(
         parser,

@@ -4,6 +4,9 @@ Starts, from this Python environment, one simulated engine per local pod address
 models file (by default `examples/models.yaml`: three pods on 127.0.0.1:8001-8003
 serving two models), the processor reading that file, and Envoy with `envoy/envoy.yaml`
 in front; prints what to try with curl; stops everything on Ctrl-C or SIGTERM.
+
+The processes' logs go to `--log-dir`, kept; without it, to a temporary directory that
+is removed when the demo stops, unless the demo failed (then it says where they are).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -84,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--default-strategy",
         default=Settings().default_strategy,
-        help="processor routing strategy",
+        help="processor routing strategy (default: the processor's, predicted-latency)",
     )
     parser.add_argument(
         "--ttft-ms",
@@ -97,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-dir",
         type=Path,
         default=None,
-        help="where the processes' logs go (default: a new temporary directory)",
+        help="where the processes' logs go, kept after the demo stops (default: a new "
+        "temporary directory, removed on exit unless the demo failed)",
     )
 
 
@@ -121,30 +126,55 @@ def local_pods(models_file: Path) -> tuple[dict[int, list[str]], list[str]]:
     return dict(sorted(by_port.items())), remote
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def run(args: argparse.Namespace) -> int:
     signals = _Signals()
     previous = {sig: signal.signal(sig, signals.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     group = ProcessGroup()
+    temporary = args.log_dir is None
+    log_dir = Path(tempfile.mkdtemp(prefix="gateway-extproc-demo-")) if temporary else args.log_dir
+    status = 1  # also when something unexpected ends the demo: its logs are then kept
     try:
-        _start(args, group, signals)
-        return _watch(group)
+        _start(args, group, signals, log_dir, temporary)
+        status = _watch(group)
     except _Stop:
-        return 0
-    except (StartupError, FileNotFoundError) as exc:
+        status = 0
+    except (StartupError, FileNotFoundError, ValueError) as exc:
+        # ValueError: an --envoy-config that is not an Envoy bootstrap this can start.
         print(f"gateway-extproc demo: {exc}", file=sys.stderr)
-        return 1
     finally:
         # A second Ctrl-C must not interrupt the clean-up and leave children behind.
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         if group.processes:
             print("\nstopping ...", file=sys.stderr)
-        group.stop()
+        group.stop()  # the children have closed their logs after this
+        if temporary:
+            _tidy(log_dir, keep=status != 0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return status
 
 
-def _start(args: argparse.Namespace, group: ProcessGroup, signals: _Signals) -> None:
+def _tidy(log_dir: Path, *, keep: bool) -> None:
+    """Remove the demo's own temporary log directory; after a failure, keep the logs
+    (they say why) and say where they are."""
+    if keep and any(log_dir.glob("*.log")):
+        print(f"gateway-extproc demo: logs kept in {log_dir}", file=sys.stderr)
+        return
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _start(
+    args: argparse.Namespace,
+    group: ProcessGroup,
+    signals: _Signals,
+    log_dir: Path,
+    temporary: bool,
+) -> None:
     if args.envoy_config is not None:
         envoy_config = args.envoy_config
     elif args.full_duplex:
@@ -165,8 +195,9 @@ def _start(args: argparse.Namespace, group: ProcessGroup, signals: _Signals) -> 
     ]
     localstack.ensure_ports_free(ports)
 
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="gateway-extproc-demo-"))
-    print(f"starting {len(pods)} simulated pods, the processor and Envoy (logs in {log_dir}) ...")
+    where = f"{log_dir}, removed on exit" if temporary else str(log_dir)
+    engines = plural(len(pods), "simulated pod")
+    print(f"starting {engines}, the processor and Envoy (logs in {where}) ...")
     timing = ["--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms)]
     with signals.deferred():
         for port, models in pods.items():
@@ -190,7 +221,7 @@ def _start(args: argparse.Namespace, group: ProcessGroup, signals: _Signals) -> 
             )
         )
     localstack.wait_ready(group, timeout=STARTUP_TIMEOUT)
-    _print_guide(args, models_file, pods, remote, envoy_config, log_dir)
+    _print_guide(args, models_file, pods, remote, envoy_config, log_dir, temporary)
 
 
 def _watch(group: ProcessGroup) -> int:
@@ -216,6 +247,7 @@ def _print_guide(
     remote: list[str],
     envoy_config: Path,
     log_dir: Path,
+    temporary: bool,
 ) -> None:
     gateway = f"http://{LOCALHOST}:{args.port}"
     admin = f"http://{LOCALHOST}:{args.admin_port}"
@@ -243,7 +275,8 @@ def _print_guide(
         lines.append(f"  not started         {address} (not a 127.0.0.1 address)")
     lines += [
         f"  models file         {models_file}",
-        f"  logs                {log_dir}/*.log",
+        f"  logs                {log_dir}/*.log"
+        + ("  (removed on exit; --log-dir DIR keeps them)" if temporary else ""),
         "",
         "Try:",
         "  # a chat completion; the x-simulator-pod header names the pod that answered",

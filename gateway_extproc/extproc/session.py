@@ -47,9 +47,8 @@ from gateway_extproc.extproc.accounting import ResponseAccounting
 from gateway_extproc.flowcontrol.classify import DEFAULT_KEY, FlowKey
 from gateway_extproc.flowcontrol.controller import Admission, FlowController, FlowRequest
 from gateway_extproc.models.registry import ModelState
-from gateway_extproc.openai.models_list import models_list_body
+from gateway_extproc.openai.models_list import model_body, models_list_body, models_request
 from gateway_extproc.openai.requests import (
-    MODELS_PATH,
     InferenceRequest,
     parse_body,
     rewrite_body,
@@ -362,8 +361,9 @@ class Session:
         try:
             if refused is not None:
                 raise refused
-            if self._method == "GET" and self._path == MODELS_PATH:
-                return [self._answer_models()]
+            model_id = models_request(self._method, self._path)
+            if model_id is not None:
+                return [self._answer_models(model_id)]
             length = self._headers.get("content-length", "")
             if (
                 self.req_mode not in (BUFFERED, BUFFERED_PARTIAL)
@@ -649,12 +649,21 @@ class Session:
             self._flow_fields(),
         )
 
-    def _answer_models(self) -> ext.ProcessingResponse:
+    def _answer_models(self, model_id: str) -> ext.ProcessingResponse:
+        """`GET /v1/models` (model_id ""), `GET /v1/models/{id}`, or HEAD of either.
+        A HEAD answer carries the GET body too: Envoy sends a local reply to a HEAD
+        request without its body, so the client sees GET's status and headers only."""
         self._model = ""
+        registry = self._router.registry
+        if not model_id:
+            body = models_list_body(registry, ModelState.READY)
+        else:
+            found = model_body(registry, model_id, ModelState.READY)
+            if found is None:
+                return self._reject(errors.model_not_found(model_id))
+            body = found
         self._status = 200
-        out = responses.json_answer(
-            200, models_list_body(self._router.registry, ModelState.READY), self._request_id
-        )
+        out = responses.json_answer(200, body, self._request_id)
         self._finish(Outcome.REJECTED)  # answered by the processor itself
         return out
 

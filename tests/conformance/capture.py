@@ -638,6 +638,22 @@ def scenarios() -> list[Scenario]:
             _post(CHAT, _chat(max_tokens=10_000_000)),
             400,
         ),
+        Scenario(
+            "22-model-retrieve",
+            "GET /v1/models/chat-model (headers only): the processor answers it itself "
+            "with an ImmediateResponse 200, the model object the list holds.",
+            BUFFERED,
+            Request("GET", f"/v1/models/{CHAT_MODEL}"),
+            200,
+        ),
+        Scenario(
+            "23-model-retrieve-unknown-404",
+            "GET /v1/models/<a model nobody serves> (headers only): an ImmediateResponse "
+            "404 model_not_found, as OpenAI answers.",
+            BUFFERED,
+            Request("GET", "/v1/models/no-such-model"),
+            404,
+        ),
     ]
 
 

@@ -340,6 +340,15 @@ def check_models_list(r: rec.Recording) -> None:
     assert _immediate(r) == (200, "")
 
 
+def check_model_retrieve(model: str, status: int, code: str) -> Callable[[rec.Recording], None]:
+    def check(r: rec.Recording) -> None:
+        headers = _request_headers(r)
+        assert (headers[":method"], headers[":path"]) == ("GET", f"/v1/models/{model}")
+        assert _immediate(r) == (status, code)
+
+    return check
+
+
 def check_header_only(r: rec.Recording) -> None:
     first = recordings.frame_of(r.steps[0])
     assert first.request_headers.end_of_stream
@@ -408,6 +417,11 @@ CASES: dict[str, tuple[str, Callable[[rec.Recording], None]]] = {
         check_rejected(400, "invalid_request_body"),
     ),
     "get-models": ("10-models-list", check_models_list),
+    "get-model": ("22-model-retrieve", check_model_retrieve(stack.CHAT_MODEL, 200, "")),
+    "get-unknown-model": (
+        "23-model-retrieve-unknown-404",
+        check_model_retrieve("no-such-model", 404, "model_not_found"),
+    ),
     "header-only-request": ("11-header-only-routed-by-model-header", check_header_only),
     "subset-hint": ("13-subset-hint", check_subset_hint),
     "subset-hint-outside-model": ("14-subset-hint-outside-model", check_subset_outside_model),

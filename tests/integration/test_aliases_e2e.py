@@ -95,3 +95,20 @@ def test_an_alias_whose_targets_are_all_absent_is_a_404(
     assert response.status == 404
     assert response.error_code() == "model_not_found"
     assert "`gone`" in response.json()["error"]["message"]
+
+
+def test_a_listed_alias_is_retrieved_and_a_dead_one_is_not(
+    gateway: Gateway, models_file: ModelsFile
+) -> None:
+    declare(models_file, gateway, {"gone": {"retired": 1}, "live": {CHAT_MODEL: 1}})
+
+    live = http_request(gateway.port, "GET", "/v1/models/live")
+    assert live.status == 200, live.body
+    assert live.json() == {
+        "id": "live",
+        "object": "model",
+        "created": 0,
+        "owned_by": "gateway-extproc",
+    }
+    gone = http_request(gateway.port, "GET", "/v1/models/gone")
+    assert (gone.status, gone.error_code()) == (404, "model_not_found")

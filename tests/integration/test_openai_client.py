@@ -111,3 +111,12 @@ def test_models_list(client: openai.OpenAI) -> None:
         SOLO_MODEL,
         LIFECYCLE_MODEL,
     }
+
+
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    model = client.models.retrieve(CHAT_MODEL)
+
+    assert (model.id, model.object) == (CHAT_MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("no-such-model")
+    assert raised.value.code == "model_not_found"

@@ -140,6 +140,34 @@ def test_models_list_through_envoy_names_the_ready_models(gateway: Gateway) -> N
     assert "x-simulator-pod" not in response.headers
 
 
+def test_a_model_is_retrieved_through_envoy_as_the_list_shows_it(any_gateway: Gateway) -> None:
+    listed = http_request(any_gateway.port, "GET", "/v1/models").json()["data"]
+    response = http_request(any_gateway.port, "GET", f"/v1/models/{CHAT_MODEL}")
+
+    assert response.status == 200, response.body
+    assert response.json() == next(m for m in listed if m["id"] == CHAT_MODEL)
+    assert "x-simulator-pod" not in response.headers
+
+
+def test_an_unknown_model_is_a_404_model_not_found_through_envoy(gateway: Gateway) -> None:
+    response = http_request(gateway.port, "GET", "/v1/models/no-such-model")
+
+    assert response.status == 404
+    assert response.error_code() == "model_not_found"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_head_of_the_models_endpoints_is_get_without_the_body(any_gateway: Gateway) -> None:
+    for path in ("/v1/models", f"/v1/models/{CHAT_MODEL}"):
+        get = http_request(any_gateway.port, "GET", path)
+        head = http_request(any_gateway.port, "HEAD", path)
+
+        assert get.body and get.status == 200, path
+        assert (head.status, head.body) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+    assert http_request(any_gateway.port, "HEAD", "/v1/models/no-such-model").status == 404
+
+
 def test_a_3_mib_prompt_is_routed(any_gateway: Gateway, pods: dict[str, Pod]) -> None:
     word = "x" * 1023  # the simulator counts one token per word
     prompt = " ".join([word] * 3 * 1024)

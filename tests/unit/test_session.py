@@ -7,6 +7,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
+from gateway_extproc.models.aliases import Alias
 from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing.catalog import StrategyCatalog
 from gateway_extproc.routing.inflight import InFlightCounter
@@ -278,6 +279,69 @@ def test_models_list_is_answered_by_the_processor_with_ready_models_only(router)
     listed = orjson.loads(response.immediate_response.body)
     assert listed["object"] == "list"
     assert [m["id"] for m in listed["data"]] == ["llama"]
+
+
+def models_answer(router, path: str, method: str = "GET"):
+    return only(
+        new_session(router).handle(frames.request_headers(path, method, end_of_stream=True))
+    )
+
+
+def test_a_listed_model_is_retrieved_as_the_object_the_list_holds(router):
+    listed = orjson.loads(models_answer(router, "/v1/models").immediate_response.body)
+    response = models_answer(router, "/v1/models/llama")
+
+    assert response.immediate_response.status.code == 200
+    assert orjson.loads(response.immediate_response.body) == listed["data"][0]
+    assert listed["data"][0] == {
+        "id": "llama",
+        "object": "model",
+        "created": 0,
+        "owned_by": "gateway-extproc",
+    }
+
+
+def test_an_id_with_a_slash_is_retrieved_sent_plain_or_percent_encoded(router, registry):
+    registry.upsert_pod(Pod("org-0", "10.0.0.5:8000", ("org/model-7b",)))
+
+    for path in ("/v1/models/org/model-7b", "/v1/models/org%2Fmodel-7b"):
+        response = models_answer(router, path + "?x=1")
+        assert orjson.loads(response.immediate_response.body)["id"] == "org/model-7b", path
+
+
+def test_an_unknown_or_unlisted_model_is_a_404_in_openai_error_shape(router):
+    # "cold" is known but has no ready pod, so the list leaves it out: not found either.
+    for model in ("nope", "cold"):
+        status, error = error_of(models_answer(router, f"/v1/models/{model}"))
+        assert (status, error["code"], error["type"]) == (
+            404,
+            "model_not_found",
+            "invalid_request_error",
+        )
+        assert f"`{model}`" in error["message"]
+
+
+def test_head_of_models_is_answered_like_get(router):
+    for path in ("/v1/models", "/v1/models/llama"):
+        get = models_answer(router, path).immediate_response
+        head = models_answer(router, path, "HEAD").immediate_response
+        # The same answer: Envoy drops a local reply's body for a HEAD request
+        # (tests/integration/test_routing.py shows it).
+        assert (head.status.code, head.body) == (get.status.code, get.body), path
+    status, _ = error_of(models_answer(router, "/v1/models/nope", "HEAD"))
+    assert status == 404
+
+
+def test_an_alias_is_retrieved_while_it_is_listed(router, registry):
+    registry.set_aliases(
+        {"chat": Alias("chat", (("llama", 1),)), "stuck": Alias("stuck", (("cold", 1),))}
+    )
+    listed = orjson.loads(models_answer(router, "/v1/models").immediate_response.body)
+
+    assert [m["id"] for m in listed["data"]] == ["chat", "llama"]
+    chat = models_answer(router, "/v1/models/chat").immediate_response
+    assert orjson.loads(chat.body) == listed["data"][0]
+    assert error_of(models_answer(router, "/v1/models/stuck"))[0] == 404
 
 
 # -- FULL_DUPLEX_STREAMED ------------------------------------------------------------------
