@@ -37,10 +37,11 @@ def lower_is_better(values: list[float | None]) -> Scores:
 
 
 class QueueScorer(Scorer, Partial, Affine):
-    """Fewest requests ahead: our in-flight count plus the engine's waiting queue.
+    """Least loaded: our in-flight count plus the engine's requests beyond it at its last
+    scrape (other replicas', `signals.LoadBook`).
 
     Always has data (the in-flight count is our own), so it is also the tie-breaker;
-    without fresh metrics the engine's queue is unknown, so such a pick is a fallback.
+    without fresh metrics the engine's count is unknown, so such a pick is a fallback.
     """
 
     name = "least-request"
@@ -127,10 +128,11 @@ class LatencyScorer(Scorer, Lowering):
     """Shortest expected time to first token.
 
     expected = recent mean TTFT + requests ahead x time for one slot to free up, where
-    requests ahead is the larger of the engine's waiting queue and our in-flight count
-    beyond what the engine runs (so picks since the last scrape count at once), and a slot
-    frees every e2e_mean / running seconds (recent TTFT when e2e is unknown). Scores are
-    best / expected, so a pod twice as slow as the best scores 0.5.
+    requests ahead is the larger of the engine's waiting queue and the pod's load (ours,
+    corrected by the engine's counts: `signals.LoadBook`) beyond what the engine runs (so
+    picks since the last scrape count at once), and a slot frees every e2e_mean / running
+    seconds (recent TTFT when e2e is unknown). Scores are best / expected, so a pod twice
+    as slow as the best scores 0.5.
     """
 
     name = "least-latency"
@@ -194,9 +196,9 @@ class LatencyScorer(Scorer, Lowering):
         grown: dict[int, float] = {}
         for i in base.over(ctx.book()):
             ttft, waiting, running, per_slot = params[i]  # type: ignore[misc]
-            # Over its limit, our in-flight count beyond what the engine runs is what
-            # is ahead (the larger term of the max in the class docstring).
-            grown[i] = ttft + (loads[i] - waiting - running) * per_slot + floor
+            # Over its limit, the load beyond what the engine runs is what is ahead (the
+            # larger term of the max in the class docstring).
+            grown[i] = ttft + (loads[i] - running) * per_slot + floor
         return grown
 
     def _base(self, metrics: list[PodMetrics | None]) -> _LatencyBase:
@@ -222,13 +224,12 @@ def _latency_inputs(
         per_slot = e2e / (running if running > 1 else 1)
     else:
         per_slot = ttft
-    # ahead = max(waiting, load - waiting - running, 0), where `load` is our in-flight
-    # count plus this same waiting queue: it is `waiting` until the load passes
-    # 2 x waiting + running.
+    # ahead = max(waiting, load - running): it is `waiting` until the load passes
+    # waiting + running.
     return (
         (ttft, waiting, running, per_slot),
         ttft + waiting * per_slot + floor,
-        2 * waiting + running,
+        waiting + running,
     )
 
 
