@@ -148,11 +148,12 @@ class MetricsStore:
         # Pods routable and never scraped yet, in the order they were first seen routable.
         self._cold: dict[str, float] = {}
         self._seen_routable: set[str] = set()
-        # Moves whenever `fresh()` / `waiting()` / `foreign()` may answer differently (a scrape recorded,
-        # a pod forgotten, metrics expired), by one per pod concerned, and the journal
-        # names that pod: the router keeps per-pod vectors derived from them and, since a
-        # scrape lands about as often as a request on a large fleet, updates the few pods
-        # that changed (`changed_since`) rather than rebuilding them per request.
+        # Moves whenever `fresh()` / `waiting()` / `foreign()` may answer differently (a
+        # scrape recorded, a pod forgotten, metrics expired), by one per pod concerned,
+        # and the journal names that pod: the router keeps per-pod vectors derived from
+        # them and, since a scrape lands about as often as a request on a large fleet,
+        # updates the few pods that changed (`changed_since`) rather than rebuilding them
+        # per request.
         self.version = 0
         self._journal: list[str] = []
         self._dropped = 0  # journal entries trimmed from the front so far

@@ -11,14 +11,16 @@ It owns the pieces every such strategy needs and none should rebuild per request
   metrics changed (a scrape recorded, metrics expired, a pod forgotten) rather than
   rebuilt: on a large fleet a scrape lands about as often as a request;
 - `LoadBook`: load per pod, the one load every load-aware scorer reads (least-request,
-  least-latency, predicted-ttft's queue term, the fast paths, sampling): our own
-  in-flight count (moved at the moment of the pick, so a burst spreads before any engine
-  metric moves) plus the engine's requests beyond ours at its last fresh scrape (other
-  replicas' requests, `MetricsStore.foreign`). That is the engine's running + waiting
-  at the scrape, plus our picks and minus our releases since, and never below our own
-  count: so processors behind one Envoy see each other's load, one scrape late, and
-  one alone counts what it sent once. Kept current from the in-flight counter's journal
-  and the scrapes, and grouped by load;
+  least-latency, predicted-ttft's queue term, the fast paths, sampling): the requests on
+  the pod, plus its engine's waiting queue when fresh (a queued request waits for a
+  slot, so it weighs twice). The requests on the pod are our own in-flight count (moved
+  at the moment of the pick, so a burst spreads before any engine metric moves) plus the
+  engine's requests beyond ours at its last fresh scrape (other replicas' requests,
+  `MetricsStore.foreign`): the engine's running + waiting at the scrape, plus our picks
+  and minus our releases since, never below our own count. So processors behind one
+  Envoy see each other's load, one scrape late, and one alone routes as it did before
+  replicas were counted. Kept current from the in-flight counter's journal and the
+  scrapes, and grouped by load;
 - slow start: pods routable without metrics yet take a weight that ramps from
   `min_weight` to 1 over `slow_start_window` (or until their metrics arrive);
 - fallback accounting: `gateway_routing_fallback_total{strategy,reason}` and a warning at
@@ -65,8 +67,8 @@ class ScrapeView:
         "_index",
         "_keys",
         "_store",
+        "added",
         "derived",
-        "foreign",
         "metrics",
         "since",
         "version",
@@ -87,8 +89,9 @@ class ScrapeView:
         self.since = version  # positions_since knows changes from here on
         self.metrics = metrics
         self.waiting = waiting  # the engine's waiting queue per candidate, 0 when unknown
-        # The engine's requests beyond our in-flight count at its scrape, 0 when unknown.
-        self.foreign = foreign
+        # What a pod's load adds to our in-flight count: its waiting queue plus the
+        # engine's requests beyond our count at its scrape (0 when unknown).
+        self.added = list(map(add, waiting, foreign))
         self.derived: dict[object, tuple[Any, int]] = {}
         self._store = store
         self._keys = keys
@@ -117,11 +120,12 @@ class ScrapeView:
         positions = self._positions(self.version, version)
         if positions is None:
             return False
-        pods, metrics, queues, beyond = self._keys, self.metrics, self.waiting, self.foreign
+        pods, metrics, queues, added = self._keys, self.metrics, self.waiting, self.added
         for i in positions:
-            metrics[i] = fresh.get(pods[i])
-            queues[i] = waiting.get(pods[i], 0)
-            beyond[i] = foreign.get(pods[i], 0)
+            key = pods[i]
+            metrics[i] = fresh.get(key)
+            queues[i] = waiting.get(key, 0)
+            added[i] = queues[i] + foreign.get(key, 0)
         self.version = version
         return True
 
@@ -151,8 +155,8 @@ def worth_updating(changed: int, n: int) -> bool:
 class LoadBook:
     """One candidate set's loads, kept current between decisions.
 
-    A pick or a release moves one pod's in-flight count and a scrape one pod's load
-    beyond ours, so a decision replays the in-flight journal since the previous one and takes
+    A pick or a release moves one pod's in-flight count and a scrape what one pod's
+    engine adds to it, so a decision replays the in-flight journal since the previous one and takes
     the scrape view's changed pods, rather than re-reading every pod, and keeps the
     candidates grouped by load: the lowest and highest load and the pods at a given load
     come without a pass over all candidates. Treat every list and dict here as
@@ -163,11 +167,11 @@ class LoadBook:
         "_dropped",
         "_moves",
         "_ranked",
+        "added",
         "groups",
         "incremental",
         "loads",
         "mark",
-        "foreign",
         "version",
         "view",
     )
@@ -175,12 +179,12 @@ class LoadBook:
     def __init__(self, loads: list[int], mark: int, incremental: bool, view: ScrapeView) -> None:
         self.loads = loads
         # The in-flight journal position and the scrape view (and its version) these
-        # loads are current to, with the engine loads beyond ours they count (a copy:
-        # the view changes in place).
+        # loads are current to, with what the engines add that they count (a copy: the
+        # view changes in place).
         self.mark = mark
         self.view = view
         self.version = view.version
-        self.foreign = list(view.foreign)
+        self.added = list(view.added)
         # False when a pod key appears twice among the candidates: the journal names
         # keys, so positions could be missed; the book is rebuilt per decision then.
         self.incremental = incremental
@@ -227,25 +231,25 @@ class LoadBook:
             insort(group, key_of[position])
 
     def scraped(self, view: ScrapeView) -> Iterable[int] | None:
-        """Positions whose load beyond ours may differ in `view` from the one these
-        loads count (None: too many to update one by one)."""
+        """Positions whose engine's part may differ in `view` from the one these loads
+        count (None: too many to update one by one)."""
         if view is self.view:
             return view.positions_since(self.version)
         # A rebuilt view: compare, by a C-level pass.
-        return compress(count(), map(ne, self.foreign, view.foreign))
+        return compress(count(), map(ne, self.added, view.added))
 
     def update(
         self, positions: Iterable[int], keys: list[str], counts: Mapping[str, int], view: ScrapeView
     ) -> None:
-        """Load again the pods at `positions` (in-flight count + `view`'s load beyond it)."""
+        """Load again the pods at `positions` (in-flight count + what `view` adds)."""
         if view is not self.view:
             self.view = view
             self._ranked.clear()  # the owners' keys were for the previous view
         self.version = view.version
-        foreign, counted = view.foreign, self.foreign
+        added, counted = view.added, self.added
         for i in positions:
-            counted[i] = foreign[i]
-            self._move(i, counts.get(keys[i], 0) + foreign[i])
+            counted[i] = added[i]
+            self._move(i, counts.get(keys[i], 0) + added[i])
 
     def _move(self, position: int, load: int) -> None:
         old = self.loads[position]
@@ -404,7 +408,7 @@ class PodSignals:
         """The candidates' current loads, grouped by load (shared: never change them).
 
         Only the pods whose in-flight count moved since the last decision, and those
-        whose load beyond ours a scrape may have changed, are looked at again; it is
+        whose engine's part a scrape may have changed, are looked at again; it is
         rebuilt in full when that is most of them anyway.
         """
         view = self.view(candidates, now)
@@ -425,7 +429,7 @@ class PodSignals:
         mark = inflight.mark()
         loads = map(inflight.by_pod().get, keys, repeat(0))  # in C: no Python call per pod
         book = LoadBook(
-            list(map(add, loads, view.foreign)),
+            list(map(add, loads, view.added)),
             mark,
             len(candidates.index) == len(keys),
             view,

@@ -131,7 +131,7 @@ def test_kv_scorer_is_free_cache_fraction() -> None:
 def test_queue_scorer_min_max_over_inflight_plus_the_engines_load_beyond_it() -> None:
     fleet = Fleet(3)
     fleet.warm(running=0, waiting=0)
-    fleet.set(fleet.pods[2], running=2, waiting=2)  # none of them ours
+    fleet.set(fleet.pods[2], running=2, waiting=1)  # none ours: 3 on the pod, 1 queued
     for _ in range(2):
         fleet.inflight.acquire("m", fleet.pods[1])
     assert QueueScorer().score(fleet.context()) == pytest.approx([1.0, 0.5, 0.0])
@@ -174,17 +174,18 @@ def test_picks_and_releases_since_the_scrape_move_the_load_at_once() -> None:
     fleet = Fleet(2)
     fleet.warm(running=0, waiting=0)
     pod = fleet.pods[0]
-    fleet.store.record(pod.key, EngineSample(running=3, waiting=2))  # none ours
+    # None ours: 5 on the pod, and its 2 queued count again (they wait for a slot).
+    fleet.store.record(pod.key, EngineSample(running=3, waiting=2))
     candidates = fleet.signals.candidates(fleet.pods)
-    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 5
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 7
     for _ in range(2):
         fleet.inflight.acquire("m", pod)
-    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 7
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 9
     fleet.inflight.release("m", pod)
-    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 6
-    # The next scrape shows our one left among the engine's six: still six, not seven.
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 8
+    # The next scrape shows our one left among the engine's six: not counted twice.
     fleet.store.record(pod.key, EngineSample(running=4, waiting=2))
-    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 6
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 8
 
 
 def test_latency_scorer_counts_queue_and_recent_latency() -> None:
@@ -446,9 +447,10 @@ def reference_latency(fleet: Fleet) -> list[float | None]:
             expected.append(None)
             continue
         running, waiting = m.running or 0, m.waiting or 0
-        # Our count plus the engine's requests beyond ours at the scrape.
-        load = fleet.inflight.count(pod.key) + fleet.store.foreign().get(pod.key, 0)
-        ahead = max(waiting, load - running)
+        # Our count plus the engine's requests beyond ours at the scrape: the requests
+        # on the pod; its load adds the waiting queue.
+        on_pod = fleet.inflight.count(pod.key) + fleet.store.foreign().get(pod.key, 0)
+        ahead = max(waiting, on_pod - running, 0)
         per_slot = m.e2e_mean_recent / max(running, 1) if m.e2e_mean_recent else m.ttft_mean_recent
         expected.append(m.ttft_mean_recent + ahead * per_slot + LatencyScorer.FLOOR_SECONDS)
     best = min(v for v in expected if v is not None)
