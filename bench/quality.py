@@ -784,3 +784,28 @@ def _failures(data: dict[str, Any]) -> str:
         f"of the traffic): fleet hit rate {hits('replicas', DEFAULT.label)} with one, "
         f"{hits('replicas', TWO_PROCESSORS.label)} with two."
     )
+
+
+# -- replicas against one, on their own ------------------------------------------------
+
+
+def compare_replicas(seeds: Sequence[int] = (*TUNING_SEEDS, *HELD_OUT_SEEDS)) -> list[str]:
+    """The replicas regime alone, one processor and two interleaved seed by seed: the
+    issue's goal is two within 10% of one on p90 TTFT. Prints and returns a line per
+    seed. `.venv/bin/python -c "from bench.quality import compare_replicas as c; c()"`
+    """
+    scenario = next(s for s in SCENARIOS if s.key == "replicas")
+    runs = run_scenario(scenario, RunMode(), seeds, (DEFAULT, TWO_PROCESSORS))
+    lines = []
+    for seed in seeds:
+        one, two = (
+            next(r for r in runs if r["seed"] == seed and r["variant"] == v.label)
+            for v in (DEFAULT, TWO_PROCESSORS)
+        )
+        lines.append(
+            f"seed {seed}: p90 one {one['ttft_p90_ms']:.0f} ms, two {two['ttft_p90_ms']:.0f} ms "
+            f"({two['ttft_p90_ms'] / one['ttft_p90_ms']:.2f}x); fleet hit rate "
+            f"{one['prefix_hit_rate'] * 100:.0f}% / {two['prefix_hit_rate'] * 100:.0f}%"
+        )
+        print(lines[-1], flush=True)
+    return lines

@@ -14,6 +14,12 @@ because of the fleet's size alone. The newest values we have are still the best 
 have: they stay in use until the next round completes. A pod that round could not scrape
 (its scrape failed) goes stale then, so failing pods still drop out, one round later.
 
+Engine load beyond ours: at each scrape the store notes how many requests the engine
+holds (running + waiting) beyond the processor's own in-flight count to the pod at that
+moment (`count_own`): requests other processor replicas (or anyone bypassing the
+gateway) sent it. Routing adds that to its own live count (routing/signals.py), so two
+replicas behind one Envoy see each other's load, one scrape late.
+
 The store also remembers when each pod was first seen routable, which the slow-start ramp
 and the cold-start histogram (`pod_coldstart_duration_seconds`) are measured from, and
 forgets everything about a pod when it is deleted.
@@ -135,14 +141,19 @@ class MetricsStore:
         # `_waiting` mirrors it for the one value the least-request hot path sums.
         self._fresh: dict[str, PodMetrics] = {}
         self._waiting: dict[str, int] = {}
+        # Likewise, the engine's running + waiting beyond our in-flight count at the
+        # scrape (only pods where it is above 0), and how to read that count.
+        self._foreign: dict[str, int] = {}
+        self._own: Callable[[str], int] | None = None
         # Pods routable and never scraped yet, in the order they were first seen routable.
         self._cold: dict[str, float] = {}
         self._seen_routable: set[str] = set()
-        # Moves whenever `fresh()` / `waiting()` may answer differently (a scrape recorded,
-        # a pod forgotten, metrics expired), by one per pod concerned, and the journal
-        # names that pod: the router keeps per-pod vectors derived from them and, since a
-        # scrape lands about as often as a request on a large fleet, updates the few pods
-        # that changed (`changed_since`) rather than rebuilding them per request.
+        # Moves whenever `fresh()` / `waiting()` / `foreign()` may answer differently (a
+        # scrape recorded, a pod forgotten, metrics expired), by one per pod concerned,
+        # and the journal names that pod: the router keeps per-pod vectors derived from
+        # them and, since a scrape lands about as often as a request on a large fleet,
+        # updates the few pods that changed (`changed_since`) rather than rebuilding them
+        # per request.
         self.version = 0
         self._journal: list[str] = []
         self._dropped = 0  # journal entries trimmed from the front so far
@@ -184,17 +195,24 @@ class MetricsStore:
         self._expire(self.clock() if now is None else now)
         return self._waiting
 
+    def foreign(self, now: float | None = None) -> Mapping[str, int]:
+        """Pod key -> requests the engine held at its last fresh scrape beyond our own
+        in-flight count to it then (other replicas' requests), for pods where that is
+        above 0."""
+        self._expire(self.clock() if now is None else now)
+        return self._foreign
+
     def fresh_version(self, now: float | None = None) -> int:
         """`version` once metrics stale at `now` have expired: equal answers mean
-        `fresh()` and `waiting()` have not changed in between."""
+        `fresh()`, `waiting()` and `foreign()` have not changed in between."""
         self._expire(self.clock() if now is None else now)
         return self.version
 
     def changed_since(self, version: int) -> list[str] | None:
-        """Keys of the pods whose entry in `fresh()` / `waiting()` changed since the store
-        was at `version` (one per change, so with repeats, in order), or None when the
-        journal no longer reaches back that far. Expiry is counted as of the last
-        `fresh_version` / `fresh` / `waiting` call."""
+        """Keys of the pods whose entry in `fresh()` / `waiting()` / `foreign()` changed
+        since the store was at `version` (one per change, so with repeats, in order), or
+        None when the journal no longer reaches back that far. Expiry is counted as of the
+        last `fresh_version` / `fresh` / `waiting` / `foreign` call."""
         start = version - self._dropped
         if start < 0:
             return None
@@ -220,6 +238,11 @@ class MetricsStore:
 
     def on_record(self, listener: Callable[[], None]) -> None:
         self._record_listeners.append(listener)
+
+    def count_own(self, count: Callable[[str], int]) -> None:
+        """Read `count(pod_key)`, this processor's requests in flight to the pod, at each
+        scrape recorded from now on, to tell the engine's requests beyond ours."""
+        self._own = count
 
     # -- writing ------------------------------------------------------------------------
 
@@ -274,6 +297,14 @@ class MetricsStore:
         self._waiting.pop(pod_key, None)
         if metrics.waiting is not None:
             self._waiting[pod_key] = metrics.waiting
+        self._foreign.pop(pod_key, None)
+        if metrics.running is not None or metrics.waiting is not None:
+            held = (metrics.running or 0) + (metrics.waiting or 0)
+            # Ours reach the engine a moment after we count them (and leave our count
+            # after it finished them), so this is a lower bound of the others' load.
+            beyond = held - (self._own(pod_key) if self._own is not None else 0)
+            if beyond > 0:
+                self._foreign[pod_key] = beyond
         for listener in self._record_listeners:
             listener()
         return metrics
@@ -303,6 +334,7 @@ class MetricsStore:
         self._pods.pop(key, None)
         self._fresh.pop(key, None)
         self._waiting.pop(key, None)
+        self._foreign.pop(key, None)
         self._cold.pop(key, None)
         self._seen_routable.discard(key)
         for reason in SCRAPE_FAILURE_REASONS:
@@ -320,6 +352,7 @@ class MetricsStore:
             self._changed(key)
             del fresh[key]
             self._waiting.pop(key, None)
+            self._foreign.pop(key, None)
 
     def _changed(self, pod_key: str) -> None:
         self.version += 1

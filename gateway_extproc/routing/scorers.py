@@ -37,10 +37,12 @@ def lower_is_better(values: list[float | None]) -> Scores:
 
 
 class QueueScorer(Scorer, Partial, Affine):
-    """Fewest requests ahead: our in-flight count plus the engine's waiting queue.
+    """Fewest requests ahead: the pod's load (`signals.LoadBook`): our in-flight count,
+    the engine's requests beyond it at its last scrape (other replicas'), and its waiting
+    queue.
 
     Always has data (the in-flight count is our own), so it is also the tie-breaker;
-    without fresh metrics the engine's queue is unknown, so such a pick is a fallback.
+    without fresh metrics the engine's counts are unknown, so such a pick is a fallback.
     """
 
     name = "least-request"
@@ -127,10 +129,11 @@ class LatencyScorer(Scorer, Lowering):
     """Shortest expected time to first token.
 
     expected = recent mean TTFT + requests ahead x time for one slot to free up, where
-    requests ahead is the larger of the engine's waiting queue and our in-flight count
-    beyond what the engine runs (so picks since the last scrape count at once), and a slot
-    frees every e2e_mean / running seconds (recent TTFT when e2e is unknown). Scores are
-    best / expected, so a pod twice as slow as the best scores 0.5.
+    requests ahead is the larger of the engine's waiting queue and the requests on the pod
+    (ours, corrected by the engine's counts: `signals.LoadBook`) beyond what the engine
+    runs (so picks since the last scrape count at once), and a slot frees every e2e_mean /
+    running seconds (recent TTFT when e2e is unknown). Scores are best / expected, so a
+    pod twice as slow as the best scores 0.5.
     """
 
     name = "least-latency"
@@ -194,8 +197,9 @@ class LatencyScorer(Scorer, Lowering):
         grown: dict[int, float] = {}
         for i in base.over(ctx.book()):
             ttft, waiting, running, per_slot = params[i]  # type: ignore[misc]
-            # Over its limit, our in-flight count beyond what the engine runs is what
-            # is ahead (the larger term of the max in the class docstring).
+            # Over its limit, the requests on the pod (its load less the waiting queue
+            # the load adds) beyond what the engine runs are what is ahead (the larger
+            # term of the max in the class docstring).
             grown[i] = ttft + (loads[i] - waiting - running) * per_slot + floor
         return grown
 
@@ -222,8 +226,8 @@ def _latency_inputs(
         per_slot = e2e / (running if running > 1 else 1)
     else:
         per_slot = ttft
-    # ahead = max(waiting, load - waiting - running, 0), where `load` is our in-flight
-    # count plus this same waiting queue: it is `waiting` until the load passes
+    # ahead = max(waiting, load - waiting - running, 0), where `load` is the requests on
+    # the pod plus this same waiting queue: it is `waiting` until the load passes
     # 2 x waiting + running.
     return (
         (ttft, waiting, running, per_slot),

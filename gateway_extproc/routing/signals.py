@@ -6,14 +6,21 @@ It owns the pieces every such strategy needs and none should rebuild per request
 - `CandidateSet`: the pod keys of a candidate tuple, cached by the tuple's identity (the
   registry hands out the same tuple until the model changes), so a decision over 1,000
   pods does not rebuild 1,000 key strings;
-- `ScrapeView`: the candidates' fresh metrics and waiting queues as vectors, with room
-  for what scorers derive from them, updated at the pods whose metrics changed (a
-  scrape recorded, metrics expired, a pod forgotten) rather than rebuilt: on a large
-  fleet a scrape lands about as often as a request;
-- `LoadBook`: load per pod, our own in-flight count (moved at the moment of the pick, so
-  a burst spreads before any engine metric moves) plus the engine's waiting queue when
-  fresh, kept current from the in-flight counter's journal and the scrapes, and grouped
-  by load;
+- `ScrapeView`: the candidates' fresh metrics, waiting queues and loads beyond ours as
+  vectors, with room for what scorers derive from them, updated at the pods whose
+  metrics changed (a scrape recorded, metrics expired, a pod forgotten) rather than
+  rebuilt: on a large fleet a scrape lands about as often as a request;
+- `LoadBook`: load per pod, the one load every load-aware scorer reads (least-request,
+  least-latency, predicted-ttft's queue term, the fast paths, sampling): the requests on
+  the pod, plus its engine's waiting queue when fresh (a queued request waits for a
+  slot, so it weighs twice). The requests on the pod are our own in-flight count (moved
+  at the moment of the pick, so a burst spreads before any engine metric moves) plus the
+  engine's requests beyond ours at its last fresh scrape (other replicas' requests,
+  `MetricsStore.foreign`): the engine's running + waiting at the scrape, plus our picks
+  and minus our releases since, never below our own count. So processors behind one
+  Envoy see each other's load, one scrape late, and one alone routes as it did before
+  replicas were counted. Kept current from the in-flight counter's journal and the
+  scrapes, and grouped by load;
 - slow start: pods routable without metrics yet take a weight that ramps from
   `min_weight` to 1 over `slow_start_window` (or until their metrics arrive);
 - fallback accounting: `gateway_routing_fallback_total{strategy,reason}` and a warning at
@@ -56,7 +63,17 @@ class ScrapeView:
     every decision. When too many pods changed for that to pay, it is rebuilt instead.
     """
 
-    __slots__ = ("_index", "_keys", "_store", "derived", "metrics", "since", "version", "waiting")
+    __slots__ = (
+        "_index",
+        "_keys",
+        "_store",
+        "added",
+        "derived",
+        "metrics",
+        "since",
+        "version",
+        "waiting",
+    )
 
     def __init__(
         self,
@@ -66,11 +83,15 @@ class ScrapeView:
         index: Mapping[str, int] | None,
         metrics: list[PodMetrics | None],
         waiting: list[int],
+        foreign: list[int],
     ) -> None:
         self.version = version
         self.since = version  # positions_since knows changes from here on
         self.metrics = metrics
         self.waiting = waiting  # the engine's waiting queue per candidate, 0 when unknown
+        # What a pod's load adds to our in-flight count: its waiting queue plus the
+        # engine's requests beyond our count at its scrape (0 when unknown).
+        self.added = list(map(add, waiting, foreign))
         self.derived: dict[object, tuple[Any, int]] = {}
         self._store = store
         self._keys = keys
@@ -88,17 +109,23 @@ class ScrapeView:
         return self._positions(version, self.version)
 
     def advance(
-        self, version: int, fresh: Mapping[str, PodMetrics], waiting: Mapping[str, int]
+        self,
+        version: int,
+        fresh: Mapping[str, PodMetrics],
+        waiting: Mapping[str, int],
+        foreign: Mapping[str, int],
     ) -> bool:
         """Bring the view up to store `version` in place, at the pods that changed; False
         (and unchanged) when it should be rebuilt instead."""
         positions = self._positions(self.version, version)
         if positions is None:
             return False
-        pods, metrics, queues = self._keys, self.metrics, self.waiting
+        pods, metrics, queues, added = self._keys, self.metrics, self.waiting, self.added
         for i in positions:
-            metrics[i] = fresh.get(pods[i])
-            queues[i] = waiting.get(pods[i], 0)
+            key = pods[i]
+            metrics[i] = fresh.get(key)
+            queues[i] = waiting.get(key, 0)
+            added[i] = queues[i] + foreign.get(key, 0)
         self.version = version
         return True
 
@@ -128,8 +155,8 @@ def worth_updating(changed: int, n: int) -> bool:
 class LoadBook:
     """One candidate set's loads, kept current between decisions.
 
-    A pick or a release moves one pod's in-flight count and a scrape one pod's waiting
-    queue, so a decision replays the in-flight journal since the previous one and takes
+    A pick or a release moves one pod's in-flight count and a scrape what one pod's
+    engine adds to it, so a decision replays the in-flight journal since the previous one and takes
     the scrape view's changed pods, rather than re-reading every pod, and keeps the
     candidates grouped by load: the lowest and highest load and the pods at a given load
     come without a pass over all candidates. Treat every list and dict here as
@@ -140,24 +167,24 @@ class LoadBook:
         "_dropped",
         "_moves",
         "_ranked",
+        "added",
         "groups",
         "incremental",
         "loads",
         "mark",
         "version",
         "view",
-        "waiting",
     )
 
     def __init__(self, loads: list[int], mark: int, incremental: bool, view: ScrapeView) -> None:
         self.loads = loads
         # The in-flight journal position and the scrape view (and its version) these
-        # loads are current to, with the waiting queues they count (a copy: the view
-        # changes in place).
+        # loads are current to, with what the engines add that they count (a copy: the
+        # view changes in place).
         self.mark = mark
         self.view = view
         self.version = view.version
-        self.waiting = list(view.waiting)
+        self.added = list(view.added)
         # False when a pod key appears twice among the candidates: the journal names
         # keys, so positions could be missed; the book is rebuilt per decision then.
         self.incremental = incremental
@@ -204,25 +231,25 @@ class LoadBook:
             insort(group, key_of[position])
 
     def scraped(self, view: ScrapeView) -> Iterable[int] | None:
-        """Positions whose waiting queue may differ in `view` from the one these loads
+        """Positions whose engine's part may differ in `view` from the one these loads
         count (None: too many to update one by one)."""
         if view is self.view:
             return view.positions_since(self.version)
-        # A rebuilt view: compare the queues, by a C-level pass.
-        return compress(count(), map(ne, self.waiting, view.waiting))
+        # A rebuilt view: compare, by a C-level pass.
+        return compress(count(), map(ne, self.added, view.added))
 
     def update(
         self, positions: Iterable[int], keys: list[str], counts: Mapping[str, int], view: ScrapeView
     ) -> None:
-        """Load again the pods at `positions` (in-flight count + `view`'s waiting queue)."""
+        """Load again the pods at `positions` (in-flight count + what `view` adds)."""
         if view is not self.view:
             self.view = view
             self._ranked.clear()  # the owners' keys were for the previous view
         self.version = view.version
-        waiting, counted = view.waiting, self.waiting
+        added, counted = view.added, self.added
         for i in positions:
-            counted[i] = waiting[i]
-            self._move(i, counts.get(keys[i], 0) + waiting[i])
+            counted[i] = added[i]
+            self._move(i, counts.get(keys[i], 0) + added[i])
 
     def _move(self, position: int, load: int) -> None:
         old = self.loads[position]
@@ -303,6 +330,9 @@ class PodSignals:
         self.warn_every = warn_every
         self.now: Callable[[], float] = clock or (store.clock if store else time.monotonic)
         self._inflight = inflight
+        if store is not None:
+            # The store reads our count at each scrape to tell the engine's load beyond it.
+            store.count_own(inflight.count)
         self._sets: dict[int, CandidateSet] = {}
         self._cache_size = cache_size
         self._warned_at: dict[str, float] = {}
@@ -347,12 +377,15 @@ class PodSignals:
         if view is not None:
             if view.version == version:
                 return view
-            if store is not None and view.advance(version, store.fresh(now), store.waiting(now)):
+            if store is not None and view.advance(
+                version, store.fresh(now), store.waiting(now), store.foreign(now)
+            ):
                 return view
         keys = candidates.keys
         index = candidates.index if len(candidates.index) == len(keys) else None
         if store is None:
-            view = ScrapeView(None, version, keys, index, [None] * len(keys), [0] * len(keys))
+            zeros = [0] * len(keys)
+            view = ScrapeView(None, version, keys, index, [None] * len(keys), zeros, list(zeros))
         else:
             view = ScrapeView(
                 store,
@@ -361,21 +394,22 @@ class PodSignals:
                 index,
                 list(map(store.fresh(now).get, keys)),
                 list(map(store.waiting(now).get, keys, repeat(0))),
+                list(map(store.foreign(now).get, keys, repeat(0))),
             )
         candidates.view = view
         return view
 
     def loads(self, candidates: CandidateSet, now: float) -> list[int]:
-        """In-flight requests plus the engine's waiting queue (when fresh), per candidate
-        (a new list, the caller's to change)."""
+        """Load per candidate, as the load book has it (a new list, the caller's to
+        change)."""
         return list(self.book(candidates, now).loads)
 
     def book(self, candidates: CandidateSet, now: float) -> LoadBook:
         """The candidates' current loads, grouped by load (shared: never change them).
 
         Only the pods whose in-flight count moved since the last decision, and those
-        whose waiting queue a scrape may have changed, are looked at again; it is rebuilt
-        in full when that is most of them anyway.
+        whose engine's part a scrape may have changed, are looked at again; it is
+        rebuilt in full when that is most of them anyway.
         """
         view = self.view(candidates, now)
         inflight = self._inflight
@@ -395,7 +429,7 @@ class PodSignals:
         mark = inflight.mark()
         loads = map(inflight.by_pod().get, keys, repeat(0))  # in C: no Python call per pod
         book = LoadBook(
-            list(map(add, loads, view.waiting)),
+            list(map(add, loads, view.added)),
             mark,
             len(candidates.index) == len(keys),
             view,

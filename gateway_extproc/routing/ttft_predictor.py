@@ -10,8 +10,9 @@ should see its first token soonest.
   responses the gateway saw; a pod without samples counts as typical);
 - queue wait: requests ahead x how often a slot frees up (the pod's measured response
   duration / the requests it runs). Requests ahead are the engine's waiting queue and,
-  while the engine reports one (it is full), the requests we sent it since that it has
-  not counted yet. An engine that queues nothing runs what we send at once, so in-flight
+  while the engine reports one (it is full), the requests on the pod
+  (`signals.LoadBook`: ours, corrected by the engine's counts) beyond what it runs and
+  queues, added. An engine that queues nothing runs what we send at once, so in-flight
   counts alone add no wait; the profile's load term spreads those;
 - backlog wait: the prefill this processor sent the pod that should not be done yet
   (each pick's predicted prefill, queued behind the pod's earlier ones), times the share
@@ -98,7 +99,8 @@ class PredictedTTFTScorer(Scorer):
                 if m is None or not m.waiting:
                     continue
                 running = m.running or 0
-                # Our in-flight count is loads - the waiting queue the loads include.
+                # The requests on the pod (ours and other replicas') are its load less
+                # the waiting queue the load counts.
                 inflight = loads[i] - waiting_seen[i]
                 ahead = m.waiting + max(inflight - running - m.waiting, 0)
                 per_request = measured.duration(keys[i]) or m.e2e_mean_recent or 0.0

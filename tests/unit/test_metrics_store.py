@@ -221,3 +221,33 @@ def test_journal_names_every_change_in_order(monkeypatch: pytest.MonkeyPatch) ->
         store.record(f"p{i}", EngineSample(waiting=i))
     assert store.changed_since(mark) is None  # trimmed: too far back
     assert store.changed_since(store.version - 2) == ["p6", "p7"]
+
+
+def test_foreign_load_is_the_engines_requests_beyond_ours_at_the_scrape() -> None:
+    """Another processor replica's requests show only in the engine's counts: the store
+    notes, at each scrape, how many the engine holds beyond our own in-flight count then,
+    so one alone never counts what it sent twice."""
+    clock = Clock()
+    store = MetricsStore(staleness=2.0, clock=clock)
+    ours = {"a": 3, "b": 5}
+    store.count_own(lambda key: ours.get(key, 0))
+    store.record("a", EngineSample(running=6, waiting=2))  # 8 held, 3 ours
+    store.record("b", EngineSample(running=4, waiting=0))  # ours not all arrived yet
+    store.record("c", EngineSample(running=2))  # waiting unknown: running alone counts
+    store.record("d", EngineSample(kv_cache_usage=0.5))  # neither count known
+    assert dict(store.foreign()) == {"a": 5, "c": 2}
+    ours["a"] = 9  # our count moves between scrapes; the note is the scrape's
+    assert store.foreign()["a"] == 5
+    store.record("a", EngineSample(running=9, waiting=0))
+    assert "a" not in store.foreign()
+    clock.now += 2.01  # stale: the engine's counts are unknown again
+    assert dict(store.foreign()) == {}
+    store.record("c", EngineSample(running=1, waiting=1))
+    store.forget("c")
+    assert "c" not in store.foreign()
+
+
+def test_foreign_load_without_a_count_of_ours_is_the_engines_whole_count() -> None:
+    store = MetricsStore()
+    store.record("a", EngineSample(running=2, waiting=3))
+    assert store.foreign()["a"] == 5

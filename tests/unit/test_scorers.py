@@ -128,13 +128,64 @@ def test_kv_scorer_is_free_cache_fraction() -> None:
     assert scores == pytest.approx([0.1, 0.9, 0.5])
 
 
-def test_queue_scorer_min_max_over_inflight_plus_waiting() -> None:
+def test_queue_scorer_min_max_over_inflight_plus_the_engines_load_beyond_it() -> None:
     fleet = Fleet(3)
-    fleet.warm(waiting=0)
-    fleet.set(fleet.pods[2], waiting=4)
+    fleet.warm(running=0, waiting=0)
+    fleet.set(fleet.pods[2], running=2, waiting=1)  # none ours: 3 on the pod, 1 queued
     for _ in range(2):
         fleet.inflight.acquire("m", fleet.pods[1])
     assert QueueScorer().score(fleet.context()) == pytest.approx([1.0, 0.5, 0.0])
+
+
+def scrape_engines(fleets: tuple[Fleet, ...], held: dict[str, int]) -> None:
+    """Every processor scrapes the same engines: `held` requests running on each."""
+    for fleet in fleets:
+        for pod in fleet.pods:
+            fleet.set(pod, running=held[pod.key], waiting=0, kv=0.5, ttft=0.1, e2e=1.0)
+
+
+@pytest.mark.parametrize("strategy", ["least-request", "least-kv-cache", "predicted-latency"])
+def test_a_replica_sees_the_load_another_replica_sent(strategy: str) -> None:
+    """Two processors behind one Envoy: what one sent a pod shows in the engine's
+    counts only, and the other must route around it as a single processor would."""
+    first, second = Fleet(4), Fleet(4)
+    busy = first.pods[0]
+    for _ in range(6):  # long requests the first replica sent
+        first.inflight.acquire("m", busy)
+    held = {pod.key: 0 for pod in first.pods}
+    held[busy.key] = 6
+    scrape_engines((first, second), held)
+    chosen = second.catalog.resolve(strategy)
+    assert chosen is not None
+    for _ in range(6):
+        pod = chosen.rank(second.pods, RoutingRequest(model="m"), 1)[0]
+        second.inflight.acquire("m", pod)
+        held[pod.key] += 1  # the engine runs it: the next scrape shows it
+    assert second.inflight.count(busy.key) == 0
+    # Each processor counts what it sent once: its own requests are not doubled by the
+    # engine's report of them.
+    scrape_engines((first, second), held)
+    for fleet in (first, second):
+        loads = fleet.signals.loads(fleet.signals.candidates(fleet.pods), fleet.clock.now)
+        assert loads == [held[pod.key] for pod in fleet.pods]
+
+
+def test_picks_and_releases_since_the_scrape_move_the_load_at_once() -> None:
+    fleet = Fleet(2)
+    fleet.warm(running=0, waiting=0)
+    pod = fleet.pods[0]
+    # None ours: 5 on the pod, and its 2 queued count again (they wait for a slot).
+    fleet.store.record(pod.key, EngineSample(running=3, waiting=2))
+    candidates = fleet.signals.candidates(fleet.pods)
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 7
+    for _ in range(2):
+        fleet.inflight.acquire("m", pod)
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 9
+    fleet.inflight.release("m", pod)
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 8
+    # The next scrape shows our one left among the engine's six: not counted twice.
+    fleet.store.record(pod.key, EngineSample(running=4, waiting=2))
+    assert fleet.signals.loads(candidates, fleet.clock.now)[0] == 8
 
 
 def test_latency_scorer_counts_queue_and_recent_latency() -> None:
@@ -396,8 +447,10 @@ def reference_latency(fleet: Fleet) -> list[float | None]:
             expected.append(None)
             continue
         running, waiting = m.running or 0, m.waiting or 0
-        load = fleet.inflight.count(pod.key) + waiting
-        ahead = max(waiting, load - waiting - running, 0)
+        # Our count plus the engine's requests beyond ours at the scrape: the requests
+        # on the pod; its load adds the waiting queue.
+        on_pod = fleet.inflight.count(pod.key) + fleet.store.foreign().get(pod.key, 0)
+        ahead = max(waiting, on_pod - running, 0)
         per_slot = m.e2e_mean_recent / max(running, 1) if m.e2e_mean_recent else m.ttft_mean_recent
         expected.append(m.ttft_mean_recent + ahead * per_slot + LatencyScorer.FLOOR_SECONDS)
     best = min(v for v in expected if v is not None)

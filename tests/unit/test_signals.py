@@ -53,8 +53,10 @@ def scrape(store: MetricsStore, pod: Pod, now: float, waiting: int | None) -> No
 def direct_loads(
     store: MetricsStore, inflight: InFlightCounter, pods: tuple[Pod, ...], now: float
 ) -> list[int]:
-    waiting = store.waiting(now)
-    return [inflight.count(p.key) + waiting.get(p.key, 0) for p in pods]
+    """Our in-flight count, the engine's requests beyond it at its scrape, and its
+    waiting queue (counted again: queued requests wait for a slot)."""
+    waiting, foreign = store.waiting(now), store.foreign(now)
+    return [inflight.count(p.key) + foreign.get(p.key, 0) + waiting.get(p.key, 0) for p in pods]
 
 
 def groups_of(loads: list[int], rank_of: Sequence[Any]) -> dict[int, list[Any]]:

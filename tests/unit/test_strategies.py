@@ -109,9 +109,11 @@ def test_least_request_adds_the_engine_queue() -> None:
     setup.scrape(setup.pods[0], waiting=5)
     setup.scrape(setup.pods[1], waiting=0)
     setup.scrape(setup.pods[2], waiting=1)
-    setup.inflight.acquire("m", setup.pods[1])
-    setup.inflight.acquire("m", setup.pods[1])
-    assert setup.route("least-request").name == "p2"  # 1 < 2 (p1) < 5 (p0)
+    for _ in range(3):
+        setup.inflight.acquire("m", setup.pods[1])
+    # Each engine runs 1 request we did not send. p2: 1 running + 1 queued, the queue
+    # counted twice = 3 < p1: ours 3 + 1 running = 4 < p0: 1 + 5 + 5 = 11.
+    assert setup.route("least-request").name == "p2"
 
 
 def test_least_request_fallback_endpoints_are_next_least_loaded() -> None:
