@@ -19,10 +19,28 @@ API_BY_PATH: dict[str, Api] = {
 }
 # The paths this package adds to the OpenAI ones routed before (openai/requests.py).
 PATHS = tuple(API_BY_PATH)
+# By `Api.name`: the routing answer names the request's API for a process that observes
+# the response without having seen the request (extproc/handoff.py).
+API_BY_NAME: dict[str, Api] = {api.name: api for api in (OPENAI, *API_BY_PATH.values())}
 
-__all__ = ["API_BY_PATH", "OPENAI", "PATHS", "Api", "UsageReader", "api_for"]
+__all__ = [
+    "API_BY_NAME",
+    "API_BY_PATH",
+    "OPENAI",
+    "PATHS",
+    "Api",
+    "UsageReader",
+    "api_for",
+    "api_named",
+]
 
 
 def api_for(path: str) -> Api:
     """The API `path` (without its query) speaks; OpenAI's for every other path."""
     return API_BY_PATH.get(path, OPENAI)
+
+
+def api_named(name: str) -> Api:
+    """The API called `name`; OpenAI's for an unknown name (or none: a routing answer
+    written by a processor older than the field)."""
+    return API_BY_NAME.get(name, OPENAI)

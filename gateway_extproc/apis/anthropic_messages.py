@@ -8,7 +8,7 @@ precise prefix routing.
 Usage is `usage.input_tokens` / `usage.output_tokens` at the top of a whole message. A
 stream says the input count in `message_start` (`message.usage.input_tokens`) and the
 output count, cumulative, in `message_delta` (`usage.output_tokens`); output arrives in
-`content_block_delta` events. Errors are Anthropic's body:
+`content_block_delta` events, and `message_stop` ends the stream. Errors are Anthropic's body:
 `{"type": "error", "error": {"type": "not_found_error", "message": ...}}`.
 """
 
@@ -18,11 +18,16 @@ from typing import Any
 
 import orjson
 
-from gateway_extproc.apis.base import Api, input_output_usage, text_of, token_count
+from gateway_extproc.apis.base import Api, input_output_usage
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.openai.usage import Usage
+from gateway_extproc.openai.requests import text_of
+from gateway_extproc.openai.usage import Usage, token_count
 
 PATH = "/v1/messages"
+
+# The events read as JSON: the two that carry usage and the stream's end mark. The rest
+# are told by the mark alone, or skipped.
+_PARSED_MARKS = (b'"message_start"', b'"message_delta"', b'"message_stop"')
 
 # Anthropic's error types by HTTP status; anything else is `api_error`.
 ERROR_TYPES = {
@@ -99,10 +104,11 @@ def _chat_messages(role: str, content: Any) -> list[dict[str, Any]]:
 
 
 class MessagesUsage:
-    __slots__ = ("_input", "_output", "usage")
+    __slots__ = ("_input", "_output", "ended", "usage")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.ended = False  # `message_stop` went by: the stream's end mark
         self._input: int | None = None
         self._output = 0
 
@@ -115,8 +121,8 @@ class MessagesUsage:
         # text delta that is exactly such a word, which the type check below tells).
         if b'"content_block_delta"' in data:
             return True
-        if b'"message_start"' not in data and b'"message_delta"' not in data:
-            return False  # content_block_start/stop, ping, message_stop
+        if not any(mark in data for mark in _PARSED_MARKS):
+            return False  # content_block_start/stop, ping
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -124,6 +130,9 @@ class MessagesUsage:
         if not isinstance(event, dict):
             return False
         kind = event.get("type")
+        if kind == "message_stop":
+            self.ended = True
+            return False
         if kind == "message_start":
             message = event.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None

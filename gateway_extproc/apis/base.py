@@ -2,8 +2,8 @@
 
 The request side is common to every API (a JSON body naming `model`, a boolean
 `stream`; openai/requests.py parses it); what differs is where the prompt is, how the
-response reports token usage (in a whole JSON body and in a stream of events), and
-the shape of an error body.
+response reports token usage (in a whole JSON body and in a stream of events), which
+event ends a stream, and the shape of an error body.
 """
 
 from __future__ import annotations
@@ -13,13 +13,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.openai.usage import Usage
+from gateway_extproc.openai.usage import Usage, token_count
 
 
 class UsageReader(Protocol):
-    """Reads one response's token usage; a new one per response."""
+    """Reads one response's token usage and watches for its stream's end mark; a new one
+    per response."""
 
     usage: Usage | None
+    # The API's end-of-stream event went by (chat's `data: [DONE]`, the Responses API's
+    # `response.completed`/`.incomplete`/`.failed`, Anthropic's `message_stop`): the
+    # client has the whole response even if the stream is cut right after. A stream cut
+    # before it was cut short.
+    ended: bool
 
     def read_body(self, doc: Any) -> None:
         """A whole (non-streamed) response, parsed."""
@@ -27,7 +33,8 @@ class UsageReader(Protocol):
 
     def read_event(self, data: bytes) -> bool:
         """One streamed event's data; True when the event carries output (a token), which
-        is what time to first token and inter-token latency are measured on."""
+        is what time to first token and inter-token latency are measured on. Sets
+        `usage` when the event reports it and `ended` when it is the end mark."""
         ...
 
 
@@ -42,29 +49,6 @@ class Api:
     # Its streams report usage only when asked (`stream_options.include_usage`), which
     # --inject-include-usage does; the other APIs' streams always carry it.
     usage_on_request: bool = False
-
-
-def text_of(value: Any) -> str:
-    """The text of a content value: a string, or a list of strings and typed parts whose
-    `text` is kept (images and other parts carry no text)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for item in value:
-            if isinstance(item, str):
-                texts.append(item)
-            elif isinstance(item, dict) and isinstance(item.get("text"), str):
-                texts.append(item["text"])
-        return "\n".join(texts)
-    return ""
-
-
-def token_count(value: Any) -> int | None:
-    """A token count: a non-negative integer (JSON booleans are not counts)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
 
 
 def input_output_usage(usage: Any) -> Usage | None:

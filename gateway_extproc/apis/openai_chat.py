@@ -16,16 +16,18 @@ from gateway_extproc.openai.usage import Usage, usage_of, usage_of_event
 
 
 class ChatUsage:
-    __slots__ = ("usage",)
+    __slots__ = ("ended", "usage")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.ended = False
 
     def read_body(self, doc: Any) -> None:
         self.usage = usage_of(doc)
 
     def read_event(self, data: bytes) -> bool:
         if data == DONE:
+            self.ended = True
             return False
         usage = usage_of_event(data)
         if usage is None:

@@ -17,8 +17,9 @@ from typing import Any
 
 import orjson
 
-from gateway_extproc.apis.base import Api, input_output_usage, text_of
+from gateway_extproc.apis.base import Api, input_output_usage
 from gateway_extproc.openai.errors import body_of
+from gateway_extproc.openai.requests import text_of
 from gateway_extproc.openai.usage import Usage
 
 PATH = "/v1/responses"
@@ -79,10 +80,11 @@ def _chat_tools(tools: Any) -> list[dict[str, Any]]:
 
 
 class ResponsesUsage:
-    __slots__ = ("usage",)
+    __slots__ = ("ended", "usage")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.ended = False  # a final event went by: the stream's end mark
 
     def read_body(self, doc: Any) -> None:
         if isinstance(doc, dict):
@@ -95,6 +97,7 @@ class ResponsesUsage:
             except orjson.JSONDecodeError:
                 return False
             if isinstance(event, dict) and event.get("type") in FINAL_EVENTS:
+                self.ended = True
                 response = event.get("response")
                 if isinstance(response, dict):
                     self.usage = input_output_usage(response.get("usage")) or self.usage

@@ -14,7 +14,7 @@ import orjson
 from gateway_extproc import telemetry
 from gateway_extproc.apis import UsageReader
 from gateway_extproc.apis.openai_chat import ChatUsage
-from gateway_extproc.openai.sse import DONE, SSEParser
+from gateway_extproc.openai.sse import SSEParser
 from gateway_extproc.openai.usage import Usage
 
 # Past this a JSON response is not kept for usage (it is still passed on untouched).
@@ -52,7 +52,8 @@ class ResponseAccounting:
         self._last_event_at = 0.0
         self._unparsed = ""
         self.usage: Usage | None = None
-        # The SSE stream's terminal `[DONE]` event went by: the client has it all.
+        # The SSE stream's end mark (its API's: `[DONE]`, `response.completed`,
+        # `message_stop`, ...) went by: the client has it all.
         self.completed = False
 
     def on_headers(self, content_type: str) -> None:
@@ -105,10 +106,9 @@ class ResponseAccounting:
     def _on_events(self, events: list[bytes], now: float) -> None:
         reader = self._reader
         for data in events:
-            if data == DONE:  # OpenAI's end mark (the other APIs' streams: not yet)
-                self.completed = True
             if not reader.read_event(data):
                 self.usage = reader.usage
+                self.completed = reader.ended
                 continue  # usage, the end mark, or an event about the stream itself
             if not self._first_event_at:
                 self._first_event_at = now

@@ -43,6 +43,9 @@ HANDOFF_CONTEXT_FIELDS = (
     "strategy",
     "request_id",
     "started_at",
+    # The API the request spoke (`Api.name`): where its response reports usage and how
+    # its stream ends.
+    "api",
     # The flow-control key, so the response's tokens count against the right tenant.
     "flow_fairness_id",
     "flow_priority",

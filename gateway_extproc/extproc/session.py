@@ -39,7 +39,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
 from gateway_extproc import errors, telemetry
-from gateway_extproc.apis import OPENAI, Api, api_for
+from gateway_extproc.apis import OPENAI, Api, api_for, api_named
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.extproc import envoy_names as names
 from gateway_extproc.extproc import responses
@@ -237,6 +237,7 @@ class Session:
             )
         session._model = model = context.get("model", "")
         session._request_id = context.get("request_id", "")
+        session._api = api_named(context.get("api", ""))
         session.req_phase = Phase.DONE
         try:
             age = time.time() - float(context.get("started_at", ""))
@@ -620,6 +621,7 @@ class Session:
             "strategy": self._decision.strategy,
             "request_id": self._request_id,
             "started_at": repr(time.time() - (time.monotonic() - self._started)),
+            "api": self._api.name,
             "flow_fairness_id": self._flow_key.fairness_id,
             "flow_priority": str(self._flow_key.priority),
         }

@@ -98,8 +98,8 @@ def _prompt_text(path: str, doc: dict[str, Any]) -> str:
     if path == CHAT_PATH or "messages" in doc:
         return _messages_text(doc.get("messages"))
     if path == EMBEDDINGS_PATH or "input" in doc:
-        return _text_of(doc.get("input"))
-    return _text_of(doc.get("prompt"))
+        return text_of(doc.get("input"))
+    return text_of(doc.get("prompt"))
 
 
 def _messages_text(messages: Any) -> str:
@@ -108,11 +108,11 @@ def _messages_text(messages: Any) -> str:
     parts = []
     for message in messages:
         if isinstance(message, dict):
-            parts.append(f"{message.get('role', '')}: {_text_of(message.get('content'))}")
+            parts.append(f"{message.get('role', '')}: {text_of(message.get('content'))}")
     return "\n".join(parts)
 
 
-def _text_of(value: Any) -> str:
+def text_of(value: Any) -> str:
     """Text of a prompt/content value: a string, a list of strings or content parts."""
     if isinstance(value, str):
         return value

@@ -21,8 +21,8 @@ def usage_of(doc: Any) -> Usage | None:
     usage = doc.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens", 0))
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens", 0))
     if prompt is None or completion is None:
         return None
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
@@ -38,7 +38,7 @@ def usage_of_event(data: bytes) -> Usage | None:
         return None
 
 
-def _count(value: Any) -> int | None:
+def token_count(value: Any) -> int | None:
     """A token count: a non-negative integer (JSON booleans are not counts)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value

@@ -106,6 +106,16 @@ class Front:
     port: int
     admin_port: int
 
+    def processor_streams(self, stat: str) -> dict[int, int]:
+        """Envoy's per-processor stream count `stat` (rq_active, rq_total), by port."""
+        text = http_request(self.admin_port, "GET", "/clusters").body.decode()
+        counts = {}
+        for line in text.splitlines():
+            parts = line.split("::")
+            if parts[0] == localstack.EXTPROC_CLUSTER and parts[2:3] == [stat]:
+                counts[int(parts[1].rpartition(":")[2])] = int(parts[3])
+        return counts
+
     def healthy_processors(self) -> set[int]:
         """Ports of the processor endpoints Envoy currently sends streams to."""
         text = http_request(self.admin_port, "GET", "/clusters").body.decode()
@@ -186,10 +196,13 @@ def long_stream_request(max_tokens: int = 1500) -> bytes:
 
 
 @contextlib.contextmanager
-def started_stream(port: int) -> Iterator[tuple[socket.socket, bytearray]]:
-    """A long stream through Envoy whose first event has arrived."""
+def started_stream(
+    port: int, request: bytes | None = None
+) -> Iterator[tuple[socket.socket, bytearray]]:
+    """A long stream through Envoy whose first event has arrived (chat's unless
+    `request` is given)."""
     with socket.create_connection((LOCALHOST, port), timeout=30) as sock:
-        sock.sendall(long_stream_request())
+        sock.sendall(request if request is not None else long_stream_request())
         received = bytearray()
         while b"data: " not in received:
             data = sock.recv(65536)
@@ -563,3 +576,110 @@ def completion_tokens_counted(metrics: str) -> float:
             if sample.name == "gateway_tokens_total" and sample.labels["kind"] == "completion":
                 total += sample.value
     return total
+
+
+# -- the Responses API and Anthropic Messages: streams with their own end marks -----------
+
+# A long stream of each (2 ms per token), its path, and the events that may end it.
+API_STREAMS = {
+    "responses": (
+        "/v1/responses",
+        {"input": "Tell me a long story.", "max_output_tokens": 1500},
+        {"response.completed", "response.incomplete"},
+    ),
+    "messages": (
+        "/v1/messages",
+        {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1500},
+        {"message_stop"},
+    ),
+}
+
+
+def api_stream_request(api: str) -> bytes:
+    path, fields, _ = API_STREAMS[api]
+    body = json.dumps({"model": CHAT_MODEL, "stream": True, **fields}).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: {LOCALHOST}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + body
+
+
+def sse_events(response: bytes) -> list[dict]:
+    """The events of a chunked HTTP/1.1 SSE response, parsed (the client's view)."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    body = bytearray()
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        body += rest[:size]
+        rest = rest[size + 2 :]
+    events = []
+    for block in bytes(body).split(b"\n\n"):
+        data = [line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")]
+        if data:
+            events.append(json.loads(b"\n".join(data)))
+    return events
+
+
+def usage_of_stream(events: list[dict]) -> tuple[int, int]:
+    """(input, output) tokens the engine reported in a Responses or Messages stream."""
+    last = events[-1]
+    if last["type"].startswith("response."):
+        usage = last["response"]["usage"]
+        return usage["input_tokens"], usage["output_tokens"]
+    start = next(e for e in events if e["type"] == "message_start")
+    delta = [e for e in events if e["type"] == "message_delta"][-1]
+    return start["message"]["usage"]["input_tokens"], delta["usage"]["output_tokens"]
+
+
+def tokens_counted(replica: Replica) -> tuple[float, float]:
+    """(prompt, completion) tokens `replica` counted, over every model and pod."""
+    counted = {"prompt": 0.0, "completion": 0.0}
+    for family in text_string_to_metric_families(replica.metrics()):
+        for sample in family.samples:
+            if sample.name == "gateway_tokens_total":
+                counted[sample.labels["kind"]] += sample.value
+    return counted["prompt"], counted["completion"]
+
+
+@pytest.mark.parametrize("api", API_STREAMS)
+def test_a_started_api_stream_outlives_the_processor_that_routed_it_and_is_counted(
+    api: str, fleet, stack, log_dir, child_env
+) -> None:
+    # Two replicas: Envoy balances the routing and the observer stream of a request on
+    # their own, so the response is observed by the replica that did not route it, which
+    # knows the request only from the routing answer's context.
+    replicas = [new_replica(fleet, stack, log_dir, child_env).start() for _ in range(2)]
+    with front(localstack.ENVOY_CONFIG, replicas, log_dir, f"envoy-endmark-{api}") as envoy:
+        before = {r.grpc_port: tokens_counted(r) for r in replicas}
+        streams_before = envoy.processor_streams("rq_total")
+        with started_stream(envoy.port, api_stream_request(api)) as (sock, received):
+            # The observer stream is the one Envoy still holds open; the routing stream
+            # ended once the request was routed.
+            active = poll(
+                "one processor stream open (the observer's)",
+                lambda: envoy.processor_streams("rq_active"),
+                lambda counts: sorted(counts.values()) == [0, 1],
+            )
+            opened = envoy.processor_streams("rq_total")
+            assert all(opened[p] - streams_before[p] == 1 for p in opened), "same processor"
+            observer = next(r for r in replicas if active[r.grpc_port] == 1)
+            router = next(r for r in replicas if r is not observer)
+            router.signal(signal.SIGKILL)
+            stream = read_to_end(sock, received)
+        events = sse_events(stream)
+        assert events[-1]["type"] in API_STREAMS[api][2], events[-1]
+        prompt, completion = usage_of_stream(events)
+        assert prompt > 0 and completion > 0
+        start = before[observer.grpc_port]
+        counted = poll(
+            "the observer counted the stream's tokens",
+            lambda: tokens_counted(observer),
+            lambda now: now[1] > start[1],
+        )
+        assert (counted[0] - start[0], counted[1] - start[1]) == (prompt, completion)
+        assert "request_finished" in observer.log()

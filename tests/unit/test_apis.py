@@ -255,6 +255,41 @@ def test_messages_text_that_is_an_event_name_is_output_not_usage():
     assert outputs == 1
 
 
+def ended_after(api, stream: bytes) -> list[bool]:
+    """Whether `api`'s reader says the stream ended, after each event of `stream`."""
+    reader = api.reader()
+    seen = []
+    for data in events_of(stream):
+        reader.read_event(data)
+        seen.append(reader.ended)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("api", "stream"),
+    [
+        (OPENAI, b'data: {"choices":[{"delta":{"content":"[DONE]"}}]}\n\ndata: [DONE]\n\n'),
+        (RESPONSES, responses_stream("response.completed", '"response.completed" x')),
+        (RESPONSES, responses_stream("response.incomplete")),
+        (RESPONSES, responses_stream("response.failed")),
+        (MESSAGES, messages_stream({"output_tokens": 2}, "message_stop")),
+    ],
+    ids=["chat", "responses-completed", "responses-incomplete", "responses-failed", "messages"],
+)
+def test_each_api_stream_ends_with_its_own_end_mark_and_not_with_text_that_names_it(api, stream):
+    seen = ended_after(api, stream)
+    assert seen[-1] is True
+    assert not any(seen[:-1])
+
+
+def test_an_end_mark_of_another_api_does_not_end_a_stream():
+    chat_end = b"data: [DONE]\n\n"
+    assert ended_after(RESPONSES, chat_end) == [False]
+    assert ended_after(MESSAGES, chat_end) == [False]
+    assert not any(ended_after(OPENAI, messages_stream({"output_tokens": 2})))
+    assert not any(ended_after(MESSAGES, responses_stream()))
+
+
 @pytest.mark.parametrize("api", [RESPONSES, MESSAGES])
 @pytest.mark.parametrize(
     "data",

@@ -321,6 +321,7 @@ async def test_an_observer_of_a_request_routed_by_another_process_counts_it(gate
         "request_id": context.fields["request_id"].string_value,
         "flow_fairness_id": "",
         "flow_priority": "0",
+        "api": "openai",  # the API the request spoke (apis/)
     }
     # What another process would see: the same context under a key it never parked.
     foreign = frames.response_body(USAGE)

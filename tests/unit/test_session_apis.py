@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway_extproc.devtools.otlp_receiver import OtlpReceiver
+from gateway_extproc.extproc.envoy_names import HANDOFF_CONTEXT_FIELDS, HANDOFF_NAMESPACE
 from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
 from gateway_extproc.models.aliases import Alias
 from gateway_extproc.models.registry import ModelRegistry, Pod
@@ -325,3 +326,100 @@ def test_the_access_log_names_the_alias_asked_for_and_the_target_served(router, 
     lines = [line for line in capsys.readouterr().out.splitlines() if "request_finished" in line]
     assert "alias=llama" in lines[0] and "model=v3" in lines[0]
     assert "alias" not in lines[1]
+
+
+# -- each API's end of stream -------------------------------------------------------------
+
+# A streamed response of each API up to and including its end mark, as the engine writes
+# it: (path, request, SSE bytes, prompt tokens, completion tokens).
+_RESPONSES_USAGE = {"input_tokens": 7, "output_tokens": 2}
+STREAMS = {
+    "chat": (
+        "/v1/chat/completions",
+        {**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+        b'data: {"choices":[{"index":0,"delta":{"content":"hey"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+        b"data: [DONE]\n\n",
+        7,
+        2,
+    ),
+    "responses": (
+        "/v1/responses",
+        {**RESPONSES, "stream": True},
+        event("response.created", {"response": {"id": "r", "usage": None}})
+        + b"\n\n"
+        + event("response.output_text.delta", {"delta": "hey"})
+        + b"\n\n"
+        + event("response.completed", {"response": {"id": "r", "usage": _RESPONSES_USAGE}})
+        + b"\n\n",
+        7,
+        2,
+    ),
+    "messages": (
+        "/v1/messages",
+        {**MESSAGES, "stream": True},
+        event("message_start", {"message": {"usage": {"input_tokens": 7, "output_tokens": 1}}})
+        + b"\n\n"
+        + event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "x"}})
+        + b"\n\n"
+        + event("message_delta", {"delta": {}, "usage": {"output_tokens": 2}})
+        + b"\n\n"
+        + event("message_stop", {})
+        + b"\n\n",
+        7,
+        2,
+    ),
+}
+
+
+def counted() -> tuple[float, float]:
+    return tokens("api", "api-0", "prompt"), tokens("api", "api-0", "completion")
+
+
+@pytest.mark.parametrize("api", STREAMS)
+def test_a_stream_cut_after_its_apis_end_mark_finished_and_is_counted(router, api):
+    # Envoy may end the observer stream before the processor has read the last frame
+    # (deferred_close_timeout): past the end mark the client had it all.
+    path, request, stream, prompt, completion = STREAMS[api]
+    session = Session(router, SessionConfig())
+    send(session, path, request)
+    before = counted()
+    session.handle(sse_headers())
+    session.handle(frames.response_body(stream))
+    session.close(Outcome.CANCELLED)
+    assert session.outcome is Outcome.FINISHED
+    after = counted()
+    assert (after[0] - before[0], after[1] - before[1]) == (prompt, completion)
+
+
+@pytest.mark.parametrize("api", STREAMS)
+def test_a_stream_cut_before_its_apis_end_mark_is_cut(router, api):
+    path, request, stream, _, _ = STREAMS[api]
+    session = Session(router, SessionConfig())
+    send(session, path, request)
+    before = counted()
+    session.handle(sse_headers())
+    # Everything but the end mark (the last event).
+    session.handle(frames.response_body(stream[: stream.rstrip(b"\n").rindex(b"\n\n") + 2]))
+    session.close(Outcome.CANCELLED)
+    assert session.outcome is Outcome.CANCELLED
+    assert counted() == before
+
+
+@pytest.mark.parametrize("api", STREAMS)
+def test_an_observer_in_another_process_reads_the_response_as_its_api_writes_it(router, api):
+    # The routing answer names the API; a process that only sees the response (another
+    # replica or worker) counts its tokens and knows its end mark from that.
+    path, request, stream, prompt, completion = STREAMS[api]
+    routing = Session(router, SessionConfig(), handoff_key="k-1")
+    answer = send(routing, path, request)
+    written = answer.dynamic_metadata.fields[HANDOFF_NAMESPACE].struct_value.fields
+    context = {name: written[name].string_value for name in HANDOFF_CONTEXT_FIELDS}
+    routing.hand_over()
+    observer = Session.observing(router, SessionConfig(), context)
+    before = counted()
+    observer.handle(frames.response_body(stream))  # envoy.yaml skips the headers
+    observer.close(Outcome.CANCELLED)
+    assert observer.outcome is Outcome.FINISHED
+    after = counted()
+    assert (after[0] - before[0], after[1] - before[1]) == (prompt, completion)
