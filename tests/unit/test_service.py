@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway_extproc.config import Settings
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests import frames
+from tests.waiting import eventually
 
 MODELS = """
 models:
@@ -170,7 +171,9 @@ async def test_a_routed_request_no_observer_claims_is_released_after_the_window(
 
     # No observer stream has ever claimed a session here: the observer filter is
     # missing, and the request says so once its routing stream has ended.
-    monkeypatch.setattr(gateway.processor.handoff, "_window", 0.05)
+    # Short enough for the test, long enough that the request is still held when the
+    # routing answer has come back on a loaded machine (0.05 s was not).
+    monkeypatch.setattr(gateway.processor.handoff, "_window", 1.0)
     monkeypatch.setattr(gateway.processor.handoff, "_grace", 0.05)
     missing = REGISTRY.get_sample_value("gateway_observer_missing_total") or 0.0
     await route_one(channel)
@@ -180,11 +183,7 @@ async def test_a_routed_request_no_observer_claims_is_released_after_the_window(
 
 
 async def released(gateway) -> None:
-    for _ in range(100):
-        if gateway.inflight.total() == 0:
-            return
-        await asyncio.sleep(0.02)
-    assert gateway.inflight.total() == 0
+    await eventually(lambda: gateway.inflight.total() == 0, what="every request released")
 
 
 def cancelled_requests() -> float:
@@ -229,7 +228,9 @@ async def test_a_request_observed_by_another_process_is_released_here_uncounted(
 ):
     from prometheus_client import REGISTRY
 
-    monkeypatch.setattr(gateway.processor.handoff, "_window", 0.05)
+    # Short enough for the test, long enough that the request is still held when the
+    # routing answer has come back on a loaded machine (0.05 s was not).
+    monkeypatch.setattr(gateway.processor.handoff, "_window", 1.0)
     # Observers work here, and this processor is one of several: an observer stream of
     # a request another process routed has come here.
     await test_the_observer_stream_finishes_what_the_routing_stream_routed(gateway, channel)
