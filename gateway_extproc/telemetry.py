@@ -80,6 +80,23 @@ ALIAS_REQUESTS = Counter(
     "Requests for a model alias, by alias and the target model they were sent to.",
     ["alias", "target"],
 )
+# The models file (models/static.py): a rejected version keeps the last good dictionary.
+MODELS_RELOAD_FAILURES = Counter(
+    "gateway_models_reload_failures",
+    "Versions of the models file rejected (unreadable, empty, changing while read, or "
+    "invalid); the last good dictionary stays in force.",
+)
+MODELS_RELOAD_FAILING = Gauge(
+    "gateway_models_reload_failing",
+    "1 while the latest version of the models file is rejected, else 0.",
+    multiprocess_mode="livemax",
+)
+MODELS_LAST_LOAD = Gauge(
+    "gateway_models_last_load_timestamp_seconds",
+    "Unix time at which the dictionary in force was loaded from the models file "
+    "(0: none loaded yet).",
+    multiprocess_mode="livemax",
+)
 RESPONSES_UNPARSED = Counter(
     "gateway_responses_unparsed_total",
     "Responses passed through untouched whose body could not be read for usage.",

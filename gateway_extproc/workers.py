@@ -247,7 +247,12 @@ class Supervisor:
         ]
         if waiting:
             return web.Response(status=503, text="not ready: " + "; ".join(waiting) + "\n")
-        return web.Response(text=f"ready ({len(self._workers)} workers)\n")
+        # A ready worker's further lines (a rejected models file reload), said once.
+        notes = dict.fromkeys(
+            line for _, text in answers for line in text.splitlines()[1:] if line.strip()
+        )
+        lines = [f"ready ({len(self._workers)} workers)", *notes]
+        return web.Response(text="\n".join(lines) + "\n")
 
     async def _all_ready(self) -> bool:
         answers = await asyncio.gather(*(self._ask(w, "/readyz") for w in self._workers))
