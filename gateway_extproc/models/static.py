@@ -369,8 +369,7 @@ class StaticModelSource:
             log.warning(
                 "models_file_waiting",
                 path=str(self._path),
-                hint="not ready until the file can be loaded; checked every "
-                f"{self._interval:g} s",
+                hint=f"not ready until the file can be loaded; checked every {self._interval:g} s",
             )
         self._task = asyncio.create_task(self._watch(), name="models-file-watch")
 

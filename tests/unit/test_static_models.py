@@ -58,7 +58,11 @@ def test_an_empty_file_is_a_bad_file_not_an_empty_dictionary(text):
 
 # Flow style is refused before parsing (PyYAML's scanner is quadratic in the depth);
 # block style reaches the parser's recursion limit.
-DEEPLY_NESTED = ["models: " + "[" * 20_000, "models: " + "[x, " * 2_000, "models:\n  " + "- " * 3_000]
+DEEPLY_NESTED = [
+    "models: " + "[" * 20_000,
+    "models: " + "[x, " * 2_000,
+    "models:\n  " + "- " * 3_000,
+]
 
 
 @pytest.mark.parametrize("text", DEEPLY_NESTED)
