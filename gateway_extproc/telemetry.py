@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -42,6 +44,11 @@ MODELS_BY_STATE = Gauge(
 FILTER_ERRORS = Counter(
     "gateway_stream_errors_total",
     "ext_proc streams that ended in an internal error (answered with a 500).",
+)
+MALFORMED_MESSAGES = Counter(
+    "gateway_malformed_messages_total",
+    "ext_proc streams refused (INVALID_ARGUMENT) because a message was not a "
+    "ProcessingRequest: a peer that is not Envoy, or a corrupt stream.",
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -158,6 +165,28 @@ def remove_series(metric: Any, *labels: str) -> None:
         return
     with contextlib.suppress(KeyError):
         metric.remove(*labels)
+
+
+class LogLimit:
+    """At most one log line per `every` seconds for each kind of event, so a peer that
+    repeats a bad request cannot flood the log. `allow(kind)` is None when this one is
+    held back, else how many of its kind were held back since the last line (worth
+    saying in that line)."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self._every = every
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, kind: str) -> int | None:
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._every:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
 
 
 def _orjson_text(event: Any, **_: Any) -> str:
