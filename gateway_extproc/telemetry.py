@@ -189,6 +189,35 @@ class LogLimit:
         return self._held.pop(kind, 0)
 
 
+class _GrpcCallErrors(logging.Filter):
+    """gRPC logs an exception raised for a call (a request that does not decode, sent
+    to the health service, say) with its whole traceback, once per call: anyone who
+    reaches the port could fill the log. Such a record becomes one line of ours, at
+    most one per kind of error every 10 s, with the count held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limit = LogLimit(every=10.0)
+        self._log = structlog.get_logger("gateway_extproc.grpc")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        held_back = self._limit.allow(type(exc).__name__)
+        if held_back is not None:
+            event = (
+                "malformed_message" if type(exc).__name__ == "DecodeError" else "grpc_call_failed"
+            )
+            self._log.warning(
+                event,
+                call=" ".join(record.getMessage().split())[:200],
+                problem=f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500],
+                held_back=held_back,
+            )
+        return False
+
+
 def _orjson_text(event: Any, **_: Any) -> str:
     # orjson renders a log line several times faster than json.dumps; the access log
     # writes one per request.
@@ -201,6 +230,9 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     if not isinstance(level_no, int):
         raise ValueError(f"unknown log level {level!r}")
     logging.basicConfig(stream=sys.stderr, level=level_no, format="%(message)s", force=True)
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _GrpcCallErrors) for f in grpc_logger.filters):
+        grpc_logger.addFilter(_GrpcCallErrors())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"

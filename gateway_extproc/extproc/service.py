@@ -82,9 +82,10 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         parked = False  # routing stream: the session went to the handoff table
         handed_over = False  # routing stream: routed, and ended by us, not cut by Envoy
         broken = False  # the stream failed on our side, not because the client left
-        # No frame could be read: nothing was requested, so nothing is counted or logged
-        # as a request (a peer sending garbage must not fill the access log).
-        unreadable = False
+        # Until a frame has been read nothing was requested: a stream that ends before
+        # (a message that is not a ProcessingRequest, or one over the size limit) is not
+        # counted or logged as a request, so a peer sending garbage cannot fill the
+        # access log.
         read_one = False
         recorder = self._recorder()
         self.open_streams += 1
@@ -135,7 +136,6 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         except DecodeError as exc:
             # Not Envoy, or not a ProcessingRequest: the peer's fault, said in one line.
             broken = True
-            unreadable = not read_one
             telemetry.MALFORMED_MESSAGES.inc()
             held_back = _LOG_LIMIT.allow("malformed_message")
             if held_back is not None:
@@ -170,7 +170,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             # that no observer stream will come (at once when Envoy cut the stream before
             # the processor ended it: the client left while it was being routed).
             cut_short = session is not None and session.outcome is None and not parked
-            if session is not None and not parked and not unreadable:
+            if session is not None and not parked and read_one:
                 session.close(Outcome.ABORTED if broken else Outcome.CANCELLED)
             if parked and not handed_over:
                 self.handoff.routing_ended(handoff_key)

@@ -1,6 +1,7 @@
 """`gateway-extproc serve` refuses what it cannot run in one line and a non-zero exit:
 a strategy it does not know (flag or variable, one process or workers), a port that
-something else holds (admin or gRPC, even a socket that allows sharing)."""
+something else holds (admin or gRPC, even a socket that allows sharing). Running, it
+answers malformed calls without a traceback or a line per call."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from gateway_extproc import cli
 from gateway_extproc.config import Settings
-from gateway_extproc.devtools.localstack import LOCALHOST, gateway_command
+from gateway_extproc.devtools import localstack
+from gateway_extproc.devtools.localstack import LOCALHOST, free_port, gateway_command
 
 START_TIMEOUT_S = 120  # a start that fails; generous for a loaded machine
 
@@ -99,3 +102,56 @@ def test_a_busy_port_is_one_line_and_a_failed_start(held_port: int, port: str, w
     what = "gRPC" if port == "--grpc-port" else "admin"
     assert "gateway_failed_to_start" in line
     assert f"cannot listen on {LOCALHOST}:{held_port} ({what}): address already in use" in line
+
+
+def test_malformed_calls_from_any_peer_are_one_line_each_kind_never_a_traceback(tmp_path: Path):
+    models = tmp_path / "models.yaml"
+    models.write_text("models: []\n")
+    grpc_port, admin_port = free_port(), free_port()
+    process = localstack.spawn(
+        "gateway-extproc",
+        gateway_command(
+            "serve",
+            "--listen-host",
+            LOCALHOST,
+            "--grpc-port",
+            str(grpc_port),
+            "--admin-port",
+            str(admin_port),
+            "--models-file",
+            str(models),
+            "--log-level",
+            "warning",
+            "--drain-delay",
+            "0",
+        ),
+        tmp_path,
+        ready_url=f"http://{LOCALHOST}:{admin_port}/readyz",
+        env=localstack.environment_without_gateway_settings(),
+    )
+    try:
+        localstack.wait_ready([process], timeout=START_TIMEOUT_S)
+        with grpc.insecure_channel(f"{LOCALHOST}:{grpc_port}") as channel:
+            raw = {"request_serializer": bytes, "response_deserializer": bytes}
+            check = channel.unary_unary("/grpc.health.v1.Health/Check", **raw)
+            process_call = channel.stream_stream(PROCESS, **raw)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError):
+                    check(NOT_A_MESSAGE, timeout=30)
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(process_call(iter([NOT_A_MESSAGE]), timeout=30))
+                assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                with pytest.raises(grpc.RpcError) as too_large:
+                    list(process_call(iter([b"\0" * (9 * 1024 * 1024 + 1)]), timeout=30))
+                assert too_large.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        assert process.stop() == 0
+    log = process.log_path.read_text()
+    assert "Traceback" not in log, log
+    lines = log.splitlines()
+    assert len([line for line in lines if "malformed_message" in line]) == 2, log  # two kinds
+    assert not [line for line in lines if "request_" in line], log  # no access-log lines
+
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+NOT_A_MESSAGE = b"\xff\xff\xff\xff\x0f"  # a varint that never ends
