@@ -20,6 +20,7 @@ def models_debug_view(
     health = health or PodHealth()
     return {
         "synced": registry.synced,
+        "problem": registry.problem,
         "models": {
             name: {
                 "state": view.state.value,
@@ -58,9 +59,13 @@ def build_admin_app(
     async def readyz(_: web.Request) -> web.Response:
         if draining():
             return web.Response(status=503, text="not ready: shutting down (draining)\n")
+        # The source's latest problem (a rejected models file) is said either way: ready
+        # on the last good dictionary, or not ready because there is none.
+        problem = registry.problem
         if is_ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: the model dictionary has not synced\n")
+            return web.Response(text=f"ready\n{problem}\n" if problem else "ready\n")
+        reason = problem or "the model dictionary has not synced"
+        return web.Response(status=503, text=f"not ready: {reason}\n")
 
     async def debug_models(_: web.Request) -> web.Response:
         return web.Response(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from gateway_extproc import __version__, config
 
@@ -39,6 +40,14 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{head} {default}{env}{tail}" if env else f"{text} {default}"
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag or variable is one line on stderr (exit 2), not the whole usage: the
+    `serve` usage alone is some fifty lines, which bury the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway-extproc",
@@ -46,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=__version__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrors
+    )
 
     serve = commands.add_parser(
         "serve", help="run the ext_proc gRPC server", formatter_class=DefaultsHelpFormatter
@@ -98,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         settings = config.settings_from_args(args)
+        problem = default_strategy_problem(settings)
+        if problem:  # as the parser says a bad flag: one line, status 2
+            print(f"gateway-extproc serve: error: {problem}", file=sys.stderr)
+            return 2
         if settings.workers > 1:
             from gateway_extproc import workers
 
@@ -116,6 +131,27 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return demo.run(args)
     return 2
+
+
+def default_strategy_problem(settings: config.Settings) -> str:
+    """Why --default-strategy (or GATEWAY_DEFAULT_STRATEGY) names no strategy, checked
+    when the command line is read rather than when the router is built (in every worker
+    of `serve --workers N`); "" when it names one or is unset."""
+    if not settings.default_strategy:
+        return ""
+    from gateway_extproc.routing.catalog import strategy_problem
+    from gateway_extproc.routing.config import load_routing_config
+    from gateway_extproc.routing.registry import RoutingConfigError
+
+    routing = None
+    if settings.routing_config:
+        try:
+            routing = load_routing_config(settings.routing_config)
+        except RoutingConfigError:
+            return ""  # start-up reports the file's own problem, in one line
+    problem = strategy_problem(settings.default_strategy, routing)
+    flag = f"--default-strategy ({config.env_name('--default-strategy')})"
+    return f"{flag}: {problem}" if problem else ""
 
 
 def run_replay(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import gc
 import os
 import random
 import signal
+import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,24 @@ async def start_gateway(
 ) -> Gateway:
     """Start everything. `share_port` and `admin_path` are for a worker of
     `serve --workers N` (workers.py): the gRPC port is shared with the other workers
-    (SO_REUSEPORT), and the admin app listens on a Unix socket for the supervisor."""
+    (SO_REUSEPORT), and the admin app listens on a Unix socket for the supervisor.
+
+    When a part fails to start (a port taken, say), the parts already started are
+    stopped before the error goes up: the caller reports one line, and nothing left
+    running (a client session, a gRPC server) complains at exit."""
+    if not share_port:
+        # Checked first, before anything starts, and exclusively: a stranger's socket on
+        # the port, even one that allows sharing (SO_REUSEPORT), makes this fail.
+        check_port_free(settings.listen_host, settings.grpc_port, "gRPC")
+    async with contextlib.AsyncExitStack() as started:
+        gateway = await _start_parts(settings, started, share_port, admin_path)
+        started.pop_all()  # from here on, stop_gateway stops them
+        return gateway
+
+
+async def _start_parts(
+    settings: Settings, started: contextlib.AsyncExitStack, share_port: bool, admin_path: str
+) -> Gateway:
     # Checked before anything starts: a bad certificate is a start-up error, nothing else.
     key_pair = tls.server_key_pair(settings.cert_path) if settings.serves_tls else None
     routing = load_routing_config(settings.routing_config) if settings.routing_config else None
@@ -160,6 +178,7 @@ async def start_gateway(
         filters=(NotSaturated(saturation),) if saturation.enabled else (),
     )
     flow = await _flow_controller(settings, registry, saturation)
+    started.push_async_callback(flow.limiter.close)
     inflight.on_release(flow.wake)
     store.on_record(flow.wake)
     registry.on_model_change(flow.wake)
@@ -168,6 +187,8 @@ async def start_gateway(
         if settings.otlp_endpoint
         else None
     )
+    if tracer is not None:
+        started.callback(tracer.shutdown)
     processor = ExternalProcessor(
         router,
         SessionConfig(
@@ -189,11 +210,17 @@ async def start_gateway(
             hint="x-gateway-destination-endpoint now lists several pods; an Envoy ORIGINAL_DST "
             f"cluster takes one host: read it from {settings.target_pod_header} instead",
         )
+    started.callback(preparer.close)
     kv_events.start()  # before the source fills the registry: every pod gets its stream
+    started.push_async_callback(kv_events.stop)
     source = create_source(settings, registry)
     await source.start()
+    started.push_async_callback(source.stop)
     await scraper.start()
+    started.push_async_callback(scraper.stop)
     shared_sessions = await _share_sessions(settings, catalog)
+    if shared_sessions is not None:
+        started.push_async_callback(shared_sessions.stop)
 
     max_message = settings.max_body_bytes + GRPC_HEADROOM
     grpc_server = grpc.aio.server(
@@ -208,6 +235,7 @@ async def start_gateway(
     ext_grpc.add_ExternalProcessorServicer_to_server(processor, grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    started.push_async_callback(grpc_server.stop, 0)  # also unstarted: its __del__ needs it
     grpc_port = _add_port(grpc_server, f"{settings.listen_host}:{settings.grpc_port}", key_pair)
     await grpc_server.start()
     health_server, health_port = None, 0
@@ -221,6 +249,7 @@ async def start_gateway(
         if health_port == 0:
             raise OSError(f"cannot listen on {settings.listen_host}:{settings.grpc_health_port}")
         await health_server.start()
+        started.push_async_callback(health_server.stop, 0)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     gateway_ref: list[Gateway] = []
@@ -234,12 +263,16 @@ async def start_gateway(
     )
     admin = web.AppRunner(admin_app, access_log=None)
     await admin.setup()
+    started.push_async_callback(admin.cleanup)
     if admin_path:
         await web.UnixSite(admin, admin_path).start()
         admin_port = 0
     else:
         site = web.TCPSite(admin, settings.listen_host, settings.admin_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise cannot_listen(settings.listen_host, settings.admin_port, "admin", exc) from None
         admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     gateway = Gateway(
@@ -276,6 +309,31 @@ async def start_gateway(
         tracing=settings.otlp_endpoint or "off",
     )
     return gateway
+
+
+def check_port_free(host: str, port: int, what: str) -> int:
+    """Bind `host:port` exclusively (no SO_REUSEPORT) and let it go: OSError naming the
+    port when anything holds it, even a socket that allows sharing. The port bound (a
+    free one for port 0). `serve --workers N` holds the port this way for its workers."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise cannot_listen(host, port, what, exc) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise cannot_listen(host, port, what, exc) from None
+        return int(probe.getsockname()[1])
+
+
+def cannot_listen(host: str, port: int, what: str, exc: OSError) -> OSError:
+    """The one-line error for a port that cannot be bound: `cannot listen on
+    0.0.0.0:9090 (admin): address already in use`, without errno or repeated address."""
+    reason = exc.strerror.split(": ")[-1].lower() if exc.strerror else str(exc)
+    return OSError(f"cannot listen on {host}:{port} ({what}): {reason}")
 
 
 def _add_port(server: grpc.aio.Server, address: str, key_pair: tls.KeyPair | None) -> int:

@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -42,6 +44,11 @@ MODELS_BY_STATE = Gauge(
 FILTER_ERRORS = Counter(
     "gateway_stream_errors_total",
     "ext_proc streams that ended in an internal error (answered with a 500).",
+)
+MALFORMED_MESSAGES = Counter(
+    "gateway_malformed_messages_total",
+    "ext_proc streams refused (INVALID_ARGUMENT) because a message was not a "
+    "ProcessingRequest: a peer that is not Envoy, or a corrupt stream.",
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -79,6 +86,23 @@ ALIAS_REQUESTS = Counter(
     "gateway_alias_requests_total",
     "Requests for a model alias, by alias and the target model they were sent to.",
     ["alias", "target"],
+)
+# The models file (models/static.py): a rejected version keeps the last good dictionary.
+MODELS_RELOAD_FAILURES = Counter(
+    "gateway_models_reload_failures",
+    "Versions of the models file rejected (unreadable, empty, changing while read, or "
+    "invalid); the last good dictionary stays in force.",
+)
+MODELS_RELOAD_FAILING = Gauge(
+    "gateway_models_reload_failing",
+    "1 while the latest version of the models file is rejected, else 0.",
+    multiprocess_mode="livemax",
+)
+MODELS_LAST_LOAD = Gauge(
+    "gateway_models_last_load_timestamp_seconds",
+    "Unix time at which the dictionary in force was loaded from the models file "
+    "(0: none loaded yet).",
+    multiprocess_mode="livemax",
 )
 RESPONSES_UNPARSED = Counter(
     "gateway_responses_unparsed_total",
@@ -143,6 +167,57 @@ def remove_series(metric: Any, *labels: str) -> None:
         metric.remove(*labels)
 
 
+class LogLimit:
+    """At most one log line per `every` seconds for each kind of event, so a peer that
+    repeats a bad request cannot flood the log. `allow(kind)` is None when this one is
+    held back, else how many of its kind were held back since the last line (worth
+    saying in that line)."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self._every = every
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, kind: str) -> int | None:
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._every:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
+
+
+class _GrpcCallErrors(logging.Filter):
+    """gRPC logs an exception raised for a call (a request that does not decode, sent
+    to the health service, say) with its whole traceback, once per call: anyone who
+    reaches the port could fill the log. Such a record becomes one line of ours, at
+    most one per kind of error every 10 s, with the count held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limit = LogLimit(every=10.0)
+        self._log = structlog.get_logger("gateway_extproc.grpc")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        held_back = self._limit.allow(type(exc).__name__)
+        if held_back is not None:
+            event = (
+                "malformed_message" if type(exc).__name__ == "DecodeError" else "grpc_call_failed"
+            )
+            self._log.warning(
+                event,
+                call=" ".join(record.getMessage().split())[:200],
+                problem=f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500],
+                held_back=held_back,
+            )
+        return False
+
+
 def _orjson_text(event: Any, **_: Any) -> str:
     # orjson renders a log line several times faster than json.dumps; the access log
     # writes one per request.
@@ -155,6 +230,9 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     if not isinstance(level_no, int):
         raise ValueError(f"unknown log level {level!r}")
     logging.basicConfig(stream=sys.stderr, level=level_no, format="%(message)s", force=True)
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _GrpcCallErrors) for f in grpc_logger.filters):
+        grpc_logger.addFilter(_GrpcCallErrors())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"

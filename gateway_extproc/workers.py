@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -220,9 +219,8 @@ class Supervisor:
             await web.TCPSite(runner, self.settings.listen_host, self.settings.admin_port).start()
         except OSError as exc:
             await runner.cleanup()
-            raise OSError(
-                f"cannot listen on {self.settings.listen_host}:{self.settings.admin_port} "
-                f"(admin): {exc.strerror}"
+            raise server.cannot_listen(
+                self.settings.listen_host, self.settings.admin_port, "admin", exc
             ) from None
         return runner
 
@@ -247,7 +245,12 @@ class Supervisor:
         ]
         if waiting:
             return web.Response(status=503, text="not ready: " + "; ".join(waiting) + "\n")
-        return web.Response(text=f"ready ({len(self._workers)} workers)\n")
+        # A ready worker's further lines (a rejected models file reload), said once.
+        notes = dict.fromkeys(
+            line for _, text in answers for line in text.splitlines()[1:] if line.strip()
+        )
+        lines = [f"ready ({len(self._workers)} workers)", *notes]
+        return web.Response(text="\n".join(lines) + "\n")
 
     async def _all_ready(self) -> bool:
         answers = await asyncio.gather(*(self._ask(w, "/readyz") for w in self._workers))
@@ -327,18 +330,7 @@ def claim_port(host: str, port: int) -> int:
     """The gRPC port the workers will share, checked free by an exclusive bind (no
     SO_REUSEPORT): if anything holds it, even a socket that allows sharing, this fails,
     so the workers never join a stranger's port. Port 0 picks a free one."""
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise OSError(f"cannot listen on {host}:{port} (gRPC): {exc}") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port} (gRPC): {exc.strerror}") from None
-        return int(probe.getsockname()[1])
+    return server.check_port_free(host, port, "gRPC")
 
 
 def worker_main(settings: Settings, index: int, admin_path: str, parent_pid: int) -> None:
@@ -349,7 +341,7 @@ def worker_main(settings: Settings, index: int, admin_path: str, parent_pid: int
         server.run_loop(
             server.serve(settings, share_port=True, admin_path=admin_path, parent_pid=parent_pid)
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # as `serve` says it: one line, no traceback
         log.error("worker_failed_to_start", problem=str(exc))
         raise SystemExit(1) from None
     except KeyboardInterrupt:

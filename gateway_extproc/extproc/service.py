@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
+import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import grpc
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+from google.protobuf.message import DecodeError
 
 from gateway_extproc import telemetry
 from gateway_extproc.extproc import responses
@@ -79,10 +82,16 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         parked = False  # routing stream: the session went to the handoff table
         handed_over = False  # routing stream: routed, and ended by us, not cut by Envoy
         broken = False  # the stream failed on our side, not because the client left
+        # Until a frame has been read nothing was requested: a stream that ends before
+        # (a message that is not a ProcessingRequest, or one over the size limit) is not
+        # counted or logged as a request, so a peer sending garbage cannot fill the
+        # access log.
+        read_one = False
         recorder = self._recorder()
         self.open_streams += 1
         try:
             async for frame in request_iterator:
+                read_one = True
                 if role == OBSERVE_ROLE:
                     if not looked_up:
                         looked_up = True
@@ -124,10 +133,33 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                     return
         except asyncio.CancelledError:
             raise  # Envoy cancelled the stream; the session is closed as cancelled below
-        except Exception:
+        except DecodeError as exc:
+            # Not Envoy, or not a ProcessingRequest: the peer's fault, said in one line.
+            broken = True
+            telemetry.MALFORMED_MESSAGES.inc()
+            held_back = _LOG_LIMIT.allow("malformed_message")
+            if held_back is not None:
+                log.warning(
+                    "malformed_message",
+                    peer=context.peer(),
+                    problem=_one_line(exc),
+                    held_back=held_back,
+                )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a ProcessingRequest")
+        except Exception as exc:
             broken = True
             telemetry.FILTER_ERRORS.inc()
-            log.exception("stream_failed", outcome=str(session.outcome if session else None))
+            held_back = _LOG_LIMIT.allow(f"stream_failed:{type(exc).__name__}")
+            if held_back is not None:
+                # One line where the error arose; the whole traceback at debug level.
+                log.error(
+                    "stream_failed",
+                    outcome=str(session.outcome if session else None),
+                    problem=_one_line(exc),
+                    at=_where(exc),
+                    held_back=held_back,
+                    exc_info=logging.getLogger().isEnabledFor(logging.DEBUG),
+                )
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in gateway-extproc")
         finally:
             self.open_streams -= 1
@@ -138,7 +170,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             # that no observer stream will come (at once when Envoy cut the stream before
             # the processor ended it: the client left while it was being routed).
             cut_short = session is not None and session.outcome is None and not parked
-            if session is not None and not parked:
+            if session is not None and not parked and read_one:
                 session.close(Outcome.ABORTED if broken else Outcome.CANCELLED)
             if parked and not handed_over:
                 self.handoff.routing_ended(handoff_key)
@@ -171,6 +203,24 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             save(recording, path)
         except OSError as exc:
             log.warning("recording_not_written", path=str(path), problem=str(exc))
+
+
+# Errors a peer can cause on every stream it opens: logged at most once per kind per
+# interval, with the count held back since.
+_LOG_LIMIT = telemetry.LogLimit(every=10.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
+def _where(exc: BaseException) -> str:
+    """file:line (function) of the innermost frame of the traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno} ({last.name})"
 
 
 _RESPONSE_KINDS = frozenset({"response_headers", "response_body", "response_trailers"})

@@ -93,6 +93,9 @@ class ModelRegistry:
     _pod_listeners: list[PodRemovedListener] = field(default_factory=list)
     _stored_listeners: list[PodStoredListener] = field(default_factory=list)
     synced: bool = False
+    # Why the source's latest data was not applied (a rejected models file), in words
+    # for /readyz; empty when its latest data is in force.
+    problem: str = ""
     # Model -> its Hugging Face tokenizer directory, where a source knows one (the models
     # file's `tokenizer:`); read live by the tokenizer catalog.
     tokenizers: dict[str, str] = field(default_factory=dict)

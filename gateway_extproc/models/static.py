@@ -17,7 +17,8 @@ Hugging Face tokenizer directory (tokenizer.json, optionally tokenizer_config.js
 relative path is relative to the file. The same pod name may appear under several models
 (a pod serving a base model and its LoRA adapters). The file is re-read when it changes;
 a bad file is rejected with a log line naming the problem and the last good dictionary
-stays.
+stays. A version is used once two reads 0.2 s apart agree (a file caught half-written
+is read again later), and an empty file is a bad file (`models: []` is no models).
 
 An alias maps a name clients may use to target models with integer weights (0 drains a
 target); models/aliases.py says how a target is chosen. An alias may not share a name
@@ -30,6 +31,8 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +40,18 @@ from typing import Any
 import structlog
 import yaml
 
+from gateway_extproc import telemetry
 from gateway_extproc.models.aliases import Alias
 from gateway_extproc.models.registry import ModelRegistry, Pod
 
 log = structlog.get_logger("gateway_extproc.static")
 
 POD_STATES = ("ready", "not-ready", "terminating")
+# Flow collections ([ or {) opened this many times with none closed in between: no
+# models file does that.
+_DEEP_FLOW = re.compile(r"(?:[\[{][^\]}\[{]*){64}")
+# Seconds between the two reads that must agree before a version of the file is used.
+SETTLE_S = 0.2
 
 
 class ModelFileError(ValueError):
@@ -62,12 +71,22 @@ def parse_models_file(text: str) -> list[Pod]:
 
 def parse_models(text: str, base: Path | None = None) -> ModelsFile:
     """The pods and the models' tokenizer directories (relative ones joined to `base`)."""
+    if _DEEP_FLOW.search(text):
+        # PyYAML would take seconds (its scanner is quadratic in the nesting) and then
+        # overflow the stack; no models file nests more than a few levels.
+        raise ModelFileError("not valid YAML: nested too deeply")
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ModelFileError(f"not valid YAML: {exc}") from None
+        raise ModelFileError(f"not valid YAML: {_one_line(str(exc))}") from None
+    except RecursionError:
+        raise ModelFileError("not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # a scalar YAML resolves but cannot build (a bad date)
+        raise ModelFileError(f"not valid YAML: {_one_line(str(exc))}") from None
     if doc is None:
-        doc = {"models": []}
+        # Most likely caught while being written (or truncated): never taken as "no
+        # models", which would answer 404 to every request. `models: []` says that.
+        raise ModelFileError("the file is empty (write `models: []` for no models)")
     if not isinstance(doc, dict) or not isinstance(doc.get("models", []), list):
         raise ModelFileError("the file must be a mapping with a list under `models`")
     unknown = set(doc) - {"models", "aliases"}
@@ -115,6 +134,10 @@ def parse_models(text: str, base: Path | None = None) -> ModelsFile:
         ],
         tokenizers=tokenizers,
     )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _parse_aliases(raw: Any, models: set[str]) -> dict[str, Alias]:
@@ -237,50 +260,98 @@ class StaticModelSource:
 
     A DiscoverySource (models/source.py). Without a file every model is unknown: the
     registry gets the empty dictionary and nothing is watched.
+
+    A version of the file is applied only once two reads, `settle` seconds apart, give
+    the same text: a file caught while being written (or truncated and rewritten in
+    place) is read again at the next check rather than taken as a smaller dictionary.
+    A rejected version (unreadable, empty, changing, invalid) keeps the last good
+    dictionary; the registry's `problem` says so (/readyz), and so do the metrics. The
+    watcher survives anything a reload raises.
     """
 
-    def __init__(self, registry: ModelRegistry, path: str, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        path: str,
+        interval: float = 1.0,
+        settle: float = SETTLE_S,
+    ) -> None:
         self._registry = registry
         self._given = bool(path)
         self._path = Path(path)
         self._synced = False
         self._interval = interval
-        self._stamp: tuple[int, int, int] | None = None
-        self._problem = ""
+        self._settle = min(settle, interval)
+        self._stamp: Stamp | None = None
+        self._rejected: tuple[str, Stamp | None] | None = None
+        self._loaded_at = ""
         self._task: asyncio.Task[None] | None = None
 
-    def load(self) -> bool:
-        """Apply the file if it changed; True when a new dictionary took effect."""
+    async def load(self) -> bool:
+        """Apply the file if it changed and reads the same twice; True when a new
+        dictionary took effect. Never raises: a failure is a rejected version."""
+        stamp: Stamp | None = None
         try:
-            info = os.stat(self._path)
-            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+            stamp = _stamp(self._path)
             if stamp == self._stamp:
                 return False
+            text = self._read()
+            await asyncio.sleep(self._settle)
+            again_stamp = _stamp(self._path)
+            if again_stamp != stamp or self._read() != text:
+                # Still being written: `_stamp` stays old, so the next check reads again.
+                log.info("models_file_changing", path=str(self._path), hint="read again later")
+                return False
             self._stamp = stamp
-            parsed = parse_models(self._path.read_text(encoding="utf-8"), self._path.parent)
+            # Off the event loop: a large file must not stall the streams being served.
+            parsed = await asyncio.to_thread(parse_models, text, self._path.parent)
         except (OSError, UnicodeDecodeError, ModelFileError) as exc:
-            problem = str(exc)
-            if problem != self._problem:  # once per distinct problem, not once per poll
-                self._problem = problem
-                log.error(
-                    "models_file_rejected",
-                    path=str(self._path),
-                    problem=problem,
-                    kept="the last good dictionary stays in force",
-                )
+            if stamp is None:  # gone: whatever comes back next is read afresh
+                self._stamp = None
+            self._reject(str(exc), stamp)
             return False
-        self._problem = ""
+        except Exception as exc:  # a bug or a parser limit: never the watcher's end
+            self._reject(f"{type(exc).__name__}: {_one_line(str(exc))}", stamp)
+            return False
+        self._apply(parsed)
+        return True
+
+    def _read(self) -> str:
+        return self._path.read_text(encoding="utf-8")
+
+    def _apply(self, parsed: ModelsFile) -> None:
+        self._rejected = None
         self._registry.replace_all(parsed.pods)
         self._registry.set_tokenizers(parsed.tokenizers)
         self._registry.set_aliases(parsed.aliases)
+        self._registry.problem = ""
         self._synced = True
+        now = time.time()
+        self._loaded_at = _utc(now)
+        telemetry.MODELS_LAST_LOAD.set(now)
+        telemetry.MODELS_RELOAD_FAILING.set(0)
         log.info(
             "models_file_loaded",
             path=str(self._path),
             pods=len(parsed.pods),
             models=len(self._registry.models()),
         )
-        return True
+
+    def _reject(self, problem: str, stamp: Stamp | None) -> None:
+        """Keep what is in force; say so once per rejected version (a missing file is
+        one version however long it stays missing), in the log, /readyz and metrics."""
+        if self._synced:
+            kept = f"the dictionary loaded at {self._loaded_at} stays in force"
+            self._registry.problem = f"the last reload of {self._path} failed ({problem}); {kept}"
+        else:
+            kept = "no dictionary is in force yet: not ready, and every model is unknown"
+            self._registry.problem = f"{self._path} has not loaded ({problem}); {kept}"
+        telemetry.MODELS_RELOAD_FAILING.set(1)
+        if (problem, stamp) == self._rejected:
+            return
+        self._rejected = (problem, stamp)
+        telemetry.MODELS_RELOAD_FAILURES.inc()
+        log.error("models_file_rejected", path=str(self._path), problem=problem, kept=kept)
 
     @property
     def synced(self) -> bool:
@@ -293,7 +364,13 @@ class StaticModelSource:
             self._registry.replace_all([])
             self._synced = True
             return
-        self.load()
+        await self.load()
+        if not self._synced:
+            log.warning(
+                "models_file_waiting",
+                path=str(self._path),
+                hint=f"not ready until the file can be loaded; checked every {self._interval:g} s",
+            )
         self._task = asyncio.create_task(self._watch(), name="models-file-watch")
 
     async def stop(self) -> None:
@@ -305,4 +382,19 @@ class StaticModelSource:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self.load()
+            try:
+                await self.load()
+            except Exception as exc:  # load() should not raise; the watcher outlives it
+                log.error("models_file_watch_error", problem=f"{type(exc).__name__}: {exc}")
+
+
+Stamp = tuple[int, int, int]
+
+
+def _stamp(path: Path) -> Stamp:
+    info = os.stat(path)
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

@@ -272,3 +272,24 @@ def build_catalog(
     if registry is not None:
         registry.on_pod_removed(catalog.forget)
     return catalog
+
+
+def strategy_problem(
+    name: str, routing: RoutingConfig | None = None, plugins: PluginRegistry | None = None
+) -> str:
+    """Why `name` names no strategy, in one sentence; "" when it names one: a profile
+    (registered, or of the routing config) or a weighted combination of scorers. What
+    `StrategyCatalog.resolve` accepts, known before anything is built (--default-strategy
+    is checked with it when the command line is parsed)."""
+    plugins = plugins if plugins is not None else plugin_registry.PLUGINS
+    profiles = sorted({*plugins.profiles, *(routing.profiles if routing is not None else ())})
+    wanted = name.strip().lower()
+    if wanted in profiles:
+        return ""
+    if (":" in wanted or "," in wanted) and parse_weights(wanted, set(plugins.scorers)):
+        return ""
+    shown = name if len(name) <= 80 else name[:80] + "..."
+    return (
+        f"{shown!r} is not a routing strategy; known: {', '.join(profiles)} "
+        f"(or scorers weighted as NAME:WEIGHT,...: {', '.join(sorted(plugins.scorers))})"
+    )

@@ -12,6 +12,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 
+from gateway_extproc.routing.catalog import strategy_problem
+from gateway_extproc.routing.registry import PLUGINS
 from tests.deploy import helpers
 
 WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
@@ -29,6 +31,37 @@ def test_chart_lints_clean(value_set: str) -> None:
 def test_lint_reports_values_the_schema_refuses() -> None:
     report = helm.lint(helpers.CHART, {"config": {"discovery": "dns"}}, strict=True)
     assert any("discovery" in e for e in report["errors"]), report
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fastest", "least-request:0", "prefix-cache:x", "cache-fit", "a,b", ""]
+)
+def test_lint_refuses_a_default_strategy_the_processor_does_not_know(strategy: str) -> None:
+    report = helm.lint(helpers.CHART, {"config": {"defaultStrategy": strategy}}, strict=True)
+    assert any("defaultStrategy" in e for e in report["errors"]), report
+
+
+def test_the_schemas_strategies_are_the_processors() -> None:
+    """Every name the schema accepts is one `serve` accepts, and the other way round."""
+    schema = json.loads((helpers.CHART / "values.schema.json").read_text())
+    choices = schema["properties"]["config"]["properties"]["defaultStrategy"]["anyOf"]
+    (names,) = (c["enum"] for c in choices if "enum" in c)
+    (pattern,) = (c["pattern"] for c in choices if "pattern" in c)
+    assert sorted(names) == sorted(PLUGINS.profiles)
+    combinations = [",".join(f"{s}:2.5" for s in PLUGINS.scorers), "cache-fit,throughput:.5"]
+    for combination in combinations:
+        assert re.fullmatch(pattern, combination), combination
+        assert not strategy_problem(combination)
+    for name in names:
+        assert not strategy_problem(name)
+    for scorer in PLUGINS.scorers:
+        assert re.fullmatch(pattern, f"{scorer}:1")
+    report = helm.lint(
+        helpers.CHART,
+        {"config": {"defaultStrategy": "prefix-cache:3,least-request"}},
+        strict=True,
+    )
+    assert not report["errors"], report
 
 
 # -- the processor's pod ------------------------------------------------------------------

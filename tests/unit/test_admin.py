@@ -6,6 +6,7 @@ import aiohttp
 
 from gateway_extproc.config import Settings
 from gateway_extproc.server import start_gateway, stop_gateway
+from tests.waiting import eventually
 
 
 async def test_admin_endpoints(tmp_path):
@@ -48,5 +49,45 @@ async def test_not_ready_until_the_models_file_loads(tmp_path):
         url = f"http://127.0.0.1:{gateway.admin_port}/readyz"
         async with aiohttp.ClientSession() as http, http.get(url) as reply:
             assert reply.status == 503
+            text = await reply.text()
+        assert "missing.yaml has not loaded" in text
+        assert "no dictionary is in force yet" in text
+    finally:
+        await stop_gateway(gateway)
+
+
+async def test_readyz_says_a_reload_failed_while_the_last_good_dictionary_serves(tmp_path):
+    models = tmp_path / "models.yaml"
+    good = "models:\n  - {name: m, pods: [{name: p0, address: '127.0.0.1:18001'}]}\n"
+    models.write_text(good)
+    gateway = await start_gateway(
+        Settings(
+            listen_host="127.0.0.1",
+            grpc_port=0,
+            admin_port=0,
+            models_file=str(models),
+            models_reload_interval=0.05,
+        )
+    )
+    base = f"http://127.0.0.1:{gateway.admin_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            models.write_text("models: " + "[" * 20_000)  # RecursionError in the parser
+            await eventually(lambda: gateway.registry.problem, what="the reload rejected")
+            async with http.get(base + "/readyz") as reply:
+                assert reply.status == 200  # the last good dictionary still routes
+                text = await reply.text()
+            assert text.startswith("ready\n")
+            assert "the last reload of" in text and "nested too deeply" in text
+            assert "stays in force" in text
+            async with http.get(base + "/metrics") as reply:
+                metrics = await reply.text()
+            assert "gateway_models_reload_failing 1.0" in metrics
+            assert "gateway_models_reload_failures_total" in metrics
+
+            models.write_text(good.replace("p0", "p1"))  # the watcher is still alive
+            await eventually(lambda: gateway.registry.pod("p1"), what="the next good file")
+            async with http.get(base + "/readyz") as reply:
+                assert (reply.status, await reply.text()) == (200, "ready\n")
     finally:
         await stop_gateway(gateway)

@@ -104,21 +104,21 @@ def test_a_target_that_comes_back_gets_its_share_again():
     assert picks(alias, registry, 10) == {"v2": 5, "v3": 5}
 
 
-def test_reloading_the_file_keeps_an_unchanged_alias_in_its_round(tmp_path: Path):
+async def test_reloading_the_file_keeps_an_unchanged_alias_in_its_round(tmp_path: Path):
     path = tmp_path / "models.yaml"
     path.write_text(MODELS + "aliases:\n  llama: {v2: 1, v3: 1}\n  other: {v2: 1}\n")
     registry = ModelRegistry()
     source = StaticModelSource(registry, str(path))
-    assert source.load()
+    assert await source.load()
     llama = registry.aliases["llama"]
     first = llama.pick(registry)
     # Another alias changes; llama's split goes on where it was.
     path.write_text(MODELS + "aliases:\n  llama: {v2: 1, v3: 1}\n  other: {v3: 1}\n")
-    assert source.load()
+    assert await source.load()
     assert registry.aliases["llama"] is llama
     assert llama.pick(registry) != first
     path.write_text(MODELS)
-    assert source.load()
+    assert await source.load()
     assert registry.aliases == {}
 
 

@@ -10,7 +10,9 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway_extproc import telemetry
 from gateway_extproc.config import Settings
+from gateway_extproc.extproc import service as extproc_service
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests import frames
 from tests.waiting import eventually
@@ -343,3 +345,53 @@ async def test_an_observer_of_a_request_routed_by_another_process_counts_it(gate
     # This process's own pick is still in flight (its observer has not come), and the
     # observer of the foreign request released nothing it did not hold.
     assert gateway.inflight.total() == 1
+
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+NOT_A_PROCESSING_REQUEST = b"\xff\xff\xff\xff\x0f"  # a varint that never ends
+
+
+async def test_malformed_messages_are_refused_in_one_line_at_most_every_few_seconds(
+    gateway, channel, capsys, monkeypatch
+):
+    monkeypatch.setattr(extproc_service, "_LOG_LIMIT", telemetry.LogLimit(every=3600))
+    process = channel.stream_stream(
+        PROCESS, request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw
+    )
+    for _ in range(5):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in process(iter([NOT_A_PROCESSING_REQUEST])):
+                pass
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # Bytes that are not HTTP/2 at all, and HTTP/2 with a frame of an unknown kind on a
+    # stream never opened: gRPC itself closes those connections.
+    for garbage in (b"GARBAGE" * 100, H2_PREFACE + b"\x00\x00\x04\x99\x00\x00\x00\x00\x01abcd"):
+        _, writer = await asyncio.open_connection("127.0.0.1", gateway.grpc_port)
+        writer.write(garbage)
+        await writer.drain()
+        writer.close()
+
+    stub = ext_grpc.ExternalProcessorStub(channel)  # and Envoy is still served
+    sent = [frames.request_headers(), frames.request_body(orjson.dumps({"model": "llama"}))]
+    got = [r async for r in stub.Process(iter(sent))]
+    assert frames.set_headers(got[1])["target-pod"] == "127.0.0.1:18001"
+    logged = capsys.readouterr()
+    output = logged.out + logged.err
+    assert output.count("malformed_message") == 1, output
+    assert "Traceback" not in output
+    assert "request_aborted" not in output  # nothing was requested: no access log line
+
+
+def test_a_log_limit_lets_one_line_per_kind_through_and_counts_the_rest():
+    now = [0.0]
+    limit = telemetry.LogLimit(every=10, clock=lambda: now[0])
+    assert limit.allow("a") == 0
+    assert limit.allow("a") is None
+    assert limit.allow("b") == 0  # another kind has its own allowance
+    assert limit.allow("a") is None
+    now[0] = 10.0
+    assert limit.allow("a") == 2  # the two held back
+    assert limit.allow("a") is None
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

@@ -6,9 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
+from gateway_extproc.models import static
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.static import ModelFileError, StaticModelSource, parse_models_file
+from tests.waiting import eventually
 
 GOOD = """
 models:
@@ -41,8 +44,31 @@ models:
     assert only.models == ("base", "lora")
 
 
-def test_empty_file_is_an_empty_dictionary():
-    assert parse_models_file("") == []
+def test_models_list_empty_is_an_empty_dictionary():
+    assert parse_models_file("models: []") == []
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# nothing here yet\n"])
+def test_an_empty_file_is_a_bad_file_not_an_empty_dictionary(text):
+    # Most likely caught while being written: taken as "no models" it would answer 404
+    # to every request.
+    with pytest.raises(ModelFileError, match="the file is empty"):
+        parse_models_file(text)
+
+
+# Flow style is refused before parsing (PyYAML's scanner is quadratic in the depth);
+# block style reaches the parser's recursion limit.
+DEEPLY_NESTED = [
+    "models: " + "[" * 20_000,
+    "models: " + "[x, " * 2_000,
+    "models:\n  " + "- " * 3_000,
+]
+
+
+@pytest.mark.parametrize("text", DEEPLY_NESTED)
+def test_a_deeply_nested_file_is_rejected_naming_the_problem(text):
+    with pytest.raises(ModelFileError, match="nested too deeply"):
+        parse_models_file(text)
 
 
 @pytest.mark.parametrize(
@@ -90,14 +116,16 @@ def write(path: Path, text: str) -> None:
     os.utime(path, ns=(stamp, stamp))
 
 
-def test_reload_applies_changes_and_a_bad_file_keeps_the_last_good_dictionary(tmp_path, capsys):
+async def test_reload_applies_changes_and_a_bad_file_keeps_the_last_good_dictionary(
+    tmp_path, capsys
+):
     path = tmp_path / "models.yaml"
     write(path, GOOD)
     registry = ModelRegistry()
     source = StaticModelSource(registry, str(path))
-    assert source.load()
+    assert await source.load()
     assert registry.lookup("llama-3-8b").state is ModelState.READY
-    assert not source.load()  # unchanged file: nothing to do
+    assert not await source.load()  # unchanged file: nothing to do
 
     write(
         path,
@@ -106,28 +134,131 @@ def test_reload_applies_changes_and_a_bad_file_keeps_the_last_good_dictionary(tm
             "{name: llama-0, address: 127.0.0.1:8001, state: terminating}",
         ),
     )
-    assert source.load()
+    assert await source.load()
     assert registry.lookup("llama-3-8b").state is ModelState.TERMINATING
 
     write(path, "models: [{name: broken")
-    assert not source.load()
+    assert not await source.load()
     assert registry.lookup("llama-3-8b").state is ModelState.TERMINATING
     captured = capsys.readouterr()
     assert "models_file_rejected" in captured.out + captured.err
 
     write(path, "models: []")
-    assert source.load()
+    assert await source.load()
     assert registry.lookup("llama-3-8b").state is ModelState.ABSENT
 
 
-def test_missing_file_is_reported_and_nothing_is_synced(tmp_path, capsys):
+async def test_missing_file_is_reported_and_nothing_is_synced(tmp_path, capsys):
     registry = ModelRegistry()
     source = StaticModelSource(registry, str(tmp_path / "nope.yaml"))
-    assert not source.load()
-    assert not source.load()
+    assert not await source.load()
+    assert not await source.load()
     assert not registry.synced
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("models_file_rejected") == 1
+
+
+def rejections(captured) -> list[str]:
+    lines = (captured.out + captured.err).splitlines()
+    return [line for line in lines if "models_file_rejected" in line]
+
+
+async def test_a_missing_file_at_start_says_no_dictionary_is_in_force(tmp_path, capsys):
+    registry = ModelRegistry()
+    source = StaticModelSource(registry, str(tmp_path / "nope.yaml"), interval=60)
+    await source.start()
+    try:
+        (rejected,) = rejections(capsys.readouterr())
+        assert "stays in force" not in rejected
+        assert "no dictionary is in force yet" in rejected
+        assert "has not loaded" in registry.problem
+    finally:
+        await source.stop()
+
+
+async def test_a_file_caught_half_written_is_read_again_not_taken_as_a_subset(tmp_path):
+    path = tmp_path / "models.yaml"
+    write(path, GOOD)
+    registry = ModelRegistry()
+    source = StaticModelSource(registry, str(path))
+    assert await source.load()
+    # The writer has put down the first model only when the file is first read, and
+    # finishes it before the second read.
+    half = GOOD[: GOOD.index("  - name: qwen-2-7b")]
+    finished = GOOD.replace("qwen-2-7b", "qwen-2-7b-v2")
+    write(path, half)
+    real_read = source._read
+
+    def writer_finishes_after_the_first_read() -> str:
+        text = real_read()
+        if text == half:
+            write(path, finished)
+        return text
+
+    source._read = writer_finishes_after_the_first_read  # type: ignore[method-assign]
+    assert not await source.load()
+    assert registry.lookup("qwen-2-7b").state is ModelState.UNAVAILABLE  # not dropped
+    assert registry.problem == ""  # not a bad file: a file being written
+    assert await source.load()
+    assert registry.lookup("qwen-2-7b-v2").state is ModelState.UNAVAILABLE
+    assert registry.lookup("qwen-2-7b").state is ModelState.ABSENT
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        *((text, "nested too deeply") for text in DEEPLY_NESTED),
+        ("", "the file is empty"),
+        ("models: [{name: m, pods: [{name: p, address: '10.0.0.1:80'}]}]\nx: 2001-13-14", "month"),
+    ],
+)
+async def test_the_watcher_outlives_a_bad_file_and_applies_the_next_good_one(
+    tmp_path, capsys, bad, named
+):
+    path = tmp_path / "models.yaml"
+    write(path, GOOD)
+    registry = ModelRegistry()
+    source = StaticModelSource(registry, str(path), interval=0.05, settle=0.01)
+    failures = REGISTRY.get_sample_value("gateway_models_reload_failures_total") or 0
+    await source.start()
+    try:
+        assert registry.lookup("llama-3-8b").state is ModelState.READY
+        write(path, bad)
+        await eventually(lambda: registry.problem, what="the bad file rejected")
+        assert named in registry.problem and "stays in force" in registry.problem
+        assert registry.lookup("llama-3-8b").state is ModelState.READY  # the last good one
+        assert REGISTRY.get_sample_value("gateway_models_reload_failing") == 1
+        after = REGISTRY.get_sample_value("gateway_models_reload_failures_total")
+        assert after == failures + 1
+        (rejected,) = rejections(capsys.readouterr())
+        assert named in rejected
+
+        write(path, "models: []")
+        await eventually(lambda: not registry.problem, what="the next good file applied")
+        assert registry.lookup("llama-3-8b").state is ModelState.ABSENT
+        assert REGISTRY.get_sample_value("gateway_models_reload_failing") == 0
+    finally:
+        await source.stop()
+
+
+async def test_an_unexpected_error_while_reloading_is_a_rejected_version(tmp_path, monkeypatch):
+    path = tmp_path / "models.yaml"
+    write(path, GOOD)
+    registry = ModelRegistry()
+    source = StaticModelSource(registry, str(path), settle=0)
+    assert await source.load()
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(static, "parse_models", broken)
+    write(path, "models: []")
+    assert not await source.load()  # and does not raise
+    assert "RuntimeError: a bug" in registry.problem
+    monkeypatch.undo()
+    write(path, "models: []\n")
+    assert await source.load()
+    assert registry.problem == ""
 
 
 EVENTS = """
@@ -143,11 +274,11 @@ models:
 """
 
 
-def test_event_endpoints_and_tokenizer_directories_are_read(tmp_path):
+async def test_event_endpoints_and_tokenizer_directories_are_read(tmp_path):
     path = tmp_path / "models.yaml"
     write(path, EVENTS)
     registry = ModelRegistry()
-    assert StaticModelSource(registry, str(path)).load()
+    assert await StaticModelSource(registry, str(path)).load()
     pod = registry.pod("p")
     assert pod is not None
     assert (pod.kv_events, pod.kv_events_replay) == ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558")
@@ -157,7 +288,7 @@ def test_event_endpoints_and_tokenizer_directories_are_read(tmp_path):
         "lora": "/abs/lora",
     }
     write(path, "models: []")  # a reload replaces them
-    assert StaticModelSource(registry, str(path)).load()
+    assert await StaticModelSource(registry, str(path)).load()
     assert registry.tokenizers == {}
 
 
