@@ -11,6 +11,8 @@ Cases, each over several requests with a fresh document per request unless said:
 
 - first sight, no pod holds it: keying stops at the first block nobody holds;
 - first sight, one pod's engine holds it all: the whole prompt is tokenized;
+- first sight, one pod's engine holds its first half: tokenized up to where the match
+  ends, and at most one group of pieces (64 KiB of text) beyond;
 - repeated document: the same 400 KB document with a new question each time (a RAG
   pattern, or a conversation's history): its pieces come from the piece cache;
 - approximate `prefix-cache` on the same requests, for comparison.
@@ -133,10 +135,11 @@ class Processor:
         self.config = SessionConfig(max_body_bytes=8 * 1024 * 1024, access_log=False)
         self.tokenizer = ModelTokenizer.load(TOKENIZER)  # for what engines report
 
-    def engine_holds(self, pod: str, body: bytes) -> None:
+    def engine_holds(self, pod: str, body: bytes, share: float = 1.0) -> None:
+        """The pod's engine reports holding the first `share` of the request's blocks."""
         ids = self.tokenizer.prompt_ids("/v1/chat/completions", orjson.loads(body))
         assert ids is not None
-        n = len(ids) // BLOCK_SIZE
+        n = int(len(ids) * share) // BLOCK_SIZE
         self.index.apply(
             pod,
             [BlockStored(tuple(range(1, n + 1)), None, tuple(ids[: n * BLOCK_SIZE]), BLOCK_SIZE)],
@@ -225,6 +228,24 @@ async def _run(mode: RunMode) -> tuple[list[list[Any]], dict[str, Any]]:
         cpu_all,
         stall_all,
         f"whole prompt tokenized; routed to the holder {right}/{len(held)}",
+    )
+
+    half = [chat_body(document(rng, BODY_BYTES), f"question {i}") for i in range(count)]
+    cpu_all, stall_all, right = [], 0.0, 0
+    for i, body in enumerate(half):
+        pod = f"p{i % PODS}"
+        processor.engine_holds(pod, body, share=0.5)
+        cpu, stall, picks = await _measure(processor, [body], "precise-prefix-cache")
+        cpu_all += cpu
+        stall_all = max(stall_all, stall)
+        right += picks == [pod]
+    add(
+        "first sight, one engine holds its first half",
+        "precise-prefix-cache",
+        cpu_all,
+        stall_all,
+        f"tokenized to where the match ends and one group beyond; routed to the holder "
+        f"{right}/{len(half)}",
     )
 
     shared = document(rng, BODY_BYTES)
