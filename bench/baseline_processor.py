@@ -6,7 +6,9 @@ on grpc.aio can reach on this set-up, run as its own process.
 It answers each phase Envoy waits for with a pre-built response: the request body with
 the destination headers, metadata and clear_route_cache, everything else with an empty
 CONTINUE; the observer filter's frames (observability mode) are read and not answered.
-No parsing, no registry, no accounting, no logs.
+No parsing, no registry, no accounting, no logs. With `--end-after-routing` it ends the
+routing stream (status OK) right after its routing answer, as the product does in the
+two-filter shape (so a processor restart cuts no response): the floor for that shape.
 The overhead benchmark runs it next to the product so that what the product adds on top
 of grpc.aio is measured in the same run.
 """
@@ -48,7 +50,8 @@ def routed_body(destination: str) -> ext.ProcessingResponse:
 
 
 class FixedRouting(ext_grpc.ExternalProcessorServicer):
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, end_after_routing: bool = False) -> None:
+        self._end_after_routing = end_after_routing
         self._answers = {
             "request_headers": ext.ProcessingResponse(request_headers=ext.HeadersResponse()),
             "request_body": routed_body(destination),
@@ -69,11 +72,14 @@ class FixedRouting(ext_grpc.ExternalProcessorServicer):
             # Envoy expects no answer from an observer stream (observability mode).
             if kind is not None and not frame.observability_mode:
                 yield answers[kind]
+                if kind == "request_body" and self._end_after_routing:
+                    return
 
 
-async def serve(port: int, destination: str) -> None:
+async def serve(port: int, destination: str, end_after_routing: bool = False) -> None:
     server = grpc.aio.server()
-    ext_grpc.add_ExternalProcessorServicer_to_server(FixedRouting(destination), server)
+    servicer = FixedRouting(destination, end_after_routing)
+    ext_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
@@ -89,8 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--destination", required=True, help="ip:port every request goes to")
+    parser.add_argument(
+        "--end-after-routing",
+        action="store_true",
+        help="end the routing stream right after the routing answer (the product's shape)",
+    )
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.destination))
+    uvloop.run(serve(args.port, args.destination, args.end_after_routing))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,9 +184,11 @@ def start_sse_server(log_dir: Path, port: int, chunks: int, gap_ms: float) -> Ma
     )
 
 
-def start_baseline_processor(log_dir: Path, port: int, destination: str) -> ManagedProcess:
+def start_baseline_processor(
+    log_dir: Path, port: int, destination: str, extra_args: Sequence[str] = ()
+) -> ManagedProcess:
     argv = [sys.executable, "-m", "bench.baseline_processor", "--port", str(port)]
-    argv += ["--destination", destination]
+    argv += ["--destination", destination, *extra_args]
     process = localstack.spawn("baseline-processor", argv, log_dir)
     deadline = time.monotonic() + localstack.DEFAULT_START_TIMEOUT
     while not _port_open(port):
@@ -282,8 +284,9 @@ def start_stack(
     log on) plus `processor_args`, and the front Envoy with one worker.
 
     With `baseline` the processor is bench.baseline_processor (fixed routing to the
-    completion pod); with `processors` > 1 that many processor processes run and the
-    front Envoy's processor cluster lists them all (one picked per stream, round robin);
+    completion pod; `processor_args` are its own flags); with `processors` > 1 that
+    many processor processes run and the front Envoy's processor cluster lists them all
+    (one picked per stream, round robin);
     `edit_bootstrap` may change the front bootstrap (what-if experiments);
     `front_concurrency` is the front Envoy's worker threads (each opens its own
     connection to the processor).
@@ -311,7 +314,9 @@ def start_stack(
         started: list[ManagedProcess] = []
         for i, grpc_port in enumerate(grpc_ports):
             if baseline:
-                process = start_baseline_processor(log_dir, grpc_port, pod_address)
+                process = start_baseline_processor(
+                    log_dir, grpc_port, pod_address, processor_args or []
+                )
             else:
                 process = localstack.start_processor(
                     models_file,

@@ -5,6 +5,7 @@ catalog that finds and loads each model's tokenizer once."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -195,6 +196,25 @@ def test_reading_stops_early_and_leaves_the_rest_untokenized(tokenizer: ModelTok
     assert first and 0.0 < share < 0.1
     chunks.close()
     assert len(fresh._cache) == 2  # the first group of pieces, nothing more
+
+
+def test_a_reader_that_stops_midway_leaves_at_most_one_group_beyond_it_untokenized(
+    tokenizer: ModelTokenizer,
+) -> None:
+    # Precise prefix routing reads a long prompt until no pod holds its prefix: what it
+    # needed plus at most 8 pieces, not as much again (doubling groups).
+    fresh = ModelTokenizer(tokenizer._tokenizer, tokenizer.chat_template)
+    prompt = fresh.prompt(COMPLETIONS, {"prompt": long_text(30_000)})
+    assert prompt is not None
+    pieces = len(fresh.pieces(prompt.text))
+    assert pieces > 40
+    chunks = prompt.chunks()
+    share = 0.0
+    while share < 0.3:
+        _, share = next(chunks)
+    chunks.close()
+    needed = math.ceil(0.3 * pieces)
+    assert len(fresh._cache) <= needed + 8  # 64 KiB of text beyond what was needed
 
 
 def test_a_directory_without_tokenizer_json_does_not_load(tmp_path: Path) -> None:
