@@ -61,7 +61,8 @@ async def make_source(tmp_path: Path, fake: FakeKubeApiServer) -> AsyncIterator[
         source = InferencePoolSource(registry, options)
         await source.start()
         started.append(source)
-        assert await source.wait_synced(30)  # the first test pays the cold start; a loaded CI box is slow
+        # The first test pays the informer's cold start; a loaded CI box is slow.
+        assert await source.wait_synced(30)
         return source, registry
 
     yield make
