@@ -700,3 +700,64 @@ def test_every_value_is_documented_in_the_readme_and_values_file() -> None:
         above = lines[paths[key] - 1].strip()
         comment = lines[paths[key]].partition("#")[2]
         assert above.startswith("#") or comment, f"{key} has no comment in values.yaml"
+
+
+# -- who may reach the processor ----------------------------------------------------------
+
+
+def _policy_rules(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]] | None]:
+    """Each port the NetworkPolicy opens -> the peers it opens it to (None: anyone)."""
+    policy = helpers.one(objects, "NetworkPolicy")
+    pods = helpers.one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pods.items()  # it isolates the processor's pods
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    named = {p["name"] for p in helpers.container(objects)["ports"]}
+    rules: dict[str, list[dict[str, Any]] | None] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in named  # a named port of the container
+            rules[port["port"]] = rule.get("from")
+    return rules
+
+
+def test_only_the_gateways_proxies_may_reach_the_ext_proc_port() -> None:
+    objects = helpers.render(helpers.ENVOY_GATEWAY)
+    helpers.validate(helpers.one(objects, "NetworkPolicy"))
+    rules = _policy_rules(objects)
+    assert rules["metrics"] is None  # Prometheus, wherever it runs
+    assert rules["grpc"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {
+                "matchLabels": {
+                    "gateway.envoyproxy.io/owning-gateway-name": "eg",
+                    "gateway.envoyproxy.io/owning-gateway-namespace": helpers.NAMESPACE,
+                }
+            },
+        }
+    ]
+
+
+def test_with_inferencepool_the_routes_gateway_may_reach_ext_proc_and_health() -> None:
+    rules = _policy_rules(helpers.render(helpers.INFERENCEPOOL))
+    assert rules["grpc"] == rules["grpc-health"]
+    assert rules["grpc"] is not None
+    labels = rules["grpc"][0]["podSelector"]["matchLabels"]
+    assert labels["gateway.envoyproxy.io/owning-gateway-name"] == "inference-gateway"
+
+
+def test_network_policy_peers_are_configurable_and_validated() -> None:
+    istio = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio"}}}]
+    prometheus = [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]
+    values = {"networkPolicy": {"gatewayPeers": istio, "adminPeers": prometheus}}
+    objects = helpers.render(values)
+    helpers.validate(helpers.one(objects, "NetworkPolicy"))
+    assert _policy_rules(objects) == {"grpc": istio, "metrics": prometheus}
+    # A peer the API server would refuse is caught here, not at `helm install`.
+    bad = helpers.render({"networkPolicy": {"gatewayPeers": [{"podSelecter": {}}]}})
+    with pytest.raises(AssertionError, match="podSelecter"):
+        helpers.validate(helpers.one(bad, "NetworkPolicy"))
+    assert not helpers.all_of(
+        helpers.render({"networkPolicy": {"enabled": False}}), "NetworkPolicy"
+    )
