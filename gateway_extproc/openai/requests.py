@@ -7,9 +7,9 @@ authority on the rest of the schema and answers its own errors.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-import json
 from typing import Any
 
 import orjson
