@@ -11,6 +11,7 @@ from typing import Any
 
 import helm_python as helm
 import pytest
+import yaml
 
 from gateway_extproc.routing.catalog import strategy_problem
 from gateway_extproc.routing.registry import PLUGINS
@@ -292,6 +293,7 @@ def test_optional_parts_are_off_by_default() -> None:
         "Role",
         "RoleBinding",
         "PodDisruptionBudget",
+        "NetworkPolicy",  # not optional: the ext_proc port has no authentication
     }
 
 
@@ -761,3 +763,31 @@ def test_network_policy_peers_are_configurable_and_validated() -> None:
     assert not helpers.all_of(
         helpers.render({"networkPolicy": {"enabled": False}}), "NetworkPolicy"
     )
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, duration
+    return float(match[1])
+
+
+def test_the_gateways_listener_bounds_slow_clients_but_not_long_responses() -> None:
+    objects = helpers.render(helpers.ENVOY_GATEWAY)
+    ctp = helpers.one(objects, "ClientTrafficPolicy")
+    helpers.validate(ctp)
+    http = ctp["spec"]["timeout"]["http"]
+    assert _seconds(http["requestHeadersReceivedTimeout"]) <= 30
+    assert _seconds(http["idleTimeout"]) <= 300
+    # Both run while the processor holds a request: they must outlast its longest answer.
+    values = yaml.safe_load((helpers.CHART / "values.yaml").read_text())
+    longest = _seconds(values["envoyGateway"]["extProc"]["maxMessageTimeout"])
+    assert _seconds(http["requestReceivedTimeout"]) > longest
+    assert _seconds(http["streamIdleTimeout"]) > longest
+    # Nothing bounds a whole response.
+    route = helpers.one(objects, "HTTPRoute")
+    assert all(r["timeouts"]["request"] == "0s" for r in route["spec"]["rules"])
+    # Each can be left to Envoy Gateway's default.
+    unset = {"requestHeaders": "", "request": "", "streamIdle": "", "idle": ""}
+    values = {"envoyGateway": {**helpers.ENVOY_GATEWAY["envoyGateway"]}}
+    values["envoyGateway"]["clientTrafficPolicy"] = {"timeouts": unset}
+    assert "timeout" not in helpers.one(helpers.render(values), "ClientTrafficPolicy")["spec"]
