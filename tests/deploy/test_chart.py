@@ -791,3 +791,11 @@ def test_the_gateways_listener_bounds_slow_clients_but_not_long_responses() -> N
     values = {"envoyGateway": {**helpers.ENVOY_GATEWAY["envoyGateway"]}}
     values["envoyGateway"]["clientTrafficPolicy"] = {"timeouts": unset}
     assert "timeout" not in helpers.one(helpers.render(values), "ClientTrafficPolicy")["spec"]
+
+
+def test_allowed_paths_reach_the_processor_and_default_to_its_own() -> None:
+    env = helpers.settings(helpers.render(helpers.ALL_ON))
+    assert env["GATEWAY_ALLOWED_PATHS"] == "/v1/chat/completions,/v1/audio/*"
+    assert "GATEWAY_ALLOWED_PATHS" not in helpers.settings(helpers.render())
+    error = helpers.render_error({"config": {"allowedPaths": ["v1/chat"]}})
+    assert "allowedPaths" in error
