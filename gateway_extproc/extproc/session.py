@@ -49,6 +49,7 @@ from gateway_extproc.flowcontrol.controller import Admission, FlowController, Fl
 from gateway_extproc.models.registry import ModelState
 from gateway_extproc.openai.models_list import model_body, models_list_body, models_request
 from gateway_extproc.openai.requests import (
+    MAX_MODEL_NAME,
     InferenceRequest,
     parse_body,
     rewrite_body,
@@ -541,6 +542,10 @@ class Session:
 
     def _model_from_header(self, header_only: bool) -> str:
         model = self._headers.get(names.MODEL_HEADER, "").strip()
+        if len(model) > MAX_MODEL_NAME:  # as for the body's `model`: never echoed whole
+            raise errors.model_required(
+                f"the {names.MODEL_HEADER} header is longer than {MAX_MODEL_NAME} characters"
+            )
         if model:
             return model
         if header_only:

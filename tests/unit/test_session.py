@@ -248,6 +248,17 @@ def test_a_huge_unknown_routing_strategy_is_not_echoed_back_whole(router):
     assert len(error["message"]) < 1024
 
 
+def test_a_huge_model_header_is_refused_without_being_echoed(router):
+    config = frames.protocol(Mode.STREAMED, Mode.STREAMED)
+    headers = {"x-gateway-model-name": "m" * 8192}
+    response = only(
+        new_session(router).handle(frames.request_headers(headers=headers, config=config))
+    )
+    status, error = error_of(response)
+    assert (status, error["code"]) == (400, "model_required")
+    assert len(error["message"]) < 1024
+
+
 def test_a_number_beyond_a_double_is_valid_json_and_routed(router):
     body = b'{"model": "llama", "prompt": "hi", "max_tokens": 1e400}'
     routed = start_buffered(new_session(router), body)
