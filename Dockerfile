@@ -2,7 +2,7 @@
 # proxies, or your own Envoy), so no Envoy is installed here.
 #
 #   docker build -t gateway-extproc:0.1.0 .
-#   docker run --rm -p 9002:9002 -p 9090:9090 gateway-extproc:0.1.0 serve --models-file ...
+#   docker run --rm -p 127.0.0.1:9002:9002 -p 127.0.0.1:9090:9090 gateway-extproc:0.1.0 serve --models-file ...
 
 # --- build: install the package and its dependencies into a self-contained venv -------
 FROM python:3.11-slim AS build
@@ -38,9 +38,14 @@ RUN groupadd --system --gid "${GID}" gateway \
        --home-dir /nonexistent --shell /usr/sbin/nologin gateway
 
 COPY --from=build /opt/venv /opt/venv
+# Every address of the container: outside Kubernetes the processor would listen on
+# loopback only, which nothing outside the container reaches. Which ports leave the
+# container is `docker run -p`'s choice (publish them on 127.0.0.1 unless Envoy is
+# elsewhere: the ext_proc port has no authentication).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    GATEWAY_LISTEN_HOST=0.0.0.0
 
 USER ${UID}:${GID}
 # ext_proc gRPC, admin HTTP (/metrics /healthz /readyz /debug/models).

@@ -15,11 +15,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "GATEWAY_"
+# The inference API paths routed to a pod (apis.INFERENCE_PATHS, which a unit test holds
+# this equal to; this bottom-layer module cannot import apis/).
+DEFAULT_ALLOWED_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    listen_host: str = "0.0.0.0"
+    listen_host: str = "127.0.0.1"  # the flag's default: default_listen_host()
     grpc_port: int = 9002
     admin_port: int = 9090
     discovery: str = "static"
@@ -40,6 +49,7 @@ class Settings:
     inject_include_usage: bool = False
     access_log: bool = True
     record_dir: str = ""
+    allowed_paths: tuple[str, ...] = DEFAULT_ALLOWED_PATHS  # the rest: 404 unsupported_route
     # tracing (tracing.py): off unless an OTLP/gRPC collector is named
     otlp_endpoint: str = ""
     trace_sample_ratio: float = 1.0
@@ -98,6 +108,14 @@ class Settings:
 def default_discovery() -> str:
     """Kubernetes inside a cluster (the service host variable is set), else the file."""
     return "kubernetes" if os.environ.get("KUBERNETES_SERVICE_HOST") else "static"
+
+
+def default_listen_host() -> str:
+    """Every address inside a Kubernetes pod (Envoy and the kubelet's probes come from
+    other addresses; the chart's NetworkPolicy says who may connect), else loopback: the
+    ext_proc port has no authentication, and a peer reaching it could observe, and
+    account for, other clients' requests."""
+    return "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
 
 
 def env_name(flag: str) -> str:
@@ -245,6 +263,19 @@ def otlp_endpoint(raw: str) -> str:
     return value
 
 
+def path_list(raw: str) -> tuple[str, ...]:
+    """`/v1/chat/completions,/v1/audio/*`: exact paths, or prefixes ending in `*`."""
+    paths = tuple(dict.fromkeys(p.strip() for p in raw.split(",") if p.strip()))
+    if not paths:
+        raise ValueError("must name at least one path")
+    for path in paths:
+        if not path.startswith("/") or "*" in path[:-1] or "?" in path:
+            raise ValueError(
+                f"{path!r} is not a path (starting with /, no query, `*` only at the end)"
+            )
+    return paths
+
+
 def worker_count(raw: str) -> int:
     """A positive number of worker processes, or `auto`: the CPUs this process may run on."""
     if raw.strip().lower() == "auto":
@@ -258,7 +289,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
     """The `serve` flags; `discovery_sources` are the names `--discovery` accepts (the
     caller passes models/source.py's, which this bottom-layer module cannot import)."""
     d = Settings()
-    add_flag(parser, "--listen-host", default=d.listen_host, help="address to listen on")
+    add_flag(
+        parser,
+        "--listen-host",
+        default=default_listen_host(),
+        help="address the gRPC and admin ports listen on "
+        "(default: 0.0.0.0 inside Kubernetes, else 127.0.0.1)",
+    )
     add_flag(parser, "--grpc-port", type=port, default=d.grpc_port, help="ext_proc gRPC port")
     add_flag(parser, "--admin-port", type=port, default=d.admin_port, help="admin HTTP port")
     add_flag(
@@ -371,6 +408,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, discovery_sources: Sequ
         "--record-dir",
         default=d.record_dir,
         help="write every stream handled as a conformance recording into this folder",
+    )
+    add_flag(
+        parser,
+        "--allowed-paths",
+        type=path_list,
+        default=d.allowed_paths,
+        help="comma-separated request paths routed to a pod (a trailing * matches a prefix); "
+        "any other path is answered 404 unsupported_route "
+        f"(default: {','.join(d.allowed_paths)})",
     )
     add_flag(
         parser,

@@ -30,11 +30,23 @@ def model_required(message: str = "the request body must name a model") -> Gatew
     return GatewayError(400, "model_required", message, param="model")
 
 
+# The most of a client's value an error message quotes back: enough to recognise it, not
+# an 8 KiB header echoed into every log line and answer.
+QUOTE_LIMIT = 64
+
+
+def quoted(value: str) -> str:
+    """`value` for an error message: repr'd, cut to QUOTE_LIMIT characters."""
+    if len(value) <= QUOTE_LIMIT:
+        return repr(value)
+    return f"{value[:QUOTE_LIMIT]!r}... ({len(value)} characters)"
+
+
 def invalid_routing_strategy(name: str, known: list[str]) -> GatewayError:
     return GatewayError(
         400,
         "invalid_routing_strategy",
-        f"unknown routing strategy {name!r}; known: {', '.join(known)}",
+        f"unknown routing strategy {quoted(name)}; known: {', '.join(known)}",
         param="routing-strategy",
     )
 
@@ -78,7 +90,9 @@ def no_ready_pods(model: str, retry_after: int, detail: str = "") -> GatewayErro
 
 def unsupported_route(method: str, path: str) -> GatewayError:
     return GatewayError(
-        404, "unknown_route", f"{method} {path} is not an inference endpoint of this gateway"
+        404,
+        "unsupported_route",
+        f"{method[:QUOTE_LIMIT]} {quoted(path)} is not an inference endpoint of this gateway",
     )
 
 
@@ -95,7 +109,7 @@ def invalid_priority(value: str) -> GatewayError:
     return GatewayError(
         400,
         "invalid_priority",
-        f"x-gateway-priority must be an integer, not {value!r}",
+        f"x-gateway-priority must be an integer, not {quoted(value)}",
         param="x-gateway-priority",
     )
 

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway_extproc import telemetry, tls
 from gateway_extproc.admin import build_admin_app
+from gateway_extproc.apis import RoutedPaths
 from gateway_extproc.config import Settings
 from gateway_extproc.extproc.service import ExternalProcessor
 from gateway_extproc.extproc.session import SessionConfig
@@ -198,6 +199,7 @@ async def _start_parts(
             access_log=settings.access_log,
             conformance_mode=settings.conformance_mode,
             tracer=tracer,
+            routed_paths=RoutedPaths(settings.allowed_paths),
         ),
         record_dir=settings.record_dir,
         flow=flow,

@@ -82,6 +82,12 @@ HANDOFF_EXPIRED = Counter(
     "filter's) has reached this processor for a while: the filter or the forwarding of "
     "its metadata is probably missing.",
 )
+HANDOFF_REFUSED = Counter(
+    "gateway_handoff_claims_refused_total",
+    "Observer streams refused because they claimed a session under a key this processor "
+    "issued but no longer holds (already claimed, expired, or guessed): a late observer, "
+    "or a peer on the gRPC port guessing keys.",
+)
 ALIAS_REQUESTS = Counter(
     "gateway_alias_requests_total",
     "Requests for a model alias, by alias and the target model they were sent to.",

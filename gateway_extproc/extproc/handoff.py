@@ -23,6 +23,15 @@ answer also writes what accounting needs (model, pod, strategy, request id, star
 time), and a process whose table has no such key observes the response from that
 context (`Session.observing`) and counts it.
 
+A key is this process's instance id and 128 random bits: seeing the keys of one's own
+requests (any peer that reaches the gRPC port can route some) tells nothing of the
+next. A claim with a key of this instance that holds no session (guessed, replayed,
+or after its claim window) is refused and counted in
+`gateway_handoff_claims_refused_total`; that stream then accounts for nothing. A key
+of another instance is another process's request (see above). The port itself is no
+place for strangers: it listens on loopback outside Kubernetes, and the chart's
+NetworkPolicy lets only the gateway in (docs/deploy.md).
+
 A parked session nobody claims is resolved by its timer, ORPHAN_GRACE_S after its
 routing stream was cut (the client left while the answer was on its way), else
 CLAIM_WINDOW_S after it was parked:
@@ -42,8 +51,6 @@ CLAIM_WINDOW_S after it was parked:
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import secrets
 
 import structlog
@@ -68,6 +75,7 @@ ORPHAN_GRACE_S = 1.0
 # client that left, not a configuration problem.
 OBSERVERS_SEEN_S = 60.0
 _WARN_EVERY_S = 60.0
+KEY_BYTES = 16  # random bytes in a handoff key: 128 bits
 
 
 class Handoff:
@@ -79,16 +87,18 @@ class Handoff:
         self._claimed_at = float("-inf")
         self._foreign_at = float("-inf")
         self._parked: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
-        # Unique across processor restarts and replicas sharing one Envoy.
-        self._prefix = f"{os.getpid():x}-{secrets.token_hex(4)}-"
-        self._numbers = itertools.count(1)
+        # Tells this process's keys from other replicas' and workers' (and from those of
+        # this process before a restart); public: every key begins with it.
+        self._instance = secrets.token_hex(8) + "."
         self._warned_at = float("-inf")
+        self._refused_warned_at = float("-inf")
 
     def __len__(self) -> int:
         return len(self._parked)
 
     def new_key(self) -> str:
-        return f"{self._prefix}{next(self._numbers)}"
+        """Unguessable: 128 random bits after the instance id."""
+        return self._instance + secrets.token_urlsafe(KEY_BYTES)
 
     def park(self, key: str, session: Session) -> None:
         """Hold `session` for the observer stream (call before the routing answer goes
@@ -97,6 +107,8 @@ class Handoff:
         self._parked[key] = (session, timer)
 
     def claim(self, key: str) -> Session | None:
+        """The session parked under `key`, taken out of the table; None when none is (see
+        `refuses` for whether the stream may then observe from its context)."""
         entry = self._parked.pop(key, None)
         if entry is None:
             return None
@@ -104,6 +116,25 @@ class Handoff:
         timer.cancel()
         self._claimed_at = asyncio.get_running_loop().time()
         return session
+
+    def refuses(self, key: str) -> bool:
+        """Whether a claim of `key` that found no session is refused: the key is one of
+        this process's, so no other process routed that request and its context is not
+        to be believed (a guessed or replayed key, or an observer too late to count).
+        Counted and logged (at most once a minute)."""
+        if not key.startswith(self._instance):
+            return False
+        telemetry.HANDOFF_REFUSED.inc()
+        now = asyncio.get_running_loop().time()
+        if now - self._refused_warned_at >= _WARN_EVERY_S:
+            self._refused_warned_at = now
+            log.warning(
+                "handoff_claim_refused",
+                hint="an observer stream claimed a session this processor never parked or "
+                "no longer holds: a late observer, or a peer guessing keys; check who can "
+                "reach the gRPC port",
+            )
+        return True
 
     def observed_foreign(self) -> None:
         """An observer stream here carried a request another process routed: this

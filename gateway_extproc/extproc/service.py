@@ -95,8 +95,10 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                 if role == OBSERVE_ROLE:
                     if not looked_up:
                         looked_up = True
-                        session = self.handoff.claim(handoff_key_of(frame))
-                        if session is None:  # routed by another process, or unknown
+                        key = handoff_key_of(frame)
+                        session = self.handoff.claim(key)
+                        if session is None and not self.handoff.refuses(key):
+                            # Routed by another process (or no key at all).
                             session = self._routed_elsewhere(frame)
                     answers = _observe(session, frame)
                 else:

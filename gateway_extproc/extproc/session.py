@@ -29,7 +29,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from functools import partial
 from typing import Any
@@ -39,7 +39,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
 from gateway_extproc import errors, telemetry
-from gateway_extproc.apis import OPENAI, Api, api_for, api_named
+from gateway_extproc.apis import OPENAI, Api, RoutedPaths, api_for, api_named
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.extproc import envoy_names as names
 from gateway_extproc.extproc import responses
@@ -49,6 +49,7 @@ from gateway_extproc.flowcontrol.controller import Admission, FlowController, Fl
 from gateway_extproc.models.registry import ModelState
 from gateway_extproc.openai.models_list import model_body, models_list_body, models_request
 from gateway_extproc.openai.requests import (
+    MAX_MODEL_NAME,
     InferenceRequest,
     parse_body,
     rewrite_body,
@@ -111,6 +112,8 @@ class SessionConfig:
     # Used when Envoy does not send protocol_config (older Envoy): the shipped config.
     default_request_body_mode: int = BUFFERED
     default_response_body_mode: int = STREAMED
+    # The paths routed to a pod (--allowed-paths); GET /v1/models is answered here anyway.
+    routed_paths: RoutedPaths = field(default_factory=RoutedPaths)
 
 
 Answers = list[ext.ProcessingResponse]
@@ -365,6 +368,10 @@ class Session:
             model_id = models_request(self._method, self._path)
             if model_id is not None:
                 return [self._answer_models(model_id)]
+            if self._path not in self._cfg.routed_paths:
+                # Never an engine's other endpoints (/metrics, vLLM's /sleep), whatever
+                # model the request names.
+                raise errors.unsupported_route(self._method, self._path)
             length = self._headers.get("content-length", "")
             if (
                 self.req_mode not in (BUFFERED, BUFFERED_PARTIAL)
@@ -535,6 +542,10 @@ class Session:
 
     def _model_from_header(self, header_only: bool) -> str:
         model = self._headers.get(names.MODEL_HEADER, "").strip()
+        if len(model) > MAX_MODEL_NAME:  # as for the body's `model`: never echoed whole
+            raise errors.model_required(
+                f"the {names.MODEL_HEADER} header is longer than {MAX_MODEL_NAME} characters"
+            )
         if model:
             return model
         if header_only:

@@ -7,6 +7,7 @@ authority on the rest of the schema and answers its own errors.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,9 +57,10 @@ def parse_body(
     if not body.strip():
         raise errors.invalid_body("the request body is empty; expected a JSON object")
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise errors.invalid_body(f"the request body is not valid JSON: {exc.msg}") from None
+        doc = load_json(body)
+    except ValueError as exc:
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise errors.invalid_body(f"the request body is not valid JSON: {message}") from None
     if not isinstance(doc, dict):
         raise errors.invalid_body(f"the request body must be a JSON object, not {_json_type(doc)}")
     model = doc.get("model")
@@ -92,6 +94,26 @@ def parse_body(
         user=user if isinstance(user, str) else "",
         endpoint=endpoint,
     )
+
+
+def load_json(body: bytes) -> Any:
+    """`body` parsed; ValueError (a JSONDecodeError) if it is not JSON.
+
+    orjson refuses a number beyond the range of a double (`1e400`), which JSON allows: such
+    a body is read again by the standard library, where it becomes infinity, so that the
+    engine, not the gateway, judges the field (vLLM answers 400 naming it). Only the
+    literals JSON does not have (NaN, Infinity) stay refused."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(body, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            raise exc from None
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not a JSON value")
 
 
 def _prompt_text(path: str, doc: dict[str, Any]) -> str:
@@ -147,6 +169,8 @@ def rewrite_body(body: bytes, *, model: str = "", include_usage: bool = False) -
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
+        # Valid JSON only load_json reads (a number beyond a double): written back, that
+        # number would read null, so the body goes as it was sent.
         return None
     if model:
         doc["model"] = model

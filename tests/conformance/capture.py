@@ -516,11 +516,12 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "11-header-only-routed-by-model-header",
             "A request without a body (request_headers end_of_stream) naming its model "
-            "in the x-gateway-model-name header: routed on the headers alone; the "
-            "engine's empty 200 ends the response on its headers.",
+            "in the x-gateway-model-name header: routed on the headers alone (a HEAD of "
+            "an inference path: only those are routed); the engine's answer, a 405 with "
+            "no body, ends the response on its headers.",
             BUFFERED,
-            Request("GET", "/health", {"x-gateway-model-name": CHAT_MODEL}),
-            200,
+            Request("HEAD", CHAT, {"x-gateway-model-name": CHAT_MODEL}),
+            405,
         ),
         Scenario(
             "12-header-only-without-model",

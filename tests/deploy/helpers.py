@@ -48,6 +48,7 @@ ALL_ON: dict[str, Any] = {
     "kubernetes": {"watchNamespaces": ["models-a", "models-b"]},
     "config": {
         "recordDir": "/var/lib/gateway-extproc/recordings",
+        "allowedPaths": ["/v1/chat/completions", "/v1/audio/*"],
         "injectIncludeUsage": True,
         "defaultStrategy": "least-request",
         "extraEnv": {"GATEWAY_LOG_FORMAT": "console"},

@@ -45,6 +45,7 @@ PROCESSOR = (
     "service.yaml",
     "deployment.yaml",
     "pdb.yaml",
+    "networkpolicy.yaml",
 )
 
 FILES = (
@@ -53,7 +54,8 @@ FILES = (
         "plain-manifests.values.yaml",
         PROCESSOR,
         """# The gateway-extproc processor: ServiceAccount and the least RBAC its pod informer
-# needs, settings (GATEWAY_* variables), Service, Deployment and PodDisruptionBudget.
+# needs, settings (GATEWAY_* variables), Service, Deployment, PodDisruptionBudget, and
+# the NetworkPolicy that lets only the Gateway's proxies reach the ext_proc port.
 #
 # Replace the image with the one you built from this repository's Dockerfile. The pods
 # read the settings ConfigMap once at start: after editing it, run
@@ -88,8 +90,10 @@ FILES = (
         (*PROCESSOR, "inferencepool/inferencepool.yaml"),
         """# gateway-extproc as the endpoint picker of the InferencePool `gateway-extproc`:
 # ServiceAccount, RBAC (the namespace's pods and InferencePools), settings, Service
-# (ext_proc over TLS on 9002, gRPC health on 9003), Deployment, PodDisruptionBudget and
-# the InferencePool itself, whose endpointPickerRef names the Service.
+# (ext_proc over TLS on 9002, gRPC health on 9003), Deployment, PodDisruptionBudget, the
+# NetworkPolicy that lets only the Gateway's proxies reach 9002 and 9003 (another
+# gateway than Envoy Gateway / Envoy AI Gateway: edit its `from`), and the InferencePool
+# itself, whose endpointPickerRef names the Service.
 #
 # Replace the image with the one you built from this repository's Dockerfile, and the
 # pool's selector and targetPorts with your model servers' labels and ports.

@@ -11,6 +11,7 @@ from typing import Any
 
 import helm_python as helm
 import pytest
+import yaml
 
 from gateway_extproc.routing.catalog import strategy_problem
 from gateway_extproc.routing.registry import PLUGINS
@@ -292,6 +293,7 @@ def test_optional_parts_are_off_by_default() -> None:
         "Role",
         "RoleBinding",
         "PodDisruptionBudget",
+        "NetworkPolicy",  # not optional: the ext_proc port has no authentication
     }
 
 
@@ -700,3 +702,100 @@ def test_every_value_is_documented_in_the_readme_and_values_file() -> None:
         above = lines[paths[key] - 1].strip()
         comment = lines[paths[key]].partition("#")[2]
         assert above.startswith("#") or comment, f"{key} has no comment in values.yaml"
+
+
+# -- who may reach the processor ----------------------------------------------------------
+
+
+def _policy_rules(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]] | None]:
+    """Each port the NetworkPolicy opens -> the peers it opens it to (None: anyone)."""
+    policy = helpers.one(objects, "NetworkPolicy")
+    pods = helpers.one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pods.items()  # it isolates the processor's pods
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    named = {p["name"] for p in helpers.container(objects)["ports"]}
+    rules: dict[str, list[dict[str, Any]] | None] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in named  # a named port of the container
+            rules[port["port"]] = rule.get("from")
+    return rules
+
+
+def test_only_the_gateways_proxies_may_reach_the_ext_proc_port() -> None:
+    objects = helpers.render(helpers.ENVOY_GATEWAY)
+    helpers.validate(helpers.one(objects, "NetworkPolicy"))
+    rules = _policy_rules(objects)
+    assert rules["metrics"] is None  # Prometheus, wherever it runs
+    assert rules["grpc"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {
+                "matchLabels": {
+                    "gateway.envoyproxy.io/owning-gateway-name": "eg",
+                    "gateway.envoyproxy.io/owning-gateway-namespace": helpers.NAMESPACE,
+                }
+            },
+        }
+    ]
+
+
+def test_with_inferencepool_the_routes_gateway_may_reach_ext_proc_and_health() -> None:
+    rules = _policy_rules(helpers.render(helpers.INFERENCEPOOL))
+    assert rules["grpc"] == rules["grpc-health"]
+    assert rules["grpc"] is not None
+    labels = rules["grpc"][0]["podSelector"]["matchLabels"]
+    assert labels["gateway.envoyproxy.io/owning-gateway-name"] == "inference-gateway"
+
+
+def test_network_policy_peers_are_configurable_and_validated() -> None:
+    istio = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio"}}}]
+    prometheus = [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]
+    values = {"networkPolicy": {"gatewayPeers": istio, "adminPeers": prometheus}}
+    objects = helpers.render(values)
+    helpers.validate(helpers.one(objects, "NetworkPolicy"))
+    assert _policy_rules(objects) == {"grpc": istio, "metrics": prometheus}
+    # A peer the API server would refuse is caught here, not at `helm install`.
+    bad = helpers.render({"networkPolicy": {"gatewayPeers": [{"podSelecter": {}}]}})
+    with pytest.raises(AssertionError, match="podSelecter"):
+        helpers.validate(helpers.one(bad, "NetworkPolicy"))
+    assert not helpers.all_of(
+        helpers.render({"networkPolicy": {"enabled": False}}), "NetworkPolicy"
+    )
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, duration
+    return float(match[1])
+
+
+def test_the_gateways_listener_bounds_slow_clients_but_not_long_responses() -> None:
+    objects = helpers.render(helpers.ENVOY_GATEWAY)
+    ctp = helpers.one(objects, "ClientTrafficPolicy")
+    helpers.validate(ctp)
+    http = ctp["spec"]["timeout"]["http"]
+    assert _seconds(http["requestHeadersReceivedTimeout"]) <= 30
+    assert _seconds(http["idleTimeout"]) <= 300
+    # Both run while the processor holds a request: they must outlast its longest answer.
+    values = yaml.safe_load((helpers.CHART / "values.yaml").read_text())
+    longest = _seconds(values["envoyGateway"]["extProc"]["maxMessageTimeout"])
+    assert _seconds(http["requestReceivedTimeout"]) > longest
+    assert _seconds(http["streamIdleTimeout"]) > longest
+    # Nothing bounds a whole response.
+    route = helpers.one(objects, "HTTPRoute")
+    assert all(r["timeouts"]["request"] == "0s" for r in route["spec"]["rules"])
+    # Each can be left to Envoy Gateway's default.
+    unset = {"requestHeaders": "", "request": "", "streamIdle": "", "idle": ""}
+    values = {"envoyGateway": {**helpers.ENVOY_GATEWAY["envoyGateway"]}}
+    values["envoyGateway"]["clientTrafficPolicy"] = {"timeouts": unset}
+    assert "timeout" not in helpers.one(helpers.render(values), "ClientTrafficPolicy")["spec"]
+
+
+def test_allowed_paths_reach_the_processor_and_default_to_its_own() -> None:
+    env = helpers.settings(helpers.render(helpers.ALL_ON))
+    assert env["GATEWAY_ALLOWED_PATHS"] == "/v1/chat/completions,/v1/audio/*"
+    assert "GATEWAY_ALLOWED_PATHS" not in helpers.settings(helpers.render())
+    error = helpers.render_error({"config": {"allowedPaths": ["v1/chat"]}})
+    assert "allowedPaths" in error

@@ -6,7 +6,9 @@ import argparse
 
 import pytest
 
+from gateway_extproc.apis import INFERENCE_PATHS
 from gateway_extproc.config import (
+    DEFAULT_ALLOWED_PATHS,
     add_serve_arguments,
     env_name,
     settings_from_args,
@@ -96,3 +98,34 @@ def test_tracing_is_off_unless_a_collector_is_named(monkeypatch):
     monkeypatch.setenv("GATEWAY_OTLP_ENDPOINT", "https://collector:4317")
     assert parse(["--trace-sample-ratio", "0.25"]).trace_sample_ratio == 0.25
     assert parse([]).otlp_endpoint == "https://collector:4317"
+
+
+def test_the_processor_listens_on_loopback_unless_in_kubernetes_or_told(monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("GATEWAY_LISTEN_HOST", raising=False)
+    assert parse([]).listen_host == "127.0.0.1"
+    assert parse(["--listen-host", "0.0.0.0"]).listen_host == "0.0.0.0"
+    monkeypatch.setenv("GATEWAY_LISTEN_HOST", "::")
+    assert parse([]).listen_host == "::"
+    monkeypatch.delenv("GATEWAY_LISTEN_HOST")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert parse([]).listen_host == "0.0.0.0"
+
+
+def test_the_inference_paths_are_routed_by_default():
+    assert parse([]).allowed_paths == DEFAULT_ALLOWED_PATHS
+    assert set(DEFAULT_ALLOWED_PATHS) == set(INFERENCE_PATHS)
+
+
+def test_allowed_paths_take_a_list_with_prefixes(monkeypatch):
+    settings = parse(["--allowed-paths", " /v1/chat/completions, /v1/audio/* ,"])
+    assert settings.allowed_paths == ("/v1/chat/completions", "/v1/audio/*")
+    monkeypatch.setenv("GATEWAY_ALLOWED_PATHS", "/v1/completions")
+    assert parse([]).allowed_paths == ("/v1/completions",)
+
+
+@pytest.mark.parametrize("value", ["", "v1/chat", "/v1/*/x", "/v1/chat?x=1"])
+def test_bad_allowed_paths_stop_start_up(value, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--allowed-paths", value])
+    assert "--allowed-paths" in capsys.readouterr().err

@@ -254,3 +254,42 @@ def test_the_fail_open_shape_is_envoy_yaml_but_for_what_makes_it_fail_open() -> 
         ]["virtual_hosts"][0]["routes"].pop()
     del clusters[0]
     assert fail_open == shipped
+
+
+def seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+EXT_PROC = "envoy.filters.http.ext_proc"  # the routing filter (the observer has its own name)
+EDGE_CONFIGS = [*CONFIGS, localstack.REPO_ROOT / "envoy" / "envoy-inferencepool.yaml"]
+
+
+@pytest.mark.parametrize("path", EDGE_CONFIGS, ids=lambda p: p.name)
+def test_a_public_listener_bounds_slow_clients_but_not_long_responses(path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    manager = hcm["typed_config"]
+    # Slowloris: headers never finished, a body dripped in, a connection left idle.
+    assert 0 < seconds(manager["request_headers_timeout"]) <= 30
+    assert 0 < seconds(manager["request_timeout"]) <= 600
+    assert 0 < seconds(manager["common_http_protocol_options"]["idle_timeout"]) <= 300
+    assert 0 < seconds(manager["stream_idle_timeout"]) <= 600
+    h2 = manager["http2_protocol_options"]
+    assert h2["max_concurrent_streams"] <= 100
+    assert h2["initial_stream_window_size"] <= 65536
+    assert h2["initial_connection_window_size"] <= 1048576
+    # request_timeout stops once the request is sent upstream, so it cuts no stream, but
+    # it does run while the processor decides: it must outlast the longest answer Envoy
+    # may wait for (flow control's hold), as must the stream's silence meanwhile.
+    filters = manager["http_filters"]
+    (ext_proc,) = [f["typed_config"] for f in filters if f["name"].startswith(EXT_PROC)]
+    longest = seconds(ext_proc.get("max_message_timeout", ext_proc["message_timeout"]))
+    assert seconds(manager["request_timeout"]) > longest
+    assert seconds(manager["stream_idle_timeout"]) > longest
+    # Nothing bounds a whole response: no route deadline.
+    for route in localstack.pod_routes(doc):
+        assert route.get("timeout", "0s") == "0s"
+    # And a connection cap, so the 60 s idle timeout has something to protect.
+    (monitor,) = doc["overload_manager"]["resource_monitors"]
+    assert monitor["typed_config"]["max_active_downstream_connections"] <= 10000

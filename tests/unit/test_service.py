@@ -395,3 +395,68 @@ def test_a_log_limit_lets_one_line_per_kind_through_and_counts_the_rest():
 
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+# -- handoff keys: unguessable, and a claim under a wrong one is refused ----------------
+
+
+def claims_refused() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("gateway_handoff_claims_refused_total") or 0.0
+
+
+def observer_frames(key: str, context: dict[str, str]) -> list:
+    """An observer stream's frames under `key`, carrying `context` as the routing answer
+    wrote it (what a peer that saw one routed request could send)."""
+    body = frames.response_body(USAGE)
+    body.attributes["envoy.filters.http.ext_proc"]["response.code"] = 200
+    sent = [
+        observed(frames.request_headers(), key),
+        observed(body, key),
+        observed(frames.response_body(b"", end_of_stream=True), key),
+    ]
+    for frame in sent:
+        for name, value in context.items():
+            frame.metadata_context.filter_metadata["gateway_extproc"][name] = value
+    return sent
+
+
+async def test_handoff_keys_tell_nothing_of_the_next_one(gateway, channel):
+    keys = [await route_one(channel) for _ in range(3)]
+    instance = {key.split(".")[0] for key in keys}
+    assert len(instance) == 1  # this process's id, public by design
+    secrets = [key.split(".", 1)[1] for key in keys]
+    assert len(set(secrets)) == 3
+    # 128 random bits each (base64url, no padding), no counter or process id inside.
+    assert all(len(secret) >= 22 for secret in secrets)
+
+
+async def test_a_claim_under_a_wrong_key_is_refused_and_counted(gateway, channel):
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    sent = [frames.request_headers(), frames.request_body(orjson.dumps({"model": "llama"}))]
+    got = [r async for r in stub.Process(iter(sent), metadata=ROUTE)]
+    fields = got[1].dynamic_metadata.fields["gateway_extproc"].struct_value.fields
+    key = fields["session"].string_value
+    context = {k: v.string_value for k, v in fields.items() if k != "session"}
+    refused, counted, tokens = claims_refused(), requests_counted("200"), tokens_counted()
+    # A peer that has seen one key of this process tries the next ones it can think of.
+    instance = key.split(".")[0]
+    for guess in (f"{instance}.{'A' * 22}", f"{instance}.1", f"{instance}.{key[::-1]}"):
+        assert [
+            r async for r in stub.Process(iter(observer_frames(guess, context)), metadata=OBSERVE)
+        ] == []
+    assert claims_refused() == refused + 3
+    # Nothing was counted for the guesses, and the parked request is still in flight.
+    assert (requests_counted("200"), tokens_counted()) == (counted, tokens)
+    assert gateway.inflight.total() == 1
+    # The real observer still finds its session...
+    assert [r async for r in stub.Process(iter(observer_frames(key, {})), metadata=OBSERVE)] == []
+    assert (requests_counted("200"), tokens_counted()) == (counted + 1, tokens + 3)
+    assert gateway.inflight.total() == 0
+    # ...and a replay of its key claims nothing more.
+    assert [
+        r async for r in stub.Process(iter(observer_frames(key, context)), metadata=OBSERVE)
+    ] == []
+    assert claims_refused() == refused + 4
+    assert (requests_counted("200"), tokens_counted()) == (counted + 1, tokens + 3)

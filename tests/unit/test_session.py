@@ -6,6 +6,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway_extproc.apis import RoutedPaths
 from gateway_extproc.extproc.session import Outcome, Session, SessionConfig
 from gateway_extproc.models.aliases import Alias
 from gateway_extproc.models.registry import ModelRegistry, Pod
@@ -235,6 +236,88 @@ def test_unknown_routing_strategy_is_400(router):
     status, error = error_of(response)
     assert (status, error["code"]) == (400, "invalid_routing_strategy")
     assert "fastest-ever" in error["message"]
+
+
+def test_a_huge_unknown_routing_strategy_is_not_echoed_back_whole(router):
+    name = "x" * 8192
+    response = start_buffered(new_session(router), **{"routing-strategy": name})
+    status, error = error_of(response)
+    assert (status, error["code"]) == (400, "invalid_routing_strategy")
+    assert "xxxx" in error["message"]
+    assert "8192 characters" in error["message"]
+    assert len(error["message"]) < 1024
+
+
+def test_a_huge_model_header_is_refused_without_being_echoed(router):
+    config = frames.protocol(Mode.STREAMED, Mode.STREAMED)
+    headers = {"x-gateway-model-name": "m" * 8192}
+    response = only(
+        new_session(router).handle(frames.request_headers(headers=headers, config=config))
+    )
+    status, error = error_of(response)
+    assert (status, error["code"]) == (400, "model_required")
+    assert len(error["message"]) < 1024
+
+
+def test_a_number_beyond_a_double_is_valid_json_and_routed(router):
+    body = b'{"model": "llama", "prompt": "hi", "max_tokens": 1e400}'
+    routed = start_buffered(new_session(router), body)
+    assert routed.WhichOneof("response") == "request_body"
+    assert frames.set_headers(routed)["target-pod"] in LLAMA_PODS
+
+
+@pytest.mark.parametrize("body", [b'{"model": "llama", "x": NaN}', b'{"model": "llama", "x": 1e'])
+def test_what_is_not_json_stays_400(router, body):
+    status, error = error_of(start_buffered(new_session(router), body))
+    assert (status, error["code"]) == (400, "invalid_request_body")
+    assert "not valid JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/admin/faults/reset"), ("GET", "/metrics"), ("POST", "/sleep?level=1")],
+)
+@pytest.mark.parametrize("mode", [Mode.STREAMED, Mode.BUFFERED, Mode.FULL_DUPLEX_STREAMED])
+def test_engine_endpoints_are_404_even_when_a_model_is_named(router, registry, method, path, mode):
+    config = frames.protocol(mode, Mode.STREAMED)
+    headers = {"x-gateway-model-name": "llama"}
+    session = new_session(router)
+    response = only(
+        session.handle(frames.request_headers(path, method, headers=headers, config=config))
+    )
+    status, error = error_of(response)
+    assert (status, error["code"]) == (404, "unsupported_route")
+    assert path.split("?")[0] in error["message"]
+    assert session.outcome is Outcome.REJECTED
+    assert all(router.inflight.count(pod.key) == 0 for pod in registry.lookup("llama").pods)
+
+
+def test_allowed_paths_are_configurable_with_prefixes(router):
+    config = SessionConfig(routed_paths=RoutedPaths(("/v1/audio/*",)))
+    stream = frames.protocol(Mode.STREAMED, Mode.STREAMED)
+    headers = {"x-gateway-model-name": "llama"}
+    routed = only(
+        Session(router, config).handle(
+            frames.request_headers("/v1/audio/transcriptions", headers=headers, config=stream)
+        )
+    )
+    assert frames.set_headers(routed)["target-pod"] in LLAMA_PODS
+    refused = only(
+        Session(router, config).handle(
+            frames.request_headers("/v1/chat/completions", headers=headers, config=stream)
+        )
+    )
+    assert error_of(refused)[1]["code"] == "unsupported_route"
+
+
+def test_the_models_list_is_answered_whatever_paths_are_routed(router):
+    config = SessionConfig(routed_paths=RoutedPaths(("/v1/chat/completions",)))
+    answer = only(
+        Session(router, config).handle(
+            frames.request_headers("/v1/models", "GET", end_of_stream=True)
+        )
+    )
+    assert answer.immediate_response.status.code == 200
 
 
 @pytest.mark.parametrize("mode", [Mode.FULL_DUPLEX_STREAMED, Mode.STREAMED])

@@ -16,6 +16,7 @@ import orjson
 
 from gateway_extproc.devtools.simulator import text
 from gateway_extproc.openai.errors import error_body
+from gateway_extproc.openai.requests import load_json
 
 
 class ApiError(Exception):
@@ -99,8 +100,10 @@ def load_object(body: bytes) -> dict[str, Any]:
             400, "the request body is empty; expected a JSON object", code="invalid_json"
         )
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        # As vLLM (Python's json) reads it: a number beyond a double (1e400) is infinity,
+        # and the field it is in is judged (a 400 naming it), not the JSON.
+        doc = load_json(body)
+    except ValueError as exc:
         raise ApiError(
             400, f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
