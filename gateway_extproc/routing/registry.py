@@ -253,7 +253,13 @@ def _cache_pressure(env: PluginEnv) -> CachePressure:
 
 
 def _predicted_ttft(env: PluginEnv) -> PredictedTTFTScorer:
-    scorer = PredictedTTFTScorer(MeasuredLatency(clock=env.signals.now), _cache_pressure(env))
+    # The KV-event index the server's subscriber fills (as precise-prefix-cache reads it):
+    # where a pod's events are trusted, the expected cached prefix is the engine's own.
+    scorer = PredictedTTFTScorer(
+        MeasuredLatency(clock=env.signals.now),
+        _cache_pressure(env),
+        events=env.shared(KVBlockIndex, KVBlockIndex),
+    )
     env.on_pod_removed(scorer.forget)
     env.on_response(scorer.observed)
     return scorer

@@ -38,6 +38,8 @@ class SampledStrategy:
             raise ValueError("a sample needs at least two pods")
         self.name = inner.name
         self.inner = inner
+        # The router prepares the prompt's KV blocks when the ranking scorers read them.
+        self.uses_tokens = bool(getattr(inner, "uses_tokens", False))
         self._pressure = pressure
         self._signals = signals
         self._rng = rng
