@@ -14,9 +14,10 @@ from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.kvevents.wire import AllBlocksCleared, BlockStored
 from gateway_extproc.models.registry import ModelRegistry, Pod
 from gateway_extproc.routing.base import RoutingRequest
-from gateway_extproc.routing.catalog import PREDICTED_LATENCY, build_catalog
+from gateway_extproc.routing.catalog import build_catalog
 from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
+from gateway_extproc.routing.registry import PREDICTED_LATENCY
 from gateway_extproc.routing.router import Router
 from gateway_extproc.tokenize.catalog import TokenizerCatalog
 from gateway_extproc.tokenize.tokenizer import ModelTokenizer
@@ -49,10 +50,10 @@ class Engines:
     """Four engines' KV-cache event streams, as every replica subscribed to them sees
     them: each replica has its own index, fed the same events."""
 
-    def __init__(self) -> None:
+    def __init__(self, n: int = 4) -> None:
         self.pods = [
             Pod(f"p{i}", f"10.4.0.{i}:8000", ("m",), kv_events=f"tcp://10.4.0.{i}:5557")
-            for i in range(4)
+            for i in range(n)
         ]
         self.tokenizer = ModelTokenizer.load(TINY)
         self.indexes: list[KVBlockIndex] = []
@@ -157,3 +158,15 @@ async def test_a_prefix_just_sent_counts_until_the_engine_reports_it() -> None:
         picks.append(await replica.route(chat(f"burst {i}")))
         clock.now += 0.2  # the engine is still prefilling the first
     assert picks == [picks[0]] * 6
+
+
+async def test_on_a_large_fleet_the_pod_whose_engine_holds_the_prefix_is_always_sampled() -> None:
+    """Over 16 candidates the default scores a sample: the engine-reported holder is in
+    it every time, though this processor never sent it the prompt."""
+    clock = Clock()
+    engines = Engines(200)
+    replica = Replica(engines, clock, seed=6)
+    engines.cached("p137", chat("earlier question"))
+    for i in range(10):
+        assert await replica.route(chat(f"question {i}")) == "p137"
+        clock.now += 0.5
