@@ -682,17 +682,30 @@ async def _drive(port: int, stats: RunStats, workload: Workload, limit_s: float)
         stats.wall_s = time.perf_counter() - started
 
 
+def _start_fleet_retrying(scenario: Scenario, variant: Variant, seed: int, log_dir: Path) -> Fleet:
+    """start_fleet, once more on a start-up failure: a free port found for a process can
+    be taken by another program on a shared machine before the process binds it."""
+    for attempt in range(2):
+        try:
+            return start_fleet(
+                log_dir,
+                scenario.simulator_args,
+                variant.processors,
+                seed,
+                scenario.single_filter,
+                scenario.kv_events,
+            )
+        except localstack.StartupError as exc:
+            if attempt:
+                raise
+            print(f"   fleet did not start ({exc}); once more", flush=True)
+    raise AssertionError("unreachable")
+
+
 def run_variant(
     scenario: Scenario, variant: Variant, seed: int, mode: RunMode, log_dir: Path
 ) -> dict[str, Any]:
-    fleet = start_fleet(
-        log_dir,
-        scenario.simulator_args,
-        variant.processors,
-        seed,
-        scenario.single_filter,
-        scenario.kv_events,
-    )
+    fleet = _start_fleet_retrying(scenario, variant, seed, log_dir)
     stats = RunStats(variant, seed)
     stats.pods = [f"{LOCALHOST}:{port}" for port in fleet.simulator_ports]
     try:
