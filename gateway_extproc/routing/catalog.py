@@ -28,10 +28,8 @@ from gateway_extproc.routing.inflight import InFlightCounter
 from gateway_extproc.routing.measured import ResponseTiming
 from gateway_extproc.routing.pickers import RandomPicker, RoundRobinPicker
 from gateway_extproc.routing.plugins import Filter, PluginEnv, Scorer, WeightedScorers
-from gateway_extproc.routing.prefix_capacity import CachePressure
 from gateway_extproc.routing.profile import Profile
 from gateway_extproc.routing.registry import (
-    PREDICTED_LATENCY,
     REQUEST_FILTERS,
     PluginRef,
     PluginRegistry,
@@ -39,7 +37,6 @@ from gateway_extproc.routing.registry import (
     RoutingConfigError,
     valid_weight,
 )
-from gateway_extproc.routing.sampling import SampledStrategy
 from gateway_extproc.routing.signals import PodSignals
 
 Weights = list[tuple[str, float]]
@@ -246,15 +243,7 @@ def build_catalog(
         for forget in env.forgetters:
             forget(pod_key)
 
-    # The default profile's scorers cost a few microseconds per candidate: on a large
-    # fleet it ranks a sample (sampling.py).
-    pressure = env.shared(CachePressure, lambda: None)
-    strategies: list[Strategy] = [
-        SampledStrategy(p, pressure, signals, env.rng)
-        if p.name == PREDICTED_LATENCY and isinstance(pressure, CachePressure)
-        else p
-        for p in built
-    ]
+    strategies: list[Strategy] = list(built)
     catalog = StrategyCatalog(
         strategies,
         scorer_names=list(plugins.scorers),

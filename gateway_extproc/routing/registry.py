@@ -39,6 +39,7 @@ from gateway_extproc.routing.plugins import Filter, Picker, PluginEnv, Scorer, W
 from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
 from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
 from gateway_extproc.routing.prefix_capacity import CacheFitScorer, CachePressure, CapacityIndex
+from gateway_extproc.routing.sampling import SAMPLE_SIZE, SampleFilter
 from gateway_extproc.routing.scorers import (
     KVCacheScorer,
     LatencyScorer,
@@ -114,7 +115,9 @@ BUILTIN_PROFILES: dict[str, ProfileSpec] = {
     "prefix-cache": profile(("prefix-cache", 1)),
     "precise-prefix-cache": profile(("precise-prefix-cache", 1)),
     "session-affinity": profile(("least-request", 1), session_affinity=True),
-    PREDICTED_LATENCY: profile(("predicted-ttft", 3), ("cache-fit", 1), ("least-request", 1)),
+    PREDICTED_LATENCY: profile(
+        ("predicted-ttft", 3), ("cache-fit", 1), ("least-request", 1), filters=("sample",)
+    ),
 }
 
 # Filters the router applies to every request before any profile's own.
@@ -253,10 +256,27 @@ def _cache_pressure(env: PluginEnv) -> CachePressure:
 
 
 def _predicted_ttft(env: PluginEnv) -> PredictedTTFTScorer:
-    scorer = PredictedTTFTScorer(MeasuredLatency(clock=env.signals.now), _cache_pressure(env))
+    # The KV-event index the server's subscriber fills (as precise-prefix-cache reads it):
+    # where a pod's events are trusted, the expected cached prefix is the engine's own.
+    scorer = PredictedTTFTScorer(
+        MeasuredLatency(clock=env.signals.now),
+        _cache_pressure(env),
+        events=env.shared(KVBlockIndex, KVBlockIndex),
+    )
     env.on_pod_removed(scorer.forget)
     env.on_response(scorer.observed)
     return scorer
+
+
+def _sample(env: PluginEnv, *, size: int = SAMPLE_SIZE) -> SampleFilter:
+    # The prefix holders it keeps are those the default profile's scorers would favour.
+    return SampleFilter(
+        _cache_pressure(env),
+        env.signals,
+        env.rng,
+        events=env.shared(KVBlockIndex, KVBlockIndex),
+        size=size,
+    )
 
 
 def _max_score(
@@ -295,6 +315,7 @@ def _round_robin(env: PluginEnv, profile_name: str, scorers: WeightedScorers) ->
 def _builtins() -> PluginRegistry:
     plugins = PluginRegistry()
     plugins.register_filter("endpoint-subset", lambda env: EndpointSubsetFilter())
+    plugins.register_filter("sample", _sample)
     plugins.register_scorer("least-request", lambda env: QueueScorer())
     plugins.register_scorer("least-kv-cache", lambda env: KVCacheScorer())
     plugins.register_scorer("least-latency", lambda env: LatencyScorer())

@@ -3,9 +3,16 @@ should see its first token soonest.
 
     predicted = queue wait + backlog wait + slowness x line(uncached prompt characters)
 
-- uncached: the prompt's length minus the prefix the pod is expected to hold
-  (`prefix_capacity.CachePressure`: its index ages out what the engine has likely
-  evicted);
+- uncached: the prompt's length minus the prefix the pod is expected to hold. For a pod
+  whose KV-cache events are trusted (kvevents/: subscribed, nothing lost) and a request
+  cut into the engines' blocks (prompt_blocks.py, the same blocks the precise prefix
+  scorer reads), that is the longest prefix the engine reports holding, plus what this
+  processor sent the pod in the last PENDING_S seconds (the engine reports blocks once
+  it has computed them: without this, a burst of one new prompt would be spread before
+  the first of them is stored). Every processor reading the same engines then expects
+  the same. Otherwise (no events, stream dead or behind, no tokenizer) it is the
+  gateway's guess from its own routing history (`prefix_capacity.CachePressure`: its
+  index ages out what the engine has likely evicted);
 - slowness x line: the pod's measured speed (`measured.MeasuredLatency`, from the
   responses the gateway saw; a pod without samples counts as typical);
 - queue wait: requests ahead x how often a slot frees up (the pod's measured response
@@ -35,6 +42,8 @@ import math
 from collections import OrderedDict
 from itertools import compress
 
+from gateway_extproc.kvevents.index import KVBlockIndex
+from gateway_extproc.routing.base import PromptBlocks
 from gateway_extproc.routing.measured import MeasuredLatency, ResponseTiming
 from gateway_extproc.routing.plugins import Scorer, Scores, ScoringContext
 from gateway_extproc.routing.prefix_capacity import CachePressure
@@ -47,16 +56,29 @@ FLOOR_SECONDS = 0.001
 MARGIN = 0.15
 # Picks remembered until their response ends (older ones are dropped first).
 MAX_NOTES = 65536
+# A prefix this processor sent a pod this recently counts as held even where the pod's
+# KV events do not show it yet: the engine reports blocks once it has prefilled them
+# (a long prompt's prefill plus the event's trip takes well under this).
+PENDING_S = 2.0
 
 
 class PredictedTTFTScorer(Scorer):
     name = "predicted-ttft"
 
+    # Reads the prompt's KV blocks when the router has them (precise prefix, below).
+    uses_tokens = True
+
     def __init__(
-        self, measured: MeasuredLatency, pressure: CachePressure, *, max_notes: int = MAX_NOTES
+        self,
+        measured: MeasuredLatency,
+        pressure: CachePressure,
+        *,
+        events: KVBlockIndex | None = None,
+        max_notes: int = MAX_NOTES,
     ) -> None:
         self.measured = measured
         self.pressure = pressure
+        self.events = events
         self._max_notes = max_notes
         # request id -> (pod key, expected uncached characters, prompt characters,
         # the pod's prefill backlog then)
@@ -64,6 +86,7 @@ class PredictedTTFTScorer(Scorer):
         # pod key -> when the prefill routing expects the pod to have done
         self._prefill_done_at: dict[str, float] = {}
         self._last: tuple[ScoringContext, list[float]] | None = None
+        self._cached: tuple[ScoringContext, dict[int, float]] | None = None
 
     def score(self, ctx: ScoringContext) -> Scores:
         predicted = self.predict(ctx)
@@ -85,9 +108,8 @@ class PredictedTTFTScorer(Scorer):
         slowness = measured.slowness_of(keys, now)
         uncached_all = base + per_char * prompt_chars
         out = [s * uncached_all + FLOOR_SECONDS for s in slowness]
-        block_chars = self.pressure.index.block_chars
-        for i, depth in self.pressure.matched_blocks(ctx).items():
-            uncached = max(prompt_chars - depth * block_chars, 0)
+        for i, cached in self.cached_chars(ctx).items():
+            uncached = max(prompt_chars - cached, 0.0)
             out[i] = slowness[i] * (base + per_char * uncached) + FLOOR_SECONDS
         self._add_backlog(ctx, out, now)
         waiting_seen = ctx.view().waiting
@@ -133,9 +155,8 @@ class PredictedTTFTScorer(Scorer):
         request_id = ctx.request.request_id
         if not request_id:
             return
-        matched = self.pressure.matched_blocks(ctx).get(position, 0)
         prompt_chars = len(ctx.request.prompt)
-        uncached = max(prompt_chars - matched * self.pressure.index.block_chars, 0)
+        uncached = max(prompt_chars - self.cached_chars(ctx).get(position, 0.0), 0.0)
         key = ctx.candidates.keys[position]
         # This request's prefill queues behind what the pod has not done yet.
         now = ctx.now
@@ -146,6 +167,69 @@ class PredictedTTFTScorer(Scorer):
         notes[request_id] = (key, float(uncached), float(prompt_chars), start - now)
         if len(notes) > self._max_notes:
             notes.popitem(last=False)
+
+    def cached_chars(self, ctx: ScoringContext) -> dict[int, float]:
+        """Position -> prompt characters the pod is expected to hold cached (pods expected
+        to hold none left out), computed once per decision."""
+        last = self._cached
+        if last is not None and last[0] is ctx:
+            return last[1]
+        pressure = self.pressure
+        block_chars = pressure.index.block_chars
+        guessed = pressure.matched_blocks(ctx)
+        found = {i: float(depth * block_chars) for i, depth in guessed.items()}
+        blocks = ctx.request.blocks
+        events = self.events
+        if blocks is not None and events is not None:
+            self._read_events(ctx, blocks, events, guessed, found)
+        self._cached = (ctx, found)
+        return found
+
+    def _read_events(
+        self,
+        ctx: ScoringContext,
+        blocks: PromptBlocks,
+        events: KVBlockIndex,
+        guessed: dict[int, int],
+        found: dict[int, float],
+    ) -> None:
+        """Replace the guess by what the engine reports, at the pods whose events are
+        trusted: the longest prefix held (as a share of the prompt's blocks, so in the
+        prompt's characters), or a prefix this processor sent there in the last
+        PENDING_S seconds (not reported yet), whichever is longer."""
+        keys = ctx.candidates.keys
+        prompt_chars = len(ctx.request.prompt)
+        by_size: dict[int, list[int]] = {}
+        for i, pod_key in enumerate(keys):
+            if events.trusted(pod_key):
+                by_size.setdefault(events.block_size(pod_key), []).append(i)
+        if not by_size:
+            return
+        pressure = self.pressure
+        index = pressure.index
+        hashes = pressure.hashes(ctx)
+        block_chars = index.block_chars
+        recent = ctx.now - PENDING_S
+        for size, positions in by_size.items():
+            chain = blocks.keys.get(size)
+            total = blocks.totals.get(size, 0)
+            depths = (
+                events.longest_prefixes(chain, (keys[i] for i in positions))
+                if chain and total > 0
+                else {}
+            )
+            for i in positions:
+                depth = depths.get(keys[i], 0)
+                held = prompt_chars * min(depth / total, 1.0) if depth else 0.0
+                sent = guessed.get(i, 0)
+                if sent:
+                    at = index.sent_at(keys[i], hashes[sent - 1])
+                    if at is not None and at >= recent:
+                        held = max(held, float(sent * block_chars))
+                if held > 0.0:
+                    found[i] = held
+                else:
+                    found.pop(i, None)
 
     def observed(self, timing: ResponseTiming) -> None:
         """A response ended: teach the measured latencies what it showed."""
