@@ -13,9 +13,14 @@ client traffic:
   at a time, 0.2 s apart), and with YAML nested 100,000 deep; each followed by a new good
   file, which must take effect (the watcher is alive);
 - `stalled-uploads`: 10,000 connections that send headers and part of a body, then
-  stall, while ordinary clients send requests;
+  stall, while ordinary clients send requests; then all closed at once, and ordinary
+  clients again while the processor ends those streams;
 - `abandoned-streams`: 3,000 streaming requests closed by the client after the first
   event.
+
+After each engine fault, light traffic runs until passive health has let every pod back
+in (at most 60 s, reported as `whole_again_after_s`), so each fault starts from a whole
+fleet rather than from the previous one's backoff.
 
 For each: requests sent, status counts, 5xx the configuration did not ask for,
 whether the processor's log shows a Traceback, whether the dictionary survived
@@ -71,6 +76,7 @@ PATH = "/v1/chat/completions"
 GRACE_S = 2.0
 LATE_5XX_ALLOWED = 0.01
 CLIENT_TIMEOUT_S = 10.0
+SETTLE_S = 60.0
 MB = 1024 * 1024
 
 
@@ -383,6 +389,20 @@ class Script:
             )
         )
 
+    async def settle(self) -> float:
+        """After an engine fault: light traffic (one client) until passive health has let
+        every pod back in (a half-open pod needs a request to prove itself), at most
+        SETTLE_S. Each fault then starts from a whole fleet, not from the last one's
+        backoff. Returns the seconds it took (SETTLE_S + 1 if it never did)."""
+        started = time.monotonic()
+        while time.monotonic() - started < SETTLE_S:
+            view = await asyncio.to_thread(self.processor.debug_models)
+            pods = view.get("models", {}).get(MODEL, {}).get("pods", [])
+            if pods and all(p.get("health", {}).get("state") == "healthy" for p in pods):
+                return round(time.monotonic() - started, 1)
+            await drive(self.port, 1.0, 1, Tally(), time.monotonic())
+        return SETTLE_S + 1
+
     # the models file -------------------------------------------------------------------
 
     def next_good_models(self) -> list[str]:
@@ -400,11 +420,13 @@ class Script:
         )
         return names
 
-    def pod_names(self) -> list[str]:
+    def pod_names(self) -> list[str] | None:
+        """The pods of the model in /debug/models; None when the admin endpoint does not
+        answer (within 10 s)."""
         try:
             view = self.processor.debug_models()
         except OSError:
-            return []
+            return None
         return [p["name"] for p in view.get("models", {}).get(MODEL, {}).get("pods", [])]
 
     async def models_fault(
@@ -414,12 +436,16 @@ class Script:
         50 ms; then a new good file, which must take effect within 5 s."""
         watch, rss = self.begin()
         smallest = [self.pods]
+        unanswered = [0]
         done = asyncio.Event()
 
         async def poll() -> None:
             while not done.is_set():
                 names = await asyncio.to_thread(self.pod_names)
-                smallest[0] = min(smallest[0], len(names))
+                if names is None:
+                    unanswered[0] += 1
+                else:
+                    smallest[0] = min(smallest[0], len(names))
                 await asyncio.sleep(0.05)
 
         async def fault() -> None:
@@ -438,9 +464,9 @@ class Script:
         # Traffic goes on until the good file is back in force.
         expected = self.next_good_models()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and sorted(self.pod_names()) != sorted(expected):
+        while time.monotonic() < deadline and sorted(self.pod_names() or []) != sorted(expected):
             await asyncio.sleep(0.1)
-        took_effect = sorted(self.pod_names()) == sorted(expected)
+        took_effect = sorted(self.pod_names() or []) == sorted(expected)
         traffic.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await traffic
@@ -448,6 +474,11 @@ class Script:
         if smallest[0] < self.pods:
             failures.append(
                 f"the dictionary shrank to {smallest[0]} of {self.pods} pods during the fault"
+            )
+        if unanswered[0]:
+            failures.append(
+                f"GET /debug/models went unanswered (10 s) {unanswered[0]} time(s) during "
+                "the fault: the processor's event loop was blocked"
             )
         if not took_effect:
             failures.append("a good file written afterwards did not take effect within 5 s")
@@ -460,7 +491,11 @@ class Script:
                 tally,
                 watch,
                 rss,
-                extra={"smallest_dictionary": smallest[0], "good_file_after": took_effect},
+                extra={
+                    "smallest_dictionary": smallest[0],
+                    "admin_unanswered": unanswered[0],
+                    "good_file_after": took_effect,
+                },
                 failures=failures,
             )
         )
@@ -559,18 +594,28 @@ class Script:
         tally = Tally()
         await drive(self.port, 15, 8, tally, time.monotonic(), max_requests=self.scale(400, 100))
         closed = closed_by_peer  # by Envoy, while held
+        peak = await asyncio.to_thread(self.processor.probe)
         for writer in held:
             writer.transport.abort()
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        await asyncio.sleep(1.0)
+        # The aftermath: ordinary clients while the processor ends the stalled streams.
+        after = Tally()
+        await drive(self.port, 10, 4, after, time.monotonic(), max_requests=200)
+        for at, outcome in after.outcomes:
+            tally.add(at + 1e6, outcome)
+        # Where the memory the stalled streams used went once they ended: still in use,
+        # held free by glibc (malloc_trim gives it back), or in Python's object arenas.
+        settled = await asyncio.to_thread(self.processor.probe)
+        trimmed = await asyncio.to_thread(self.processor.trim)
         self.results.append(
             observe(
                 "stalled-uploads",
                 f"{count:,} connections send headers and part of a body, then stall; "
                 f"meanwhile 8 ordinary clients (at most {self.scale(400, 100)} requests, "
-                f"client timeout {CLIENT_TIMEOUT_S:g} s)",
+                f"client timeout {CLIENT_TIMEOUT_S:g} s); then all closed at once and 4 "
+                "ordinary clients for 10 s (at most 200 requests)",
                 self.processor,
                 self.pods,
                 tally,
@@ -581,6 +626,21 @@ class Script:
                     "stalled_refused": refused,
                     "opened_in_s": round(opened_in, 1),
                     "closed_by_envoy_while_held": closed,
+                    "ordinary_while_held": dict(Counter(o for at, o in tally.outcomes if at < 1e6)),
+                    "ordinary_after": after.counts(),
+                    "processor_rss_mb_while_held": round(peak["rss"] / MB, 1),
+                    "processor_objects_while_held": peak["objects"].get("all_gc_tracked", 0),
+                    "processor_objects_after": settled["objects"].get("all_gc_tracked", 0),
+                    "after_glibc_in_use_mb": _mb(settled["malloc"].get("in_use_bytes", 0)),
+                    "after_glibc_free_held_mb": _mb(settled["malloc"].get("free_held_bytes", 0)),
+                    "after_rss_mb_heap_anon_file": [
+                        _mb(settled["rss_split"][k]) for k in ("heap", "anon", "file")
+                    ],
+                    "after_pymalloc_blocks": settled["py_blocks"],
+                    "rss_mb_before_after_malloc_trim": [
+                        _mb(trimmed["rss_before"]),
+                        _mb(trimmed["rss_after"]),
+                    ],
                 },
             )
         )
@@ -626,6 +686,7 @@ class Script:
             failures.append(f"{in_flight_after_12s} requests still counted in flight after 12 s")
         for at, outcome in after.outcomes:
             abandoned.add(at + 1e6, outcome)  # ordinary requests afterwards, same tally
+        streams_only = Counter(o for at, o in abandoned.outcomes if at < 1e6)
         self.results.append(
             observe(
                 "abandoned-streams",
@@ -637,6 +698,8 @@ class Script:
                 watch,
                 rss,
                 extra={
+                    "streams": dict(streams_only),
+                    "ordinary_after": after.counts(),
                     "in_flight_after_1s": in_flight_after_1s,
                     "in_flight_after_12s": in_flight_after_12s,
                     "observer_missing_delta": self.metric("gateway_observer_missing_total")
@@ -680,6 +743,10 @@ FAULTS = (
 )
 
 
+def _mb(value: float) -> float:
+    return round(value / MB, 1)
+
+
 def raise_open_files_limit() -> tuple[int, int]:
     """The soft limit on open files raised to the hard one, in this process and so in
     the Envoy and processor it starts: 10,000 stalled connections need 10,000 sockets
@@ -697,6 +764,8 @@ async def run_script(script: Script, only: list[str]) -> None:
         print(f"   fault {fault}", flush=True)
         await getattr(script, fault)()
         result = script.results[-1]
+        if fault.startswith("engine_"):
+            result.extra["whole_again_after_s"] = await script.settle()
         print(f"     {result.tally.counts()} -> {result.failures or 'pass'}", flush=True)
 
 
