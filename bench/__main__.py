@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from bench import (
+    burst,
     chaos,
     kube_scale,
     long_prompt,
@@ -55,7 +56,7 @@ MODULES: tuple[ModuleType, ...] = (
 )
 # Run only when named (`make soak`, `make chaos`): the soak takes an hour at its default
 # size, and the fault script is a pass/fail check rather than a figure to track.
-ON_DEMAND: tuple[ModuleType, ...] = (soak, chaos)
+ON_DEMAND: tuple[ModuleType, ...] = (soak, chaos, burst)
 BENCHMARKS: dict[str, Callable[[RunMode], Section]] = {
     m.NAME: m.run for m in (*MODULES, *ON_DEMAND)
 }

@@ -66,6 +66,7 @@ from bench.fleet import (
     set_engine_faults,
     start_fleet,
 )
+from bench.soak import VARIANTS
 from bench.stack import write_models_file
 from gateway_extproc.devtools import localstack
 from gateway_extproc.devtools.localstack import LOCALHOST
@@ -608,6 +609,10 @@ class Script:
         # Where the memory the stalled streams used went once they ended: still in use,
         # held free by glibc (malloc_trim gives it back), or in Python's object arenas.
         settled = await asyncio.to_thread(self.processor.probe)
+        # An allocator that returns memory over time (jemalloc's decay, a periodic trim)
+        # gets 30 s, then a trim is asked for.
+        await asyncio.sleep(30)
+        later = await asyncio.to_thread(self.processor.probe)
         trimmed = await asyncio.to_thread(self.processor.trim)
         self.results.append(
             observe(
@@ -637,6 +642,8 @@ class Script:
                         _mb(settled["rss_split"][k]) for k in ("heap", "anon", "file")
                     ],
                     "after_pymalloc_blocks": settled["py_blocks"],
+                    "rss_mb_streams_ended": _mb(settled["rss"]),
+                    "rss_mb_30s_later": _mb(later["rss"]),
                     "rss_mb_before_after_malloc_trim": [
                         _mb(trimmed["rss_before"]),
                         _mb(trimmed["rss_after"]),
@@ -774,7 +781,10 @@ def run(mode: RunMode) -> Section:
     work = mode.work_dir / NAME
     work.mkdir(parents=True, exist_ok=True)
     only = [n.strip() for n in os.environ.get("BENCH_CHAOS_FAULTS", "").split(",") if n.strip()]
-    fleet = start_fleet(work, {"chaos": {}})
+    # The processor's allocator (a soak variant's environment: glibc as shipped,
+    # arena2, trim, jemalloc), to compare what a burst of streams leaves behind.
+    allocator = os.environ.get("BENCH_CHAOS_ALLOCATOR", "") or "glibc"
+    fleet = start_fleet(work, {"chaos": VARIANTS[allocator]})
     started = time.monotonic()
     try:
         script = Script(fleet, mode.quick)
@@ -782,6 +792,7 @@ def run(mode: RunMode) -> Section:
     finally:
         fleet.stop()
     data = {
+        "allocator": allocator,
         "open_files_limit": list(limit),
         "seconds": round(time.monotonic() - started),
         "results": [
