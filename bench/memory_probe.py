@@ -209,8 +209,14 @@ def ask(port: int, command: str, timeout: float = 60.0) -> dict[str, Any]:
     return loaded
 
 
+# A checkout whose gateway_extproc runs instead of this one (the soak's `baseline`
+# variant: the code before a change, measured in the same run as the change).
+CODE_ROOT_ENV = "BENCH_GATEWAY_ROOT"
+
 if __name__ == "__main__":
     start_probe()
+    if os.environ.get(CODE_ROOT_ENV):
+        sys.path.insert(0, os.environ[CODE_ROOT_ENV])
     from gateway_extproc import cli
 
     sys.exit(cli.main(sys.argv[1:]))

@@ -10,13 +10,16 @@ each chunk the probe reports the processor's RSS, glibc's bytes in use and free 
 held (mallinfo2, all arenas), the number of arenas, and live Python objects of the gRPC
 and protobuf runtimes and of our own package.
 
-Variants (`BENCH_SOAK_VARIANTS`, comma-separated; default all):
+Variants (`BENCH_SOAK_VARIANTS`, comma-separated; default glibc, arena2, trim, jemalloc):
 - `glibc`: as deployed (glibc malloc, default arenas: up to 8 per core);
 - `arena2`: `MALLOC_ARENA_MAX=2`;
 - `trim`: glibc with `malloc_trim(0)` every 10 s from a thread;
 - `jemalloc`: `LD_PRELOAD` of Debian's libjemalloc2 (if installed);
 - `random`: glibc as deployed, with `--default-strategy random`: the default profile's
-  measured latencies, predictor and prefix index left out (is it routing state?).
+  measured latencies, predictor and prefix index left out (is it routing state?);
+- `baseline`: glibc as deployed, running the code of another checkout
+  (`BENCH_SOAK_BASELINE=/path`, e.g. a worktree of main): before and after a change,
+  measured in the same run.
 
 Requests per variant: `BENCH_SOAK_REQUESTS` (default 500,000; `--quick`: 20,000), e.g.
 `make soak SOAK_REQUESTS=100000`. Reading the result: if glibc's in-use bytes and the
@@ -49,6 +52,11 @@ VARIANTS: dict[str, dict[str, str]] = {
     # Not an allocator: the routing state of the default profile left out, to see
     # whether it is what keeps growing.
     "random": {"GATEWAY_DEFAULT_STRATEGY": "random"},
+    "baseline": (
+        {"BENCH_GATEWAY_ROOT": os.environ["BENCH_SOAK_BASELINE"]}
+        if os.environ.get("BENCH_SOAK_BASELINE")
+        else {}
+    ),
 }
 DESCRIPTIONS = {
     "glibc": "glibc malloc, default arenas (as deployed before this section)",
@@ -56,6 +64,7 @@ DESCRIPTIONS = {
     "trim": "glibc, `malloc_trim(0)` every 10 s",
     "jemalloc": "jemalloc 5.3 (`LD_PRELOAD`, Debian libjemalloc2)",
     "random": "glibc, default arenas, `--default-strategy random` (no latency or prefix state)",
+    "baseline": "glibc, default arenas, the code of BENCH_SOAK_BASELINE (before a change)",
 }
 MB = 1024 * 1024
 
@@ -69,13 +78,17 @@ def requests_per_variant(mode: RunMode) -> int:
 
 def chosen_variants() -> dict[str, dict[str, str]]:
     raw = os.environ.get("BENCH_SOAK_VARIANTS", "")
-    names = [n.strip() for n in raw.split(",") if n.strip()] or list(VARIANTS)
+    default = [n for n in VARIANTS if n not in ("random", "baseline")]
+    names = [n.strip() for n in raw.split(",") if n.strip()] or default
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown soak variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if "jemalloc" in names and not JEMALLOC.exists():
         names.remove("jemalloc")  # reported as not run
-    return {n: VARIANTS[n] for n in names}
+    chosen = {n: VARIANTS[n] for n in names}
+    if "baseline" in names and not VARIANTS["baseline"]:
+        raise ValueError("the baseline variant needs BENCH_SOAK_BASELINE=<a checkout>")
+    return chosen
 
 
 def chunk_script(path: Path) -> Path:
@@ -179,6 +192,7 @@ def run(mode: RunMode) -> Section:
     data = {"requests_per_variant": total, "chunk": CHUNK, "connections": CONNECTIONS}
     data["runs"] = runs
     data["not_run"] = [n for n in VARIANTS if n not in variants]
+    data["baseline"] = os.environ.get("BENCH_SOAK_BASELINE", "")
     return section_from(data)
 
 
