@@ -314,20 +314,29 @@ def verdict(runs: dict[str, dict[str, Any]]) -> str:
         "memory in use (allocated and not freed, outside the Python heap's objects): "
         "no allocator setting gives it back, so this is not fragmentation"
         if in_use >= 0.5 * rss
-        else "free memory the allocator keeps (fragmentation): an allocator setting or "
-        "trimming gives it back"
+        else "not memory in use: free memory the allocator keeps, or pages touched for "
+        "the first time (the final malloc_trim column says how much can be given back)"
     )
     others = ", ".join(
         f"{name} {fmt(growth_per_100k(r['samples']), 2)}"
         for name, r in runs.items()
         if name != "glibc"
     )
+    baseline = runs.get("baseline")
+    compared = ""
+    if baseline and len(baseline["samples"]) >= 3:
+        before_rss = growth_per_100k(baseline["samples"])
+        before_in_use = growth_per_100k(baseline["samples"], "in_use_bytes")
+        compared = (
+            f" The baseline code (before the change) grew {fmt(before_rss, 2)} MB of RSS "
+            f"and {fmt(before_in_use, 2)} MB of glibc in-use memory per 100k in the same run."
+        )
     return (
-        f"**Reading.** As shipped (glibc) RSS grew {fmt(rss, 2)} MB per 100k requests "
+        f"**Reading.** This code (glibc) grew {fmt(rss, 2)} MB of RSS per 100k requests "
         f"({fmt(rss * MB / 100_000, 0)} bytes per request) after warm-up, and glibc's "
         f"bytes in use grew {fmt(in_use, 2)} MB per 100k: most of the growth is {kind}. "
         f"A final malloc_trim gave back {fmt(trimmed, 1)} MB. RSS growth per 100k with "
-        f"the other allocators: {others or 'not run'}."
+        f"the other variants: {others or 'not run'}." + compared
     )
 
 
