@@ -23,6 +23,9 @@ def test_failed_checks_make_the_bench_exit_1_after_writing_the_section(
         return _section(failed)
 
     monkeypatch.setitem(bench_main.BENCHMARKS, "chaos", fake_run)
+    # The bench quiets the product's logging for the whole process: not for the tests
+    # that run after this one and read the log.
+    monkeypatch.setattr(bench_main.telemetry, "configure_logging", lambda *_args: None)
     output = tmp_path / "BENCHMARKS.md"
     code = bench_main.main(["chaos", "--output", str(output), "--work-dir", str(tmp_path / "w")])
     assert code == exit_code
