@@ -99,6 +99,23 @@ def section_from(data: dict[str, Any]) -> Section:
             "the fault script's `stalled-uploads`). Each stalled upload holds two "
             "ext_proc streams (routing, waiting for the body; observer) in the processor.",
             table(header, rows),
+            reading(data["runs"]),
         ]
     )
     return Section(NAME, TITLE, body=body, data=data)
+
+
+def reading(runs: dict[str, dict[str, Any]]) -> str:
+    kept = ", ".join(
+        f"{name} {r['rss_mb_30s_later'] - r['rss_before'] / MB:.0f} MB" for name, r in runs.items()
+    )
+    return (
+        f"**Reading.** RSS kept 30 s after the streams ended, over the start: {kept}. "
+        "Under glibc nearly all of it is free memory the allocator holds, which "
+        "malloc_trim cannot return (live chunks scattered through the heap pin its "
+        "pages); capping arenas or jemalloc keeps as much, so no allocator setting is "
+        "the fix here. Part of what pins it: each stream Envoy cancels while the "
+        "processor awaits a frame leaks about 180 bytes inside grpcio (grpc/grpc#43360); "
+        "a stalled upload is two such streams, and glibc's bytes in use stay about 6 MB "
+        "above the start after 10,000 of them."
+    )

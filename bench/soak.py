@@ -59,10 +59,10 @@ VARIANTS: dict[str, dict[str, str]] = {
     ),
 }
 DESCRIPTIONS = {
-    "glibc": "glibc malloc, default arenas (as deployed before this section)",
-    "arena2": "glibc, `MALLOC_ARENA_MAX=2`",
-    "trim": "glibc, `malloc_trim(0)` every 10 s",
-    "jemalloc": "jemalloc 5.3 (`LD_PRELOAD`, Debian libjemalloc2)",
+    "glibc": "this code, glibc malloc with default arenas (as deployed)",
+    "arena2": "this code, glibc, `MALLOC_ARENA_MAX=2`",
+    "trim": "this code, glibc, `malloc_trim(0)` every 10 s",
+    "jemalloc": "this code, jemalloc 5.3 (`LD_PRELOAD`, Debian libjemalloc2)",
     "random": "glibc, default arenas, `--default-strategy random` (no latency or prefix state)",
     "baseline": "glibc, default arenas, the code of BENCH_SOAK_BASELINE (before a change)",
 }
@@ -277,9 +277,10 @@ def section_from(data: dict[str, Any]) -> Section:
             f"{total:,} non-streamed chat completions per variant through the shipped "
             f"envoy/envoy.yaml (one front Envoy per variant, `--concurrency 1`), three "
             f"simulated engines shared by all, wrk with {data['connections']} connections "
-            f"in chunks of {data['chunk']:,} requests, the variants taking turns chunk "
-            "by chunk. Memory is sampled by bench/memory_probe.py inside the processor "
-            "after every chunk. Growth is the least-squares slope from the first chunk "
+            f"in chunks of about {data['chunk']:,} requests (wrk runs for a time chosen "
+            "from the last chunk's rate), the variants taking turns chunk by chunk. "
+            "Memory is sampled by bench/memory_probe.py inside the processor after every "
+            "chunk. Growth is the least-squares slope from the first chunk "
             "on (the first chunk is warm-up)." + stopped,
             table(header, rows),
             "RSS (MB) at every 100k requests:",
