@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-unit test-integration redis-server bench proto lint clean
+.PHONY: install run test test-unit test-integration redis-server bench soak chaos proto lint clean
 
 install: $(STAMP)
 
@@ -44,6 +44,30 @@ redis-server:
 bench: install
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench
+
+# The memory soak and the memory a burst of stalled streams leaves (docs/BENCHMARKS.md
+# sections 9 and 11): SOAK_REQUESTS per allocator variant (default 500000, about an hour
+# per variant on a busy 2-core machine; 20000 for a quick look), SOAK_VARIANTS a
+# comma-separated subset of glibc,arena2,trim,jemalloc,random,baseline (baseline: the
+# code of the checkout in BENCH_SOAK_BASELINE=/path, to compare before/after a change).
+# jemalloc is Debian's libjemalloc2, installed when missing like wrk.
+SOAK_REQUESTS ?= 500000
+SOAK_VARIANTS ?=
+soak: install
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@test -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2; } || true
+	BENCH_SOAK_REQUESTS=$(SOAK_REQUESTS) BENCH_SOAK_VARIANTS=$(SOAK_VARIANTS) \
+	  $(BIN)/python -m bench soak memory-burst
+
+# The fault script (docs/BENCHMARKS.md section 10): a few minutes against real Envoy,
+# processor and engines; exits non-zero when a check fails. CHAOS_FAULTS picks some
+# faults (e.g. engine-500,models-empty); CHAOS_ARGS=--quick scales the connection counts
+# down.
+CHAOS_FAULTS ?=
+CHAOS_ARGS ?=
+chaos: install
+	BENCH_CHAOS_FAULTS=$(CHAOS_FAULTS) $(BIN)/python -m bench chaos $(CHAOS_ARGS)
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=gateway_extproc/proto_gen \

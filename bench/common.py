@@ -180,6 +180,9 @@ class Section:
     body: str = ""
     targets: list[Target] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    # Checks that ran and failed (the fault script's): the section is still written,
+    # and `python -m bench` exits 1.
+    failed_checks: list[str] = field(default_factory=list)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

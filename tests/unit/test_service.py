@@ -148,6 +148,25 @@ async def test_the_observer_stream_finishes_what_the_routing_stream_routed(gatew
     assert tokens_counted() == before + 3
 
 
+async def test_the_observer_stream_ends_itself_once_the_response_has_ended(gateway, channel):
+    # Envoy resets the observer stream shortly after the response; a stream cut while
+    # the processor awaits its next frame leaks native memory in grpcio (about 180
+    # bytes, grpc/grpc#43360). The processor ends it first, with status OK.
+    before = tokens_counted()
+    key = await route_one(channel)
+    stub = ext_grpc.ExternalProcessorStub(channel)
+    call = stub.Process(metadata=OBSERVE)
+    first = frames.response_body(USAGE)
+    first.attributes["envoy.filters.http.ext_proc"]["response.code"] = 200
+    await call.write(observed(frames.request_headers(), key))
+    await call.write(observed(first, key))
+    await call.write(observed(frames.response_body(b"", end_of_stream=True), key))
+    # Not half-closed by the client: only the server can end it.
+    assert await asyncio.wait_for(call.code(), timeout=5.0) == grpc.StatusCode.OK
+    assert gateway.inflight.total() == 0
+    assert tokens_counted() == before + 3
+
+
 async def test_a_client_that_leaves_before_the_response_releases_the_pod(gateway, channel):
     key = await route_one(channel)
     stub = ext_grpc.ExternalProcessorStub(channel)
