@@ -335,7 +335,7 @@ PROMPT_TOKENIZE = Counter(
 POD_EJECTIONS = Counter(
     "gateway_pod_ejections_total",
     "Times a pod was left out of routing after consecutive failures (connect failures, "
-    "timeouts, 5xx, refused metrics scrapes), by pod.",
+    "timeouts, 5xx, refused or unanswered metrics scrapes), by pod.",
     ["pod"],
 )
 PODS_EJECTED = Gauge(

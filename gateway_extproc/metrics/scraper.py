@@ -67,7 +67,7 @@ class MetricsScraper:
         concurrency: int = 64,
         max_scrapes_per_second: float = 1000.0,
         path: str = "/metrics",
-        on_unreachable: Callable[[Pod], None] | None = None,
+        on_unreachable: Callable[[Pod, str], None] | None = None,
     ) -> None:
         if min(interval, timeout, concurrency, max_scrapes_per_second) <= 0:
             raise ValueError(
@@ -316,8 +316,11 @@ class MetricsScraper:
         if self.registry.pod(key) is None:
             return  # deleted meanwhile; its failure series are gone and must stay gone
         self.store.record_failure(key, reason)
-        if reason == "connect" and self._on_unreachable is not None:
-            self._on_unreachable(pod)
+        # A refused connection, or one the pod accepts and never answers (a hung or
+        # stopped engine: the kernel still completes the handshake), says the pod
+        # cannot serve; an HTTP error or bad text from a live engine does not.
+        if reason in ("connect", "timeout") and self._on_unreachable is not None:
+            self._on_unreachable(pod, reason)
         now = time.monotonic()
         last = self._warned_at.get(key)
         if last is None or now - last >= WARN_EVERY_SECONDS:

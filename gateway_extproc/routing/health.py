@@ -16,9 +16,11 @@ detection does:
 
 What counts as a failure (see `verdict`): a response Envoy made because the pod could not
 be reached or did not answer in time (response code details `upstream_reset_*`,
-`upstream_*timeout*`, ...), an engine's own 5xx, and a metrics scrape refused at the
-pod's serving address. A 4xx is the engine working. A request the client cancelled says
-nothing about the pod. Without code details (Envoy Gateway's filter, older configs) any
+`upstream_*timeout*`, ...), an engine's own 5xx, and a metrics scrape refused or left
+unanswered at the pod's serving address (a hung engine still accepts connections, and
+its requests wait for Envoy's idle timeout: its scrapes are what shows it soon). A 4xx
+is the engine working. A request the client cancelled says nothing about the pod.
+Without code details (Envoy Gateway's filter, older configs) any
 5xx counts, as Envoy's own consecutive-5xx detection counts them.
 """
 
@@ -212,12 +214,12 @@ class PodHealth:
             telemetry.PODS_EJECTED.inc()
             self._eject(pod_key, state, now, reason)
 
-    def scrape_unreachable(self, pod: Pod) -> None:
-        """A metrics scrape could not connect. Counted only when the metrics are served
-        at the serving address: a separate metrics port being down says nothing about
-        whether the engine answers requests."""
+    def scrape_unreachable(self, pod: Pod, reason: str = "connect") -> None:
+        """A metrics scrape could not connect, or got no answer in time (`reason`).
+        Counted only when the metrics are served at the serving address: a separate
+        metrics port being down says nothing about whether the engine answers requests."""
         if pod.scrape_address == pod.address:
-            self.failure(pod.key, "scrape_connect")
+            self.failure(pod.key, f"scrape_{reason}")
 
     def forget(self, pod: Pod) -> None:
         """A deleted pod: nothing of it stays (its series go too)."""

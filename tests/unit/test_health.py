@@ -172,6 +172,14 @@ def test_a_refused_scrape_counts_only_at_the_serving_address(clock):
     assert not health.healthy("h8")
 
 
+def test_unanswered_scrapes_eject_a_hung_pod_as_refused_ones_do(clock):
+    health = make_health(clock)
+    hung = Pod("h7", "10.1.0.7:8000", ("m",))
+    for _ in range(3):
+        health.scrape_unreachable(hung, "timeout")
+    assert not health.healthy("h7")
+
+
 def test_a_deleted_pod_leaves_no_state_or_series(clock):
     health = make_health(clock)
     gauge = ejected_now()

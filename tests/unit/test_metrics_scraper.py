@@ -209,6 +209,33 @@ async def test_hung_pod_times_out_without_slowing_the_others(serve: Serve) -> No
         await scraper.stop()
 
 
+async def test_a_hung_pod_is_reported_unreachable_and_an_erring_one_is_not(
+    serve: Serve,
+) -> None:
+    # A stopped engine accepts the connection and never answers: passive health must
+    # hear of it from the scrapes, as it hears of a refused connection.
+    hung, erring = Engine(), Engine()
+    registry = ModelRegistry()
+    registry.upsert_pod(pod("hung", await serve(hung)))
+    registry.upsert_pod(pod("erring", await serve(erring)))
+    reported: list[tuple[str, str]] = []
+    scraper = MetricsScraper(
+        registry,
+        MetricsStore(),
+        interval=0.02,
+        timeout=0.2,
+        on_unreachable=lambda p, reason: reported.append((p.key, reason)),
+    )
+    hung.mode, erring.mode = "hang", "500"
+    await scraper.start()
+    try:
+        await until(lambda: ("scrape/hung", "timeout") in reported)
+        await until(lambda: failures("scrape/erring", "http_5xx") >= 1)
+    finally:
+        await scraper.stop()
+    assert {key for key, _ in reported} == {"scrape/hung"}
+
+
 async def test_deleting_a_pod_drops_its_metrics_and_series(serve: Serve) -> None:
     engine = Engine()
     address = await serve(engine)
