@@ -302,6 +302,14 @@ class Script:
     def begin(self) -> tuple[LogWatch, int]:
         return LogWatch(self.processor.process.log_path), self.processor.probe()["rss"]
 
+    def record(
+        self, name: str, what: str, tally: Tally, watch: LogWatch, rss: int, **checks: Any
+    ) -> None:
+        """One fault's observation, against this fleet's processor and pod count."""
+        self.results.append(
+            observe(name, what, self.processor, self.pods, tally, watch, rss, **checks)
+        )
+
     # engines ---------------------------------------------------------------------------
 
     async def engine_killed(self) -> None:
@@ -313,17 +321,13 @@ class Script:
 
         tally = await during(self.port, 20, 16, kill, fault_at=3)
         self.restart_engine(victim)
-        self.results.append(
-            observe(
-                "engine-killed",
-                "kill -9 one of 3 engines under load (16 clients, 20 s)",
-                self.processor,
-                self.pods,
-                tally,
-                watch,
-                rss,
-                engine_fault=True,
-            )
+        self.record(
+            "engine-killed",
+            "kill -9 one of 3 engines under load (16 clients, 20 s)",
+            tally,
+            watch,
+            rss,
+            engine_fault=True,
         )
 
     def restart_engine(self, index: int) -> None:
@@ -354,17 +358,13 @@ class Script:
             tally = await during(self.port, 20, 16, fail, fault_at=3)
         finally:
             set_engine_faults(victim, {})
-        self.results.append(
-            observe(
-                "engine-500",
-                "one of 3 engines answers 500 to every request (16 clients, 20 s)",
-                self.processor,
-                self.pods,
-                tally,
-                watch,
-                rss,
-                engine_fault=True,
-            )
+        self.record(
+            "engine-500",
+            "one of 3 engines answers 500 to every request (16 clients, 20 s)",
+            tally,
+            watch,
+            rss,
+            engine_fault=True,
         )
 
     async def engine_hung(self) -> None:
@@ -378,18 +378,14 @@ class Script:
             tally = await during(self.port, 20, 16, stop, fault_at=3)
         finally:
             os.kill(victim.pid, signal.SIGCONT)
-        self.results.append(
-            observe(
-                "engine-hung",
-                "SIGSTOP one of 3 engines under load (16 clients, 20 s, client timeout "
-                f"{CLIENT_TIMEOUT_S:g} s), then SIGCONT",
-                self.processor,
-                self.pods,
-                tally,
-                watch,
-                rss,
-                engine_fault=True,
-            )
+        self.record(
+            "engine-hung",
+            "SIGSTOP one of 3 engines under load (16 clients, 20 s, client timeout "
+            f"{CLIENT_TIMEOUT_S:g} s), then SIGCONT",
+            tally,
+            watch,
+            rss,
+            engine_fault=True,
         )
 
     async def settle(self) -> float:
@@ -485,22 +481,18 @@ class Script:
             )
         if not took_effect:
             failures.append("a good file written afterwards did not take effect within 5 s")
-        self.results.append(
-            observe(
-                name,
-                what,
-                self.processor,
-                self.pods,
-                tally,
-                watch,
-                rss,
-                extra={
-                    "smallest_dictionary": smallest[0],
-                    "admin_unanswered": unanswered[0],
-                    "good_file_after": took_effect,
-                },
-                failures=failures,
-            )
+        self.record(
+            name,
+            what,
+            tally,
+            watch,
+            rss,
+            extra={
+                "smallest_dictionary": smallest[0],
+                "admin_unanswered": unanswered[0],
+                "good_file_after": took_effect,
+            },
+            failures=failures,
         )
 
     async def models_garbage(self) -> None:
@@ -616,42 +608,38 @@ class Script:
         await asyncio.sleep(30)
         later = await asyncio.to_thread(self.processor.probe)
         trimmed = await asyncio.to_thread(self.processor.trim)
-        self.results.append(
-            observe(
-                "stalled-uploads",
-                f"{count:,} connections send headers and part of a body, then stall; "
-                f"meanwhile 8 ordinary clients (at most {self.scale(400, 100)} requests, "
-                f"client timeout {CLIENT_TIMEOUT_S:g} s); then all closed at once and 4 "
-                "ordinary clients for 10 s (at most 200 requests)",
-                self.processor,
-                self.pods,
-                tally,
-                watch,
-                rss,
-                extra={
-                    "stalled_opened": len(held),
-                    "stalled_refused": refused,
-                    "opened_in_s": round(opened_in, 1),
-                    "closed_by_envoy_while_held": closed,
-                    "ordinary_while_held": dict(Counter(o for at, o in tally.outcomes if at < 1e6)),
-                    "ordinary_after": after.counts(),
-                    "processor_rss_mb_while_held": round(peak["rss"] / MB, 1),
-                    "processor_objects_while_held": peak["objects"].get("all_gc_tracked", 0),
-                    "processor_objects_after": settled["objects"].get("all_gc_tracked", 0),
-                    "after_glibc_in_use_mb": _mb(settled["malloc"].get("in_use_bytes", 0)),
-                    "after_glibc_free_held_mb": _mb(settled["malloc"].get("free_held_bytes", 0)),
-                    "after_rss_mb_heap_anon_file": [
-                        _mb(settled["rss_split"][k]) for k in ("heap", "anon", "file")
-                    ],
-                    "after_pymalloc_blocks": settled["py_blocks"],
-                    "rss_mb_streams_ended": _mb(settled["rss"]),
-                    "rss_mb_30s_later": _mb(later["rss"]),
-                    "rss_mb_before_after_malloc_trim": [
-                        _mb(trimmed["rss_before"]),
-                        _mb(trimmed["rss_after"]),
-                    ],
-                },
-            )
+        self.record(
+            "stalled-uploads",
+            f"{count:,} connections send headers and part of a body, then stall; "
+            f"meanwhile 8 ordinary clients (at most {self.scale(400, 100)} requests, "
+            f"client timeout {CLIENT_TIMEOUT_S:g} s); then all closed at once and 4 "
+            "ordinary clients for 10 s (at most 200 requests)",
+            tally,
+            watch,
+            rss,
+            extra={
+                "stalled_opened": len(held),
+                "stalled_refused": refused,
+                "opened_in_s": round(opened_in, 1),
+                "closed_by_envoy_while_held": closed,
+                "ordinary_while_held": dict(Counter(o for at, o in tally.outcomes if at < 1e6)),
+                "ordinary_after": after.counts(),
+                "processor_rss_mb_while_held": round(peak["rss"] / MB, 1),
+                "processor_objects_while_held": peak["objects"].get("all_gc_tracked", 0),
+                "processor_objects_after": settled["objects"].get("all_gc_tracked", 0),
+                "after_glibc_in_use_mb": _mb(settled["malloc"].get("in_use_bytes", 0)),
+                "after_glibc_free_held_mb": _mb(settled["malloc"].get("free_held_bytes", 0)),
+                "after_rss_mb_heap_anon_file": [
+                    _mb(settled["rss_split"][k]) for k in ("heap", "anon", "file")
+                ],
+                "after_pymalloc_blocks": settled["py_blocks"],
+                "rss_mb_streams_ended": _mb(settled["rss"]),
+                "rss_mb_30s_later": _mb(later["rss"]),
+                "rss_mb_before_after_malloc_trim": [
+                    _mb(trimmed["rss_before"]),
+                    _mb(trimmed["rss_after"]),
+                ],
+            },
         )
 
     async def abandoned_streams(self) -> None:
@@ -696,26 +684,22 @@ class Script:
         for at, outcome in after.outcomes:
             abandoned.add(at + 1e6, outcome)  # ordinary requests afterwards, same tally
         streams_only = Counter(o for at, o in abandoned.outcomes if at < 1e6)
-        self.results.append(
-            observe(
-                "abandoned-streams",
-                f"{count:,} streaming requests (100 at a time) closed by the client after "
-                "the first event; then 100 ordinary requests",
-                self.processor,
-                self.pods,
-                abandoned,
-                watch,
-                rss,
-                extra={
-                    "streams": dict(streams_only),
-                    "ordinary_after": after.counts(),
-                    "in_flight_after_1s": in_flight_after_1s,
-                    "in_flight_after_12s": in_flight_after_12s,
-                    "observer_missing_delta": self.metric("gateway_observer_missing_total")
-                    - observer_missing_before,
-                },
-                failures=failures,
-            )
+        self.record(
+            "abandoned-streams",
+            f"{count:,} streaming requests (100 at a time) closed by the client after "
+            "the first event; then 100 ordinary requests",
+            abandoned,
+            watch,
+            rss,
+            extra={
+                "streams": dict(streams_only),
+                "ordinary_after": after.counts(),
+                "in_flight_after_1s": in_flight_after_1s,
+                "in_flight_after_12s": in_flight_after_12s,
+                "observer_missing_delta": self.metric("gateway_observer_missing_total")
+                - observer_missing_before,
+            },
+            failures=failures,
         )
 
     async def in_flight_after(self, seconds: float) -> int:
