@@ -563,8 +563,8 @@ def add_health_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
         "--eject-after",
         type=non_negative_int,
         default=d.eject_after,
-        help="consecutive failures (connect errors, timeouts, 5xx, refused or unanswered metrics scrapes) "
-        "after which a pod is left out of routing (0: never)",
+        help="consecutive failures (connect errors, timeouts, 5xx, refused or unanswered "
+        "metrics scrapes) after which a pod is left out of routing (0: never)",
     )
     add_flag(
         parser,
