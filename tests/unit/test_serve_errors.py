@@ -108,26 +108,14 @@ def test_malformed_calls_from_any_peer_are_one_line_each_kind_never_a_traceback(
     models = tmp_path / "models.yaml"
     models.write_text("models: []\n")
     grpc_port, admin_port = free_port(), free_port()
-    process = localstack.spawn(
-        "gateway-extproc",
-        gateway_command(
-            "serve",
-            "--listen-host",
-            LOCALHOST,
-            "--grpc-port",
-            str(grpc_port),
-            "--admin-port",
-            str(admin_port),
-            "--models-file",
-            str(models),
-            "--log-level",
-            "warning",
-            "--drain-delay",
-            "0",
-        ),
+    process = localstack.start_processor(
+        models,
         tmp_path,
-        ready_url=f"http://{LOCALHOST}:{admin_port}/readyz",
+        grpc_port=grpc_port,
+        admin_port=admin_port,
+        extra_args=["--log-level", "warning", "--drain-delay", "0"],
         env=localstack.environment_without_gateway_settings(),
+        name="gateway-extproc",
     )
     try:
         localstack.wait_ready([process], timeout=START_TIMEOUT_S)
