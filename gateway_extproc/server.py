@@ -453,6 +453,24 @@ async def drain(gateway: Gateway, hurry: asyncio.Event) -> None:
             await asyncio.wait_for(hurry.wait(), timeout=delay)
 
 
+def stop_signals() -> tuple[asyncio.Event, asyncio.Event]:
+    """Events set by this loop's SIGTERM/SIGINT handlers: `stop` on either; `hurry` on
+    SIGINT or a second signal, which skip the drain delay (whoever types Ctrl-C is not
+    behind a health-checking load balancer)."""
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if sig is signal.SIGINT or stop.is_set():
+            hurry.set()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop, hurry
+
+
 async def serve(
     settings: Settings,
     *,
@@ -470,17 +488,7 @@ async def serve(
     # request measured).
     gc.collect()
     gc.freeze()
-    stop = asyncio.Event()
-    hurry = asyncio.Event()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if sig is signal.SIGINT or stop.is_set():
-            hurry.set()
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop, hurry = stop_signals()
     ready = await _set_serving(gateway)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):

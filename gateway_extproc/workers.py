@@ -90,17 +90,7 @@ class Supervisor:
         # metrics to files here, which /metrics below adds up.
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
         admin = await self._start_admin()
-        stop = asyncio.Event()
-        hurry = asyncio.Event()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if sig is signal.SIGINT or stop.is_set():
-                hurry.set()
-            stop.set()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
+        stop, hurry = server.stop_signals()
         try:
             for worker in self._workers:
                 self._start(worker)
