@@ -16,6 +16,11 @@ that stops early (no pod holds the prefix so far) leaves the rest untouched. The
 exact only for tokenizers whose pre-tokenizer does not look across it, so at load a
 self-check compares piecewise and whole encodings of probe texts; a tokenizer that fails
 it is encoded whole.
+
+For a byte-level vocabulary (each id stands for exact bytes; special tokens for their
+text) `token_bytes` maps ids back to bytes, checked at load on probe texts: the KV-event
+index decodes the blocks engines store with it, so a prompt can be matched by its text
+(routing/prompt_blocks.py) and tokenized only from a cut point near the match's end.
 """
 
 from __future__ import annotations
