@@ -14,12 +14,12 @@ A block is in this view while some pod holds its key and its event stored two or
 blocks: an engine stores the blocks of a prompt's prefill together, and the blocks of
 generated tokens one at a time; generated tokens need not be what tokenizing their text
 gives, so a match through them could claim blocks a re-sent conversation would not hit.
-Memory is bounded (`max_blocks`, oldest first past it; about 200 bytes a block). A
-block not in the view (one at a time, evicted, its model's tokenizer not loaded when it
-arrived) ends a walk there, which costs tokenizing more, never a wrong answer. Written
-on the event loop; read from worker threads (dict lookups, safe under the GIL; a walk
-racing a removal may return a key no pod holds any more, which then counts for no pod,
-as the scorer looks every key up in the index).
+Memory is bounded (`max_blocks`, the least recently matched first past it; about 200
+bytes a block). A block not in the view (one at a time, evicted, its model's tokenizer
+not loaded when it arrived) ends a walk there, which costs tokenizing more, never a
+wrong answer. Written on the event loop; read from worker threads (dict operations,
+each atomic under the GIL; a walk racing a removal may return a key no pod holds any
+more, which then counts for no pod, as the scorer looks every key up in the index).
 """
 
 from __future__ import annotations
@@ -98,13 +98,27 @@ class BlockTexts:
         while True:
             lengths = lengths_of.get(hash((parent, size)))
             if lengths is None:
-                return chain
+                break
             for length in (lengths,) if isinstance(lengths, int) else lengths:
                 key = child.get(hash((parent, size, data[at : at + length])))
                 if key is not None:
                     break
             else:
-                return chain
+                break
             at += length
             chain.append((key, at))
             parent = key
+        self._used(chain)
+        return chain
+
+    def _used(self, chain: list[tuple[int, int]]) -> None:
+        """Matched blocks go last in line to be dropped: a prefix many prompts share (a
+        system prompt, a document) stays however many blocks arrive after it. From a
+        worker thread: each dict operation is atomic; a block removed between the two is
+        put back, and stays until the bound drops it (no pod holds it, so it counts for
+        none)."""
+        node = self._node
+        for key, _ in chain:
+            found = node.pop(key, None)
+            if found is not None:
+                node[key] = found

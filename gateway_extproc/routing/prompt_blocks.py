@@ -61,23 +61,18 @@ class PromptPreparer:
             max_workers=workers, thread_name_prefix="tokenize"
         )
         self._waiting = 0
-        self._decoders: dict[str, Decode] = {}
         index.decoder = self._decoder
-
-    def _decoder(self, model: str) -> Decode | None:
-        """The event side's decoder of a model's blocks: on the event loop, so only a
-        tokenizer already loaded (never a load), and only a byte-level one."""
-        found = self._decoders.get(model)
-        if found is not None or not model or not self.tokenizers.loaded(model):
-            return found
-        tokenizer = self.tokenizers.get(model)
-        if tokenizer is None or tokenizer.token_bytes is None:
-            return None
-        found = self._decoders[model] = tokenizer.decode_bytes
-        return found
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _decoder(self, model: str) -> Decode | None:
+        """The event side's decoder of a model's blocks: on the event loop, so only from a
+        tokenizer already loaded (never a load), and only a byte-level one."""
+        tokenizer = self.tokenizers.if_loaded(model) if model else None
+        if tokenizer is None or tokenizer.token_bytes is None:
+            return None
+        return tokenizer.decode_bytes
 
     def prepare(
         self, request: RoutingRequest, pods: Sequence[Pod]

@@ -226,6 +226,16 @@ def test_the_text_view_keeps_at_most_its_bound_and_walks_to_its_first_gap() -> N
     assert texts.walk(3, SIZE * 2, b"abab") == []  # another block size, another chain
 
 
+def test_a_prefix_that_prompts_keep_matching_stays_however_many_blocks_arrive_after_it() -> None:
+    texts = BlockTexts(max_blocks=4)
+    texts.add(0, SIZE, b"sys", 1)
+    texts.add(1, SIZE, b"tem", 2)
+    for i in range(10):  # other prompts' blocks, each matched after the shared prefix
+        texts.add(100 + i, SIZE, b"x", 200 + i)
+        assert texts.walk(0, SIZE, b"system prompt") == [(1, 3), (2, 6)]
+    assert len(texts) == 4
+
+
 def test_a_tokenizer_that_is_not_byte_level_decodes_no_text(tmp_path: Path) -> None:
     # Metaspace vocabularies (and any whose ids do not give back the text's bytes) keep
     # the index keyed by tokens only: prompts are tokenized from the start, as before.
