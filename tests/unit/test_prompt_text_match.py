@@ -236,6 +236,24 @@ def test_a_prefix_that_prompts_keep_matching_stays_however_many_blocks_arrive_af
     assert len(texts) == 4
 
 
+def test_blocks_get_their_text_once_the_models_tokenizer_is_loaded(
+    tokenizer: ModelTokenizer,
+) -> None:
+    # The event loop never loads a tokenizer: blocks stored before the first request of
+    # their model loaded it stay without text (and are matched by tokenizing).
+    catalog = TokenizerCatalog({"m": str(TINY)})
+    index = KVBlockIndex()
+    PromptPreparer(catalog, index)
+    index.track("p", model="m")
+    ids = tokenizer.prompt_ids(CHAT, chat(text(random.Random(7), 2_000), "q"))
+    assert ids is not None
+    index.apply("p", [BlockStored((1, 2), None, tuple(ids[: 2 * SIZE]), SIZE)])
+    assert len(index.texts) == 0
+    assert catalog.get("m") is not None
+    index.apply("p", [BlockStored((3, 4), 2, tuple(ids[2 * SIZE : 4 * SIZE]), SIZE)])
+    assert len(index.texts) == 2
+
+
 def test_a_tokenizer_that_is_not_byte_level_decodes_no_text(tmp_path: Path) -> None:
     # Metaspace vocabularies (and any whose ids do not give back the text's bytes) keep
     # the index keyed by tokens only: prompts are tokenized from the start, as before.
