@@ -45,6 +45,9 @@ FULL_ATTENTION = "full_attention"
 Tier = tuple[int | None, str | None]
 # Token ids -> the UTF-8 bytes they stand for.
 Decode = Callable[[Sequence[int]], bytes]
+# The name of a vocabulary (its tokenizer's) and its decoder: blocks decoded by one
+# vocabulary are matched only against prompts tokenized by it.
+TextDecoder = tuple[str, Decode]
 
 
 @dataclass(slots=True)
@@ -69,7 +72,7 @@ class KVBlockIndex:
             raise ValueError("max_blocks_per_pod must be positive")
         self.max_blocks_per_pod = max_blocks_per_pod
         self.texts = BlockTexts(max_blocks=max_text_blocks)
-        self.decoder: Callable[[str], Decode | None] | None = None
+        self.decoder: Callable[[str], TextDecoder | None] | None = None
         self._pods: dict[str, PodBlocks] = {}
         self._holders: dict[int, frozenset[str]] = {}
         # One shared frozenset per pod for keys only it holds (most keys): a set per key
@@ -198,14 +201,15 @@ class KVBlockIndex:
     def _keep_texts(
         self, blocks: PodBlocks, parent: int, keys: list[int], tokens: Sequence[int], size: int
     ) -> None:
-        decode = self.decoder(blocks.model) if self.decoder is not None else None
-        if decode is None:
+        found = self.decoder(blocks.model) if self.decoder is not None else None
+        if found is None:
             return
+        vocabulary, decode = found
         texts = self.texts
         holders = self._holders
         for i, key in enumerate(keys):
             if key in holders:  # not dropped again at once by the size bound
-                texts.add(parent, size, decode(tokens[i * size : (i + 1) * size]), key)
+                texts.add(vocabulary, parent, size, decode(tokens[i * size : (i + 1) * size]), key)
             parent = key
 
     def _relocated(

@@ -43,7 +43,7 @@ class BlockTexts:
         # a tuple of them when they differ. Not counted down when a child goes (a stale
         # length costs a failed lookup); dropped with the parent.
         self._lengths: dict[int, int | tuple[int, ...]] = {}
-        self._sizes: set[int] = set()
+        self._slots: set[tuple[str, int]] = set()  # (vocabulary, block size) seen
 
     def __len__(self) -> int:
         return len(self._node)
@@ -52,16 +52,18 @@ class BlockTexts:
         """Approximate bytes this view holds."""
         return BYTES_PER_BLOCK * len(self._node)
 
-    def add(self, parent: int, size: int, text: bytes, key: int) -> None:
+    def add(self, vocabulary: str, parent: int, size: int, text: bytes, key: int) -> None:
+        """File block `key` under its parent by its text, as decoded by `vocabulary` (the
+        tokenizer's name: a walk matches only blocks decoded by the prompt's own)."""
         if key in self._node:
             return
-        found = hash((parent, size, text))
+        found = hash((vocabulary, parent, size, text))
         if found in self._child:
             return  # another key with the same text under the same parent: keep the first
         self._child[found] = key
         self._node[key] = found
-        self._sizes.add(size)
-        slot = hash((parent, size))
+        self._slots.add((vocabulary, size))
+        slot = hash((vocabulary, parent, size))
         lengths = self._lengths.get(slot)
         length = len(text)
         if lengths is None:
@@ -79,15 +81,15 @@ class BlockTexts:
         if found is None:
             return
         del self._child[found]
-        for size in self._sizes:
-            self._lengths.pop(hash((key, size)), None)
+        for vocabulary, size in self._slots:
+            self._lengths.pop(hash((vocabulary, key, size)), None)
 
     def clear(self) -> None:
         self._child.clear()
         self._node.clear()
         self._lengths.clear()
 
-    def walk(self, root: int, size: int, data: bytes) -> list[tuple[int, int]]:
+    def walk(self, vocabulary: str, root: int, size: int, data: bytes) -> list[tuple[int, int]]:
         """The longest chain of kept blocks from `root` whose texts, one after another, are
         the start of `data`: (key, byte offset where the block's text ends) per block."""
         chain: list[tuple[int, int]] = []
@@ -96,11 +98,11 @@ class BlockTexts:
         parent = root
         at = 0
         while True:
-            lengths = lengths_of.get(hash((parent, size)))
+            lengths = lengths_of.get(hash((vocabulary, parent, size)))
             if lengths is None:
                 break
             for length in (lengths,) if isinstance(lengths, int) else lengths:
-                key = child.get(hash((parent, size, data[at : at + length])))
+                key = child.get(hash((vocabulary, parent, size, data[at : at + length])))
                 if key is not None:
                     break
             else:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from gateway_extproc import telemetry
-from gateway_extproc.kvevents.index import Decode, KVBlockIndex
+from gateway_extproc.kvevents.index import KVBlockIndex, TextDecoder
 from gateway_extproc.kvevents.keys import Adapter, chain_keys, root_key
 from gateway_extproc.kvevents.texts import BlockTexts
 from gateway_extproc.models.registry import Pod
@@ -66,13 +66,13 @@ class PromptPreparer:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _decoder(self, model: str) -> Decode | None:
+    def _decoder(self, model: str) -> TextDecoder | None:
         """The event side's decoder of a model's blocks: on the event loop, so only from a
         tokenizer already loaded (never a load), and only a byte-level one."""
         tokenizer = self.tokenizers.if_loaded(model) if model else None
         if tokenizer is None or tokenizer.token_bytes is None:
             return None
-        return tokenizer.decode_bytes
+        return tokenizer.name, tokenizer.decode_bytes
 
     def prepare(
         self, request: RoutingRequest, pods: Sequence[Pod]
@@ -279,7 +279,7 @@ def _matched_by_text(
         return None
     text = prompt.text
     data = text.encode("utf-8")
-    chain = texts.walk(root, size, data)
+    chain = texts.walk(prompt.tokenizer.name, root, size, data)
     if not chain:
         return None
     matched_chars = len(data[: chain[-1][1]].decode("utf-8", "ignore"))

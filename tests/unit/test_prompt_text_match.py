@@ -50,7 +50,7 @@ def tokenizer() -> ModelTokenizer:
 
 def fresh(tokenizer: ModelTokenizer) -> ModelTokenizer:
     """The same tokenizer with an empty piece cache (nothing seen before)."""
-    return ModelTokenizer(tokenizer._tokenizer, tokenizer.chat_template)
+    return ModelTokenizer(tokenizer._tokenizer, tokenizer.chat_template, name=tokenizer.name)
 
 
 def text(rng: random.Random, chars: int) -> str:
@@ -77,7 +77,9 @@ class Engine:
     def __init__(self, tokenizer: ModelTokenizer) -> None:
         self.tokenizer = tokenizer
         self.index = KVBlockIndex()
-        self.index.decoder = lambda model: tokenizer.decode_bytes if model == "m" else None
+        self.index.decoder = lambda model: (
+            (tokenizer.name, tokenizer.decode_bytes) if model == "m" else None
+        )
         self.index.track("p", model="m")
         self.index.set_trusted("p", True)
         self._hash = 0
@@ -218,21 +220,22 @@ def test_the_text_of_blocks_goes_with_the_blocks(tokenizer: ModelTokenizer) -> N
 def test_the_text_view_keeps_at_most_its_bound_and_walks_to_its_first_gap() -> None:
     texts = BlockTexts(max_blocks=3)
     for i in range(5):
-        texts.add(i, SIZE, b"ab", i + 1)  # a chain 0 -> 1 -> ... -> 5, each "ab"
+        texts.add("v", i, SIZE, b"ab", i + 1)  # a chain 0 -> 1 -> ... -> 5, each "ab"
     assert len(texts) == 3
-    assert texts.walk(0, SIZE, b"ababab") == []  # its first blocks were dropped
-    assert texts.walk(3, SIZE, b"abababab") == [(4, 2), (5, 4)]
-    assert texts.walk(3, SIZE, b"abxbab") == [(4, 2)]
-    assert texts.walk(3, SIZE * 2, b"abab") == []  # another block size, another chain
+    assert texts.walk("v", 0, SIZE, b"ababab") == []  # its first blocks were dropped
+    assert texts.walk("v", 3, SIZE, b"abababab") == [(4, 2), (5, 4)]
+    assert texts.walk("v", 3, SIZE, b"abxbab") == [(4, 2)]
+    assert texts.walk("v", 3, SIZE * 2, b"abab") == []  # another block size, another chain
+    assert texts.walk("w", 3, SIZE, b"abab") == []  # decoded by another vocabulary
 
 
 def test_a_prefix_that_prompts_keep_matching_stays_however_many_blocks_arrive_after_it() -> None:
     texts = BlockTexts(max_blocks=4)
-    texts.add(0, SIZE, b"sys", 1)
-    texts.add(1, SIZE, b"tem", 2)
+    texts.add("v", 0, SIZE, b"sys", 1)
+    texts.add("v", 1, SIZE, b"tem", 2)
     for i in range(10):  # other prompts' blocks, each matched after the shared prefix
-        texts.add(100 + i, SIZE, b"x", 200 + i)
-        assert texts.walk(0, SIZE, b"system prompt") == [(1, 3), (2, 6)]
+        texts.add("v", 100 + i, SIZE, b"x", 200 + i)
+        assert texts.walk("v", 0, SIZE, b"system prompt") == [(1, 3), (2, 6)]
     assert len(texts) == 4
 
 
