@@ -43,8 +43,8 @@ FULL_ATTENTION = "full_attention"
 
 # (KV-cache group, medium): engines that report neither have one tier, (None, None).
 Tier = tuple[int | None, str | None]
-# Token ids -> the UTF-8 bytes they stand for.
-Decode = Callable[[Sequence[int]], bytes]
+# Token ids, block size -> the UTF-8 bytes each full block of them stands for.
+Decode = Callable[[Sequence[int], int], list[bytes]]
 # The name of a vocabulary (its tokenizer's) and its decoder: blocks decoded by one
 # vocabulary are matched only against prompts tokenized by it.
 TextDecoder = tuple[str, Decode]
@@ -205,12 +205,8 @@ class KVBlockIndex:
         if found is None:
             return
         vocabulary, decode = found
-        texts = self.texts
-        holders = self._holders
-        for i, key in enumerate(keys):
-            if key in holders:  # not dropped again at once by the size bound
-                texts.add(vocabulary, parent, size, decode(tokens[i * size : (i + 1) * size]), key)
-            parent = key
+        # Only blocks still held (the size bound may have dropped the first ones already).
+        self.texts.add_chain(vocabulary, parent, size, decode(tokens, size), keys, self._holders)
 
     def _relocated(
         self, pod_key: str, blocks: PodBlocks, tier: Tier, hashes: Sequence[EngineHash]

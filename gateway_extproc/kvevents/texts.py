@@ -24,6 +24,8 @@ more, which then counts for no pod, as the scorer looks every key up in the inde
 
 from __future__ import annotations
 
+from collections.abc import Container, Sequence
+
 # Rough bytes per kept block: three dict entries and two ints (measured with tracemalloc
 # on CPython 3.11, 400 KB of text in 16-token blocks). The text itself is not kept.
 BYTES_PER_BLOCK = 200
@@ -65,16 +67,49 @@ class BlockTexts:
         self._slots.add((vocabulary, size))
         slot = hash((vocabulary, parent, size))
         lengths = self._lengths.get(slot)
-        length = len(text)
         if lengths is None:
-            self._lengths[slot] = length
-        elif isinstance(lengths, int):
-            if lengths != length:
-                self._lengths[slot] = (lengths, length)
-        elif length not in lengths:
-            self._lengths[slot] = (*lengths, length)
+            self._lengths[slot] = len(text)
+        elif lengths != len(text):
+            self._more_lengths(slot, lengths, len(text))
         if len(self._node) > self.max_blocks:
             self.discard(next(iter(self._node)))
+
+    def add_chain(
+        self,
+        vocabulary: str,
+        parent: int,
+        size: int,
+        texts: Sequence[bytes],
+        keys: Sequence[int],
+        keep: Container[int],
+    ) -> None:
+        """`add` for a chain of blocks (each the parent of the next), those in `keep`."""
+        node = self._node
+        child = self._child
+        lengths_of = self._lengths
+        self._slots.add((vocabulary, size))
+        for text, key in zip(texts, keys, strict=False):
+            if key in keep and key not in node:
+                found = hash((vocabulary, parent, size, text))
+                if found not in child:
+                    child[found] = key
+                    node[key] = found
+                    slot = hash((vocabulary, parent, size))
+                    lengths = lengths_of.get(slot)
+                    length = len(text)
+                    if lengths is None:
+                        lengths_of[slot] = length
+                    elif lengths != length:
+                        self._more_lengths(slot, lengths, length)
+            parent = key
+        while len(node) > self.max_blocks:
+            self.discard(next(iter(node)))
+
+    def _more_lengths(self, slot: int, lengths: int | tuple[int, ...], length: int) -> None:
+        if isinstance(lengths, int):
+            self._lengths[slot] = (lengths, length)
+        elif length not in lengths:
+            self._lengths[slot] = (*lengths, length)
 
     def discard(self, key: int) -> None:
         found = self._node.pop(key, None)

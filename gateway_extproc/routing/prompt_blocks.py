@@ -72,7 +72,7 @@ class PromptPreparer:
         tokenizer = self.tokenizers.if_loaded(model) if model else None
         if tokenizer is None or tokenizer.token_bytes is None:
             return None
-        return tokenizer.name, tokenizer.decode_bytes
+        return tokenizer.name, tokenizer.decode_blocks
 
     def prepare(
         self, request: RoutingRequest, pods: Sequence[Pod]

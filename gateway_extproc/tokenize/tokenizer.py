@@ -237,6 +237,14 @@ class ModelTokenizer:
         assert table is not None
         return b"".join([table[i] for i in ids])
 
+    def decode_blocks(self, ids: Sequence[int], size: int) -> list[bytes]:
+        """`decode_bytes` of each full block of `size` ids."""
+        table = self.token_bytes
+        assert table is not None
+        parts = list(map(table.__getitem__, ids))
+        join = b"".join
+        return [join(parts[at : at + size]) for at in range(0, len(parts) - size + 1, size)]
+
     def bytes_comparable(self, text: str) -> bool:
         """The text's UTF-8 bytes are what its ids decode to (`token_bytes` set, and the
         text already in the form the normalizer would give it)."""

@@ -78,7 +78,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.index = KVBlockIndex()
         self.index.decoder = lambda model: (
-            (tokenizer.name, tokenizer.decode_bytes) if model == "m" else None
+            (tokenizer.name, tokenizer.decode_blocks) if model == "m" else None
         )
         self.index.track("p", model="m")
         self.index.set_trusted("p", True)
