@@ -19,8 +19,7 @@ Cases, each over several requests with a fresh document per request unless said:
   before 2026-12-08 (no text view: tokenized from the start up to where the match ends):
   the same-run comparison for that change;
 - repeated document: the same 400 KB document with a new question each time (a RAG
-  pattern, or a conversation's history): matched by text, and in turn as before, its
-  pieces from the piece cache;
+  pattern, or a conversation's history): its pieces come from the piece cache;
 - approximate `prefix-cache` on the same requests, for comparison.
 
 The tokenizer is the repository's test tokenizer (tests/data/tiny-tokenizer, a byte-level
@@ -295,26 +294,14 @@ async def _run(mode: RunMode) -> tuple[list[list[Any]], dict[str, Any]]:
     processor.engine_holds("p3", chat_body(shared, "first"))
     await processor.handle(chat_body(shared, "seen once"), "precise-prefix-cache")
     repeated = [chat_body(shared, f"new question {i}") for i in range(count)]
-    # Matched by text (the tail tokenized), and as before (every piece from the piece
-    # cache), in turn.
-    turns: dict[bool, tuple[list[float], float, list[str]]] = {}
-    for i, body in enumerate(repeated):
-        for before in (False, True) if i % 2 == 0 else (True, False):
-            with processor.as_before(before):
-                cpu, stall, picks = await _measure(processor, [body], "precise-prefix-cache")
-            cpus, stalls, all_picks = turns.get(before, ([], 0.0, []))
-            turns[before] = (cpus + cpu, max(stalls, stall), all_picks + picks)
-    for before, (cpu, stall, picks) in sorted(turns.items()):
-        how = "pieces cached, for comparison" if before else "matched by text"
-        add(
-            f"repeated document, new question, {BEFORE}"
-            if before
-            else "repeated document, new question",
-            "precise-prefix-cache",
-            cpu,
-            stall,
-            f"{how}; routed to the holder {picks.count('p3')}/{len(picks)}",
-        )
+    cpu, stall, picks = await _measure(processor, repeated, "precise-prefix-cache")
+    add(
+        "repeated document, new question",
+        "precise-prefix-cache",
+        cpu,
+        stall,
+        f"pieces cached; routed to the holder {picks.count('p3')}/{len(picks)}",
+    )
 
     cpu, stall, _ = await _measure(processor, repeated, "prefix-cache")
     add(
