@@ -277,6 +277,8 @@ def _matched_by_text(
     that block's end, minus those ending by it; past it, keying goes on as usual."""
     if not prompt.plain() or not prompt.tokenizer.bytes_comparable(prompt.text):
         return None
+    if prompt.tokenizer.mostly_cached(prompt.text):
+        return None  # tokenized before: its pieces' ids are cheaper than a walk
     text = prompt.text
     data = text.encode("utf-8")
     chain = texts.walk(prompt.tokenizer.name, root, size, data)

@@ -210,6 +210,14 @@ class ModelTokenizer:
     def pieces(self, text: str) -> list[str]:
         return _cut(text, PIECE_CHARS) if self.piecewise else [text]
 
+    def mostly_cached(self, text: str) -> bool:
+        """`text` has several pieces and every one but the last is in the piece cache (a
+        document or a conversation seen before): encoding it costs lookups and its last
+        piece."""
+        pieces = self.pieces(text)
+        with self._lock:
+            return len(pieces) > 1 and all((len(p), hash(p)) in self._cache for p in pieces[:-1])
+
     def encode_pieces(self, pieces: Sequence[str]) -> list[array.array[int]]:
         """Token ids of each piece (no special tokens), from the cache where it has them."""
         keys = [(len(p), hash(p)) for p in pieces]

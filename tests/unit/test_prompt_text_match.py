@@ -108,14 +108,14 @@ class Engine:
 def matched_by_text(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     """Per prompt keyed, whether its text matched held blocks (and tokenizing skipped them)."""
     seen: list[bool] = []
-    real = prompt_blocks_module._keyed_after
+    real = prompt_blocks_module._matched_by_text
 
     def spy(*args: object, **kwargs: object) -> object:
         found = real(*args, **kwargs)  # type: ignore[arg-type]
         seen.append(found is not None)
         return found
 
-    monkeypatch.setattr(prompt_blocks_module, "_keyed_after", spy)
+    monkeypatch.setattr(prompt_blocks_module, "_matched_by_text", spy)
     yield seen
 
 
@@ -177,6 +177,12 @@ def test_an_engine_holding_a_long_prompt_is_found_tokenizing_only_its_last_lines
     assert matched_by_text == [True]
     encoded = sum(length for length, _ in reader._cache)
     assert encoded < 2_000  # characters tokenized, of a 200,000-character prompt
+    # Once tokenized (here by a request no pod held), the document's pieces are cached
+    # and cheaper than a walk: the next question is keyed from them, as exactly.
+    reader.prompt_ids(CHAT, chat(document, "a question no pod held"))
+    again = chat(document, "a third question")
+    assert keyed(engine, reader, again) == truth(engine, again)
+    assert matched_by_text == [True, False]
 
 
 def test_blocks_stored_one_at_a_time_are_not_matched_by_text(
