@@ -14,12 +14,13 @@ A block is in this view while some pod holds its key and its event stored two or
 blocks: an engine stores the blocks of a prompt's prefill together, and the blocks of
 generated tokens one at a time; generated tokens need not be what tokenizing their text
 gives, so a match through them could claim blocks a re-sent conversation would not hit.
-Memory is bounded (`max_blocks`, the least recently matched first past it; about 200
-bytes a block). A block not in the view (one at a time, evicted, its model's tokenizer
-not loaded when it arrived) ends a walk there, which costs tokenizing more, never a
-wrong answer. Written on the event loop; read from worker threads (dict operations,
-each atomic under the GIL; a walk racing a removal may return a key no pod holds any
-more, which then counts for no pod, as the scorer looks every key up in the index).
+Memory is bounded (`max_blocks`, the oldest first past it, but a block matched since
+gets a second chance; about 200 bytes a block). A block not in the view (one at a time,
+evicted, its model's tokenizer not loaded when it arrived) ends a walk there, which
+costs tokenizing more, never a wrong answer. Written on the event loop; read from
+worker threads (dict and set operations, each atomic under the GIL; a walk racing a
+removal may return a key no pod holds any more, which then counts for no pod, as the
+scorer looks every key up in the index).
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ class BlockTexts:
         # order (the oldest first) to remove a block by its key.
         self._child: dict[int, int] = {}
         self._node: dict[int, int] = {}
-        # hash of (parent key, block size) -> the byte length of its children's texts, or
-        # a tuple of them when they differ. Not counted down when a child goes (a stale
-        # length costs a failed lookup); dropped with the parent.
+        # parent key -> the byte length of its children's texts (of any vocabulary and
+        # block size), or a tuple of them when they differ. Not counted down when a
+        # child goes (a stale length costs a failed lookup); dropped with the parent.
         self._lengths: dict[int, int | tuple[int, ...]] = {}
-        self._slots: set[tuple[str, int]] = set()  # (vocabulary, block size) seen
+        self._recent: set[int] = set()  # blocks matched since `_shrink` last saw them
 
     def __len__(self) -> int:
         return len(self._node)
@@ -64,15 +65,13 @@ class BlockTexts:
             return  # another key with the same text under the same parent: keep the first
         self._child[found] = key
         self._node[key] = found
-        self._slots.add((vocabulary, size))
-        slot = hash((vocabulary, parent, size))
-        lengths = self._lengths.get(slot)
+        lengths = self._lengths.get(parent)
         if lengths is None:
-            self._lengths[slot] = len(text)
+            self._lengths[parent] = len(text)
         elif lengths != len(text):
-            self._more_lengths(slot, lengths, len(text))
+            self._more_lengths(parent, lengths, len(text))
         if len(self._node) > self.max_blocks:
-            self.discard(next(iter(self._node)))
+            self._shrink()
 
     def add_chain(
         self,
@@ -87,23 +86,21 @@ class BlockTexts:
         node = self._node
         child = self._child
         lengths_of = self._lengths
-        self._slots.add((vocabulary, size))
         for text, key in zip(texts, keys, strict=False):
             if key in keep and key not in node:
                 found = hash((vocabulary, parent, size, text))
                 if found not in child:
                     child[found] = key
                     node[key] = found
-                    slot = hash((vocabulary, parent, size))
-                    lengths = lengths_of.get(slot)
+                    lengths = lengths_of.get(parent)
                     length = len(text)
                     if lengths is None:
-                        lengths_of[slot] = length
+                        lengths_of[parent] = length
                     elif lengths != length:
-                        self._more_lengths(slot, lengths, length)
+                        self._more_lengths(parent, lengths, length)
             parent = key
-        while len(node) > self.max_blocks:
-            self.discard(next(iter(node)))
+        if len(node) > self.max_blocks:
+            self._shrink()
 
     def _more_lengths(self, slot: int, lengths: int | tuple[int, ...], length: int) -> None:
         if isinstance(lengths, int):
@@ -115,14 +112,15 @@ class BlockTexts:
         found = self._node.pop(key, None)
         if found is None:
             return
+        self._recent.discard(key)
         del self._child[found]
-        for vocabulary, size in self._slots:
-            self._lengths.pop(hash((vocabulary, key, size)), None)
+        self._lengths.pop(key, None)
 
     def clear(self) -> None:
         self._child.clear()
         self._node.clear()
         self._lengths.clear()
+        self._recent.clear()
 
     def walk(self, vocabulary: str, root: int, size: int, data: bytes) -> list[tuple[int, int]]:
         """The longest chain of kept blocks from `root` whose texts, one after another, are
@@ -133,7 +131,7 @@ class BlockTexts:
         parent = root
         at = 0
         while True:
-            lengths = lengths_of.get(hash((vocabulary, parent, size)))
+            lengths = lengths_of.get(parent)
             if lengths is None:
                 break
             for length in (lengths,) if isinstance(lengths, int) else lengths:
@@ -149,13 +147,21 @@ class BlockTexts:
         return chain
 
     def _used(self, chain: list[tuple[int, int]]) -> None:
-        """Matched blocks go last in line to be dropped: a prefix many prompts share (a
-        system prompt, a document) stays however many blocks arrive after it. From a
-        worker thread: each dict operation is atomic; a block removed between the two is
-        put back, and stays until the bound drops it (no pod holds it, so it counts for
-        none)."""
+        """Matched blocks get a second chance when their turn to be dropped comes: a
+        prefix many prompts share (a system prompt, a document) stays however many
+        blocks arrive after it. One set update (atomic under the GIL: this runs in a
+        worker thread) rather than moving each block to the back of the line here."""
+        self._recent.update([key for key, _ in chain])
+
+    def _shrink(self) -> None:
+        """Drop blocks, oldest first, down to the bound; a block matched since it was last
+        looked at here goes to the back of the line instead, once."""
         node = self._node
-        for key, _ in chain:
-            found = node.pop(key, None)
-            if found is not None:
-                node[key] = found
+        recent = self._recent
+        while len(node) > self.max_blocks:
+            oldest = next(iter(node))
+            if oldest in recent:
+                recent.discard(oldest)
+                node[oldest] = node.pop(oldest)
+            else:
+                self.discard(oldest)
