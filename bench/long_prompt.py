@@ -19,7 +19,9 @@ Cases, each over several requests with a fresh document per request unless said:
   before 2026-12-08 (no text view: tokenized from the start up to where the match ends):
   the same-run comparison for that change;
 - repeated document: the same 400 KB document with a new question each time (a RAG
-  pattern, or a conversation's history): its pieces come from the piece cache;
+  pattern, or a conversation's history), matched by text each time: its first request
+  was matched by text too, so its pieces were never tokenized (a prompt whose pieces
+  are cached is keyed from them instead);
 - approximate `prefix-cache` on the same requests, for comparison.
 
 The tokenizer is the repository's test tokenizer (tests/data/tiny-tokenizer, a byte-level
@@ -300,7 +302,8 @@ async def _run(mode: RunMode) -> tuple[list[list[Any]], dict[str, Any]]:
         "precise-prefix-cache",
         cpu,
         stall,
-        f"pieces cached; routed to the holder {picks.count('p3')}/{len(picks)}",
+        "matched by text again: the document was never tokenized whole; "
+        f"routed to the holder {picks.count('p3')}/{len(picks)}",
     )
 
     cpu, stall, _ = await _measure(processor, repeated, "prefix-cache")
