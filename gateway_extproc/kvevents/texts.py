@@ -30,6 +30,7 @@ from collections.abc import Container, Sequence
 # Rough bytes per kept block: three dict entries and two ints (measured with tracemalloc
 # on CPython 3.11, 400 KB of text in 16-token blocks). The text itself is not kept.
 BYTES_PER_BLOCK = 200
+BYTES_PER_MARK = 32  # a block matched since the bound last dropped blocks: a set entry
 
 
 class BlockTexts:
@@ -53,7 +54,7 @@ class BlockTexts:
 
     def memory_estimate(self) -> int:
         """Approximate bytes this view holds."""
-        return BYTES_PER_BLOCK * len(self._node)
+        return BYTES_PER_BLOCK * len(self._node) + BYTES_PER_MARK * len(self._recent)
 
     def add(self, vocabulary: str, parent: int, size: int, text: bytes, key: int) -> None:
         """File block `key` under its parent by its text, as decoded by `vocabulary` (the
@@ -158,6 +159,8 @@ class BlockTexts:
         looked at here goes to the back of the line instead, once."""
         node = self._node
         recent = self._recent
+        if len(recent) > len(node):  # marks a walk added after their block went
+            recent.intersection_update(node)
         while len(node) > self.max_blocks:
             oldest = next(iter(node))
             if oldest in recent:

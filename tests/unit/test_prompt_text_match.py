@@ -4,6 +4,7 @@ tokenizing the whole prompt gives (same keys, same depth for every pod)."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,6 +283,21 @@ def test_a_tokenizer_that_is_not_byte_level_decodes_no_text(tmp_path: Path) -> N
     loaded = catalog.get("m")
     assert loaded is not None and loaded.token_bytes is None
     assert index.decoder("m") is None
+
+
+def test_a_normalizing_tokenizer_matches_only_text_already_normalized(tmp_path: Path) -> None:
+    # With an NFC normalizer the ids give back the normalized text: a prompt not in that
+    # form is tokenized from the start rather than compared byte for byte.
+    config = json.loads((TINY / "tokenizer.json").read_text(encoding="utf-8"))
+    config["normalizer"] = {"type": "NFC"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config), encoding="utf-8")
+    nfc = ModelTokenizer.load(tmp_path)
+    assert nfc.token_bytes is not None
+    assert nfc.bytes_comparable("caf\u00e9")
+    assert not nfc.bytes_comparable("cafe\u0301")
+    config["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config), encoding="utf-8")
+    assert ModelTokenizer.load(tmp_path).token_bytes is None
 
 
 def test_the_byte_table_gives_back_every_text(tokenizer: ModelTokenizer) -> None:
