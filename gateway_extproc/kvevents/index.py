@@ -14,6 +14,11 @@ non-full-attention cache groups (they do not make a prefix hit on their own), an
 whose engine hash also covers extra keys other than the adapter (multimodal inputs, a
 cache salt) that a text request cannot match.
 
+Beside the keys, `texts` (`texts.py`) keeps the bytes of the blocks the events store in
+batches, decoded on arrival by `decoder` (set by the request side, which owns the
+tokenizers: model name -> ids-to-bytes function, or None when that model's tokenizer is
+not loaded or not byte-level), so a long prompt can be matched by its text first.
+
 Memory is bounded per pod (`max_blocks_per_pod` engine blocks, about 200 bytes each):
 past it, the oldest blocks go first. Everything runs on the event loop; the request side
 may read `holds` from a worker thread (single dict lookups, safe under the GIL).
@@ -21,10 +26,11 @@ may read `holds` from a worker thread (single dict lookups, safe under the GIL).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gateway_extproc.kvevents.keys import Adapter, chain_keys, root_key
+from gateway_extproc.kvevents.texts import BlockTexts
 from gateway_extproc.kvevents.wire import (
     AllBlocksCleared,
     BlockRemoved,
@@ -37,6 +43,11 @@ FULL_ATTENTION = "full_attention"
 
 # (KV-cache group, medium): engines that report neither have one tier, (None, None).
 Tier = tuple[int | None, str | None]
+# Token ids, block size -> the UTF-8 bytes each full block of them stands for.
+Decode = Callable[[Sequence[int], int], list[bytes]]
+# The name of a vocabulary (its tokenizer's) and its decoder: blocks decoded by one
+# vocabulary are matched only against prompts tokenized by it.
+TextDecoder = tuple[str, Decode]
 
 
 @dataclass(slots=True)
@@ -50,13 +61,18 @@ class PodBlocks:
     trusted: bool = False
     size: int = 0  # engine blocks held, over every tier
     unkeyed: int = 0  # blocks skipped because they could not be keyed (see module doc)
+    model: str = ""  # the (base) model the pod serves, whose tokenizer decodes its blocks
 
 
 class KVBlockIndex:
-    def __init__(self, *, max_blocks_per_pod: int = 262_144) -> None:
+    def __init__(
+        self, *, max_blocks_per_pod: int = 262_144, max_text_blocks: int = 262_144
+    ) -> None:
         if max_blocks_per_pod <= 0:
             raise ValueError("max_blocks_per_pod must be positive")
         self.max_blocks_per_pod = max_blocks_per_pod
+        self.texts = BlockTexts(max_blocks=max_text_blocks)
+        self.decoder: Callable[[str], TextDecoder | None] | None = None
         self._pods: dict[str, PodBlocks] = {}
         self._holders: dict[int, frozenset[str]] = {}
         # One shared frozenset per pod for keys only it holds (most keys): a set per key
@@ -112,11 +128,14 @@ class KVBlockIndex:
 
     # -- writing ------------------------------------------------------------------------
 
-    def track(self, pod_key: str) -> PodBlocks:
-        """The pod's entry, created empty (untrusted) if new."""
+    def track(self, pod_key: str, model: str | None = None) -> PodBlocks:
+        """The pod's entry, created empty (untrusted) if new; `model` names the model whose
+        tokenizer decodes its blocks' text."""
         blocks = self._pods.get(pod_key)
         if blocks is None:
             blocks = self._pods[pod_key] = PodBlocks()
+        if model is not None:
+            blocks.model = model
         return blocks
 
     def set_trusted(self, pod_key: str, trusted: bool) -> None:
@@ -176,6 +195,18 @@ class KVBlockIndex:
         table = blocks.tiers.setdefault(tier, {})
         for engine_hash, key in zip(event.block_hashes, keys, strict=False):
             self._file(pod_key, blocks, table, engine_hash, key)
+        if len(keys) >= 2:  # a prefill's blocks, not generated ones (texts.py says why)
+            self._keep_texts(blocks, parent, keys, event.token_ids, size)
+
+    def _keep_texts(
+        self, blocks: PodBlocks, parent: int, keys: list[int], tokens: Sequence[int], size: int
+    ) -> None:
+        found = self.decoder(blocks.model) if self.decoder is not None else None
+        if found is None:
+            return
+        vocabulary, decode = found
+        # Only blocks still held (the size bound may have dropped the first ones already).
+        self.texts.add_chain(vocabulary, parent, size, decode(tokens, size), keys, self._holders)
 
     def _relocated(
         self, pod_key: str, blocks: PodBlocks, tier: Tier, hashes: Sequence[EngineHash]
@@ -265,6 +296,7 @@ class KVBlockIndex:
             return
         if len(holders) == 1:
             del self._holders[key]
+            self.texts.discard(key)
             return
         rest = holders - {pod_key}
         if len(rest) == 1:

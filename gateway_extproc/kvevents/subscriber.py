@@ -157,7 +157,7 @@ class KVEventSubscriber:
         if wanted is not None:
             stream = _Stream(self, pod.key, wanted)
             self._streams[pod.key] = stream
-            self.index.track(pod.key)
+            self.index.track(pod.key, model=pod.models[0] if pod.models else "")
             stream.start()
         self._count_untrusted()
 

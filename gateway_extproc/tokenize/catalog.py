@@ -58,6 +58,11 @@ class TokenizerCatalog:
         directory = self.directory_for(model)
         return directory is not None and directory in self._loaded
 
+    def if_loaded(self, model: str) -> ModelTokenizer | None:
+        """The model's tokenizer if it is in memory; never loads (safe on the event loop)."""
+        directory = self.directory_for(model)
+        return self._loaded.get(directory) if directory is not None else None
+
     def get(self, model: str) -> ModelTokenizer | None:
         """The model's tokenizer, loading it if needed (blocking); None when it has none or
         its directory does not load."""

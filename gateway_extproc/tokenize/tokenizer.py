@@ -16,6 +16,11 @@ that stops early (no pod holds the prefix so far) leaves the rest untouched. The
 exact only for tokenizers whose pre-tokenizer does not look across it, so at load a
 self-check compares piecewise and whole encodings of probe texts; a tokenizer that fails
 it is encoded whole.
+
+For a byte-level vocabulary (each id stands for exact bytes; special tokens for their
+text) `token_bytes` maps ids back to bytes, checked at load on probe texts: the KV-event
+index decodes the blocks engines store with it, so a prompt can be matched by its text
+(routing/prompt_blocks.py) and tokenized only from a cut point near the match's end.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import array
 import json
 import os
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -108,6 +114,10 @@ class ModelTokenizer:
         self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         self._around = self._special_around()
         self.piecewise = self._check_piecewise()
+        # id -> the UTF-8 bytes it stands for, when every token maps to exact bytes
+        # (byte-level BPE, special tokens as their text): None otherwise.
+        self.token_bytes = _byte_table(tokenizer, self._encode_batch) if self.piecewise else None
+        self._nfc = _normalizer_type(tokenizer) == "NFC"
 
     @classmethod
     def load(cls, directory: str | Path) -> ModelTokenizer:
@@ -200,6 +210,14 @@ class ModelTokenizer:
     def pieces(self, text: str) -> list[str]:
         return _cut(text, PIECE_CHARS) if self.piecewise else [text]
 
+    def mostly_cached(self, text: str) -> bool:
+        """`text` has several pieces and every one but the last is in the piece cache (a
+        document or a conversation seen before): encoding it costs lookups and its last
+        piece."""
+        pieces = self.pieces(text)
+        with self._lock:
+            return len(pieces) > 1 and all((len(p), hash(p)) in self._cache for p in pieces[:-1])
+
     def encode_pieces(self, pieces: Sequence[str]) -> list[array.array[int]]:
         """Token ids of each piece (no special tokens), from the cache where it has them."""
         keys = [(len(p), hash(p)) for p in pieces]
@@ -219,6 +237,28 @@ class ModelTokenizer:
                     found[i] = ids
                     self._remember(keys[i], ids)
         return [ids for ids in found if ids is not None]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The UTF-8 bytes the ids stand for (`token_bytes` must be set); a block may end
+        inside a character."""
+        table = self.token_bytes
+        assert table is not None
+        return b"".join([table[i] for i in ids])
+
+    def decode_blocks(self, ids: Sequence[int], size: int) -> list[bytes]:
+        """`decode_bytes` of each full block of `size` ids."""
+        table = self.token_bytes
+        assert table is not None
+        parts = list(map(table.__getitem__, ids))
+        join = b"".join
+        return [join(parts[at : at + size]) for at in range(0, len(parts) - size + 1, size)]
+
+    def bytes_comparable(self, text: str) -> bool:
+        """The text's UTF-8 bytes are what its ids decode to (`token_bytes` set, and the
+        text already in the form the normalizer would give it)."""
+        if self.token_bytes is None:
+            return False
+        return not self._nfc or unicodedata.is_normalized("NFC", text)
 
     def _remember(self, key: tuple[int, int], ids: array.array[int]) -> None:
         if len(ids) > self._cache_tokens or key in self._cache:
@@ -291,6 +331,20 @@ class PromptTokens:
                 ids.extend(after)
             yield ids, 1.0 if last else done / total
 
+    @property
+    def tokenizer(self) -> ModelTokenizer:
+        return self._tokenizer
+
+    def plain(self) -> bool:
+        """Text encoded as it is, nothing added around it (a rendered chat): the ids of
+        any part of it depend on that part's text alone, cut where `cut_points` says."""
+        return self._ids is None and not any(self._tokenizer.special_around(self._add))
+
+    def suffix(self, start: int) -> PromptTokens:
+        """The text from character `start` on; with `start` a cut point (or 0) of a plain
+        prompt, its ids are exactly the rest of the whole prompt's ids."""
+        return PromptTokens(self._tokenizer, self.text[start:], add_special_tokens=False)
+
     def ids(self) -> list[int]:
         out: list[int] = []
         for ids, _ in self.chunks():
@@ -320,6 +374,83 @@ def _cut(text: str, size: int) -> list[str]:
         start = at + 1
     pieces.append(text[start:])
     return pieces
+
+
+def is_cut_point(text: str, at: int) -> bool:
+    """`text` may be encoded in two parts split before character `at` with the same ids as
+    whole: just after a newline with no whitespace on either side (as `_cut` splits)."""
+    return (
+        2 <= at < len(text)
+        and text[at - 1] == "\n"
+        and not text[at - 2].isspace()
+        and not text[at].isspace()
+    )
+
+
+def last_cut_point(text: str, end: int) -> int:
+    """The last cut point before character `end` (the character at it lies before `end`),
+    or 0 (the start, always a cut)."""
+    at = text.rfind("\n", 0, end - 1)
+    while at >= 1:
+        if is_cut_point(text, at + 1):
+            return at + 1
+        at = text.rfind("\n", 0, at)
+    return 0
+
+
+# GPT-2's printable stand-ins for bytes in byte-level BPE vocabularies.
+def _byte_level_alphabet() -> dict[str, int]:
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(kept)
+    extra = 0
+    for b in range(256):
+        if b not in kept:
+            kept.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(kept, chars, strict=True)}
+
+
+_BYTE_PROBES = (
+    *_PROBES,
+    "<|bos|><|system|>\nHi<|end|>\n<|user|>\n<|im_start|>user\nq?<|im_end|>\n",
+    "mixed \u00e9\u00e8 \u4e2d\u6587 \U0001f600\U0001f601\n"
+    "\u0928\u092e\u0938\u094d\u0924\u0947 end\n",
+)
+
+
+def _normalizer_type(tokenizer: Tokenizer) -> str | None:
+    normalizer = json.loads(tokenizer.to_str()).get("normalizer")
+    return str(normalizer.get("type")) if isinstance(normalizer, dict) else None
+
+
+def _byte_table(tokenizer: Tokenizer, encode_batch: Any) -> list[bytes] | None:
+    """Each id's bytes, or None when the vocabulary is not byte-level or a check fails:
+    a normalizer other than NFC, an added token that strips whitespace around it, or a
+    probe text whose ids do not give back its bytes."""
+    if _normalizer_type(tokenizer) not in (None, "NFC"):
+        return None
+    added = tokenizer.get_added_tokens_decoder()
+    if any(token.lstrip or token.rstrip for token in added.values()):
+        return None
+    alphabet = _byte_level_alphabet()
+    table: list[bytes] = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token_id >= len(table):
+            return None
+        if token_id in added:
+            table[token_id] = added[token_id].content.encode("utf-8")
+            continue
+        try:
+            table[token_id] = bytes([alphabet[ch] for ch in token])
+        except KeyError:
+            return None  # not a byte-level vocabulary (SentencePiece, WordPiece)
+    for encoding, text in zip(
+        encode_batch(list(_BYTE_PROBES), add_special_tokens=False), _BYTE_PROBES, strict=True
+    ):
+        if b"".join(table[i] for i in encoding.ids) != text.encode("utf-8"):
+            return None
+    return table
 
 
 def _message(raw: Any) -> Mapping[str, Any]:

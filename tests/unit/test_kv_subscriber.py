@@ -131,6 +131,8 @@ async def test_stored_and_removed_blocks_show_in_the_index(context, gateway) -> 
     registry, index, _ = gateway
     publisher = await publishing_pod(context, registry)
     await eventually(lambda: index.trusted(POD), what="the pod trusted once connected")
+    pod_blocks = index.pod(POD)
+    assert pod_blocks is not None and pod_blocks.model == "m"  # whose tokenizer decodes them
     await publisher.send(0, [stored(0, 4)])
     await eventually(lambda: depth(index) == 4, what="four blocks")
     await publisher.send(1, [BlockRemoved((102,), "GPU")])
