@@ -104,7 +104,6 @@ class CapacityIndex(PrefixIndex):
         lru = self._stamped.get(pod_key)
         if lru is None:
             lru = self._stamped[pod_key] = OrderedDict()
-        pods_by_hash = self._pods_by_hash
         # Last block first, so a prompt's first blocks are the most recent: its tail is
         # evicted before its head, as engines do, and a partly evicted prompt still
         # matches from its start.
@@ -112,7 +111,7 @@ class CapacityIndex(PrefixIndex):
             if h in lru:
                 lru.move_to_end(h)
             else:
-                pods_by_hash.setdefault(h, set()).add(pod_key)
+                self._link(h, pod_key)
             lru[h] = now
         self._trim(pod_key)
 
