@@ -323,6 +323,18 @@ KV_EVENT_UNRELIABLE_PODS = Gauge(
     "Pods with an event endpoint whose block index is not used for routing now (not "
     "connected, or events lost and not yet rebuilt): they get approximate prefix scores.",
 )
+KV_TEXT_BLOCKS = Gauge(
+    "gateway_kv_text_blocks",
+    "Held blocks whose text is kept so a long prompt can be matched without tokenizing "
+    "all of it (about 200 bytes each; bounded, the oldest dropped first).",
+)
+PROMPT_TEXT_MATCHES = Counter(
+    "gateway_prompt_text_matches_total",
+    "Prompts walked against the held blocks' text before tokenizing, by outcome "
+    "(matched: tokenized only from near the end of the match; tokenized: from the start, "
+    "no usable match or its pieces already cached).",
+    ["outcome"],
+)
 PROMPT_TOKENIZE = Counter(
     "gateway_prompt_tokenizations_total",
     "Requests whose prompt was rendered and tokenized for precise prefix routing, by "

@@ -171,6 +171,7 @@ class KVEventSubscriber:
         if stream is not None:
             stream.cancel()
             self.index.forget(pod_key)
+            telemetry.KV_TEXT_BLOCKS.set(len(self.index.texts))
 
     def _count_untrusted(self) -> None:
         telemetry.KV_EVENT_UNRELIABLE_PODS.set(
@@ -417,6 +418,7 @@ class _Stream:
         self._count(batch)
         index = self.owner.index
         index.apply(self.pod_key, batch.events)
+        telemetry.KV_TEXT_BLOCKS.set(len(index.texts))
         if any(isinstance(e, AllBlocksCleared) for e in batch.events):
             self._gap_open = False  # rebuilt: the engine dropped everything, as did the index
 

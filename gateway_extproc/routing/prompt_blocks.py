@@ -182,10 +182,10 @@ def prompt_blocks(
     root = root_key(adapter)
     if texts is not None and len(sizes) == 1 and len(texts):
         matched = _matched_by_text(prompt, sizes[0], root, texts)
-        if matched is not None:
-            found = _keyed_after(prompt, sizes[0], held, *matched)
-            if found is not None:
-                return found
+        found = _keyed_after(prompt, sizes[0], held, *matched) if matched is not None else None
+        telemetry.PROMPT_TEXT_MATCHES.labels("tokenized" if found is None else "matched").inc()
+        if found is not None:
+            return found
     chains = {size: _Chain(root) for size in sizes}
     tokens: list[int] = []
     covered = 1.0

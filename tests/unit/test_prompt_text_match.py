@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway_extproc.kvevents.index import KVBlockIndex
 from gateway_extproc.kvevents.keys import chain_keys, root_key
@@ -127,6 +128,11 @@ def keyed(engine: Engine, tokenizer: ModelTokenizer, doc: dict[str, object]) -> 
     return list(blocks.keys[SIZE])
 
 
+def text_matches(outcome: str) -> float:
+    sample = REGISTRY.get_sample_value("gateway_prompt_text_matches_total", {"outcome": outcome})
+    return sample or 0.0
+
+
 def truth(engine: Engine, doc: dict[str, object]) -> list[int]:
     """Keys of every block of the prompt, tokenized whole."""
     return chain_keys(root_key(None), engine.ids(doc), SIZE)
@@ -170,7 +176,9 @@ def test_an_engine_holding_a_long_prompt_is_found_tokenizing_only_its_last_lines
     document = text(random.Random(3), 200_000)
     engine.store(engine.ids(chat(document, "first question")))
     reader = fresh(tokenizer)
+    before = text_matches("matched")
     found = keyed(engine, reader, chat(document, "a new question"))
+    assert text_matches("matched") == before + 1  # an operator sees the path taken
     expected = truth(engine, chat(document, "a new question"))
     assert found == expected[: len(found)]
     depth = engine.index.longest_prefixes(found, ["p"])["p"]
