@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -251,7 +251,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            utc_timestamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -259,6 +259,33 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logger_factory=_batched_factory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+class _UtcTimestamp:
+    """The processor that stamps each line `timestamp`: ISO 8601 UTC with microseconds,
+    as structlog's TimeStamper(fmt="iso", utc=True) writes it (which drops the fraction
+    when it is 0; this always writes six digits). That one built a datetime per line,
+    2 us of the access log's ~7; here the text up to the second is made once a second."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(
+        self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (
+                second,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+            )
+        event["timestamp"] = f"{cached[1]}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
+utc_timestamp = _UtcTimestamp()
 
 
 # -- log lines written in batches ---------------------------------------------------------

@@ -1,10 +1,13 @@
-"""Log lines are written in batches (telemetry.BatchedLineWriter): none is lost when the
-processor stops, none is split, and a line from outside the event loop is not held."""
+"""The processor's log lines: written in batches (telemetry.BatchedLineWriter), none
+lost when the processor stops, none split, a line from outside the event loop not held;
+each stamped with the time in UTC."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
+import time
 from collections.abc import Iterator
 
 import orjson
@@ -76,3 +79,15 @@ def test_a_line_logged_on_a_running_loop_is_written_soon_without_a_shutdown(stde
 def test_a_line_logged_with_no_loop_running_is_written_at_once(stderr):
     structlog.get_logger("test").error("gateway_failed_to_start", problem="port taken")
     assert [line["event"] for line in stderr.lines()] == ["gateway_failed_to_start"]
+
+
+def test_each_line_says_when_it_was_logged_in_utc_to_the_microsecond(stderr):
+    log = structlog.get_logger("test")
+    before = time.time()
+    log.info("request_finished")
+    after = time.time()
+    stamp = str(stderr.lines()[0]["timestamp"])
+    assert len(stamp) == len("2026-12-08T02:13:44.326570Z") and stamp.endswith("Z")
+    when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert when.tzinfo == datetime.UTC
+    assert before - 1e-6 <= when.timestamp() <= after + 1e-6
