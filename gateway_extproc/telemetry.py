@@ -341,11 +341,12 @@ class BatchedLineWriter:
         chunk: list[str] = []
         size = 0
         for line in lines:
-            if chunk and size + len(line) > MAX_WRITE_BYTES:
+            length = len(line) if line.isascii() else len(line.encode())  # bytes written
+            if chunk and size + length > MAX_WRITE_BYTES:
                 self._write("".join(chunk))
                 chunk, size = [], 0
             chunk.append(line)
-            size += len(line)
+            size += length
         self._write("".join(chunk))
 
     def _write(self, text: str) -> None:
