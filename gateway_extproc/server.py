@@ -506,6 +506,13 @@ async def serve(
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
+        _run_loop(main)
+    finally:
+        telemetry.flush_logs()  # the lines logged on the loop and not yet written
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    try:
         import uvloop
     except ImportError:  # uvloop is optional (not on Windows)
         asyncio.run(main)

@@ -51,6 +51,8 @@ CLAIM_WINDOW_S after it was parked:
 from __future__ import annotations
 
 import asyncio
+import base64
+import heapq
 import secrets
 
 import structlog
@@ -76,6 +78,29 @@ ORPHAN_GRACE_S = 1.0
 OBSERVERS_SEEN_S = 60.0
 _WARN_EVERY_S = 60.0
 KEY_BYTES = 16  # random bytes in a handoff key: 128 bits
+# Unclaimed sessions expire in sweeps at most this often (so up to this late).
+SWEEP_EVERY_S = 0.05
+# Keys' random bytes are read from the OS this many keys at a time (a system call per
+# request otherwise).
+KEYS_PER_READ = 256
+
+
+class _KeySource:
+    """Handoff keys, each KEY_BYTES of the OS's randomness (`secrets`), read in batches:
+    unguessable as one read per key would be, since each key's bytes are its own and
+    none is handed out twice."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = secrets.token_bytes(KEY_BYTES * KEYS_PER_READ), 0
+        raw = self._pool[self._at : self._at + KEY_BYTES]
+        self._at += KEY_BYTES
+        # As secrets.token_urlsafe writes it.
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 class Handoff:
@@ -86,7 +111,15 @@ class Handoff:
         self._grace = orphan_grace_s
         self._claimed_at = float("-inf")
         self._foreign_at = float("-inf")
-        self._parked: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
+        # key -> (session, when it expires, whether its routing stream was cut first).
+        self._parked: dict[str, tuple[Session, float, bool]] = {}
+        # Expiry times, with keys, as a heap; an entry whose key was claimed (or parked
+        # again) is skipped when its time comes. One timer sweeps them all: a timer per
+        # request, armed and cancelled, was a few us of each request (section 6).
+        self._deadlines: list[tuple[float, str]] = []
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = float("inf")
+        self._keys = _KeySource()
         # Tells this process's keys from other replicas' and workers' (and from those of
         # this process before a restart); public: every key begins with it.
         self._instance = secrets.token_hex(8) + "."
@@ -98,13 +131,12 @@ class Handoff:
 
     def new_key(self) -> str:
         """Unguessable: 128 random bits after the instance id."""
-        return self._instance + secrets.token_urlsafe(KEY_BYTES)
+        return self._instance + self._keys.next()
 
     def park(self, key: str, session: Session) -> None:
         """Hold `session` for the observer stream (call before the routing answer goes
         out, so that the observer cannot look for it first)."""
-        timer = asyncio.get_running_loop().call_later(self._window, self._expire, key)
-        self._parked[key] = (session, timer)
+        self._hold(key, session, self._window, routing_ended=False)
 
     def claim(self, key: str) -> Session | None:
         """The session parked under `key`, taken out of the table; None when none is (see
@@ -112,10 +144,8 @@ class Handoff:
         entry = self._parked.pop(key, None)
         if entry is None:
             return None
-        session, timer = entry
-        timer.cancel()
         self._claimed_at = asyncio.get_running_loop().time()
-        return session
+        return entry[0]
 
     def refuses(self, key: str) -> bool:
         """Whether a claim of `key` that found no session is refused: the key is one of
@@ -147,16 +177,36 @@ class Handoff:
         entry = self._parked.get(key)
         if entry is None:
             return  # claimed already (the usual order), or expired
-        session, timer = entry
-        timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._parked[key] = (session, loop.call_later(self._grace, self._expire, key, True))
+        self._hold(key, entry[0], self._grace, routing_ended=True)
 
-    def _expire(self, key: str, routing_ended: bool = False) -> None:
-        entry = self._parked.pop(key, None)
-        if entry is None:
-            return
-        session = entry[0]
+    def _hold(self, key: str, session: Session, for_s: float, *, routing_ended: bool) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + for_s
+        self._parked[key] = (session, due, routing_ended)
+        heapq.heappush(self._deadlines, (due, key))
+        if due < self._sweep_at:
+            if self._sweep is not None:
+                self._sweep.cancel()
+            # Never sooner than SWEEP_EVERY_S after now: expiries due together are swept
+            # together (and under load a sweep does not run for every request).
+            self._sweep_at = max(due, loop.time() + SWEEP_EVERY_S)
+            self._sweep = loop.call_at(self._sweep_at, self._expire_due)
+
+    def _expire_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweep, self._sweep_at = None, float("inf")
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= loop.time():
+            due, key = heapq.heappop(deadlines)
+            entry = self._parked.get(key)
+            if entry is not None and entry[1] == due:  # not claimed, nor held anew since
+                del self._parked[key]
+                self._expire(entry[0], entry[2])
+        if deadlines:
+            self._sweep_at = max(deadlines[0][0], loop.time() + SWEEP_EVERY_S)
+            self._sweep = loop.call_at(self._sweep_at, self._expire_due)
+
+    def _expire(self, session: Session, routing_ended: bool) -> None:
         now = asyncio.get_running_loop().time()
         if now - self._claimed_at <= OBSERVERS_SEEN_S:
             if not routing_ended and now - self._foreign_at <= OBSERVERS_SEEN_S:

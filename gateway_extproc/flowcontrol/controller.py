@@ -147,7 +147,8 @@ class FlowController:
 
     def admit(self, request: FlowRequest, route: Callable[[], None]) -> Admission | None:
         """Route now (None), refuse (raises GatewayError), or hold (an Admission)."""
-        if self._room(request) is Room.SETTLED:
+        room = self._room(request)
+        if room is Room.SETTLED:
             route()  # a model gone or terminating: the router's answer, nothing counted
             return None
         if self.limiter.shared:
@@ -156,8 +157,8 @@ class FlowController:
             admission.task = task
             return admission
         if self.limiter.enabled:
-            self._check_limits(request)
-        if self._go_now(request, route):
+            self._check_limits(request)  # changes no pod's room
+        if self._go_now(request, route, room):
             return None
         admission = Admission(request, route, self._label(request.key.priority))
         self._hold(admission)
@@ -175,8 +176,8 @@ class FlowController:
     def record_usage(self, key: FlowKey, usage: Usage) -> None:
         """A finished request's tokens: its tenant's token window and metrics."""
         label = self.limiter.tenant_label(key.fairness_id)
-        telemetry.TENANT_TOKENS.labels(label, "prompt").inc(usage.prompt_tokens)
-        telemetry.TENANT_TOKENS.labels(label, "completion").inc(usage.completion_tokens)
+        telemetry.child(telemetry.TENANT_TOKENS, label, "prompt").inc(usage.prompt_tokens)
+        telemetry.child(telemetry.TENANT_TOKENS, label, "completion").inc(usage.completion_tokens)
         self.limiter.record_tokens(key.fairness_id, usage.prompt_tokens + usage.completion_tokens)
 
     async def _admit_shared(self, admission: Admission) -> None:
@@ -209,10 +210,14 @@ class FlowController:
             self._count_rejection(request.model, f"rate_limit_{error.type}")
             raise
 
-    def _go_now(self, request: FlowRequest, route: Callable[[], None]) -> bool:
+    def _go_now(
+        self, request: FlowRequest, route: Callable[[], None], room: Room | None = None
+    ) -> bool:
         """Route at once when nothing needs to wait; refuse what must not wait; False
-        when the request is to be held."""
-        room = self._room(request)
+        when the request is to be held. `room`: the request's room if known now (asked
+        in the same step, nothing awaited since)."""
+        if room is None:
+            room = self._room(request)
         queued = request.model in self._queues
         if room is Room.SETTLED or (room is Room.FREE and not queued):
             route()

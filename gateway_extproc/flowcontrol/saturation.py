@@ -17,7 +17,7 @@ the router.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from gateway_extproc.metrics.store import MetricsStore
 from gateway_extproc.models.registry import Pod
@@ -61,9 +61,11 @@ class SaturationDetector:
     def is_saturated(self, pod: Pod) -> bool:
         return pod.key in self.saturated_keys()
 
-    def has_room(self, pods: Iterable[Pod]) -> bool:
+    def has_room(self, pods: Sequence[Pod]) -> bool:
         """Whether any of `pods` can take a request now."""
         saturated = self.saturated_keys()
+        if not saturated:  # the usual case: no Python step per pod
+            return bool(pods)
         return any(pod.key not in saturated for pod in pods)
 
     def filter(self, candidates: tuple[Pod, ...]) -> tuple[Pod, ...]:
