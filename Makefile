@@ -43,6 +43,8 @@ redis-server:
 # wrk is a Debian package; install it only when missing (bench is never part of test).
 bench: install
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@# py-spy samples the processor for the profile section; bench-only, so not in [dev].
+	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet py-spy
 	$(BIN)/python -m bench
 
 # The memory soak and the memory a burst of stalled streams leaves (docs/BENCHMARKS.md
