@@ -32,6 +32,11 @@ from xxhash import xxh3_64_intdigest
 from gateway_extproc.routing.fastpath import Sparse
 from gateway_extproc.routing.plugins import Scorer, Scores, ScoringContext
 
+# The seed of every index in this process unless one is set (`Placements.add`): scorers
+# of one decision share its hashes (`ScoringContext.prefix_hashes`), whatever index made
+# them, as with `hash()`, salted once per process.
+PROCESS_SEED = secrets.randbits(64)
+
 
 class PrefixIndex:
     def __init__(
@@ -44,8 +49,7 @@ class PrefixIndex:
         self.blocks_per_pod = blocks_per_pod
         self._by_pod: dict[str, OrderedDict[int, None]] = {}
         self._pods_by_hash: dict[int, tuple[str, ...]] = {}
-        # A random seed unless the process shares placements (`Placements.add`).
-        self.seed = secrets.randbits(64)
+        self.seed = PROCESS_SEED
         # Told each placement `record` makes (set by `Placements.add`).
         self.on_record: Callable[[str, list[int]], None] | None = None
 
@@ -133,7 +137,7 @@ class Placements:
     placement recorded here; `apply` records one another replica made."""
 
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = secrets.randbits(64) if seed is None else seed
+        self.seed = PROCESS_SEED if seed is None else seed
         self.indexes: dict[str, PrefixIndex] = {}
         self.publish: Callable[[str, str, list[int]], None] | None = None
 
