@@ -17,7 +17,8 @@ Message: a version byte, then msgpack `[origin, [[index, pod, hashes], ...]]`, w
 `origin` (8 random bytes per process) tells this replica's own messages from the
 others' and `hashes` is the block hashes packed as little-endian uint64s. A message
 that does not parse, of another version, or naming no index here is counted and
-skipped: the channel may be shared with whatever else uses this Redis.
+skipped: the channel may be shared with whatever else uses this Redis. A placement on a
+pod this replica does not know (deleted here, not discovered yet) is skipped too.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ WARN_EVERY_S = 60.0
 PLACEMENTS = Counter(
     "gateway_shared_placements_total",
     "Prefix placements shared through Redis (--redis-url): published (this replica's), "
-    "applied (another replica's, recorded here), dropped (not published: Redis down or "
-    "the queue full).",
+    "applied (another replica's, recorded here), unknown_pod (another replica's, on a "
+    "pod this one does not know: skipped), dropped (not published: Redis down or the "
+    "queue full).",
     ["outcome"],
 )
 REJECTED = Counter(
@@ -101,6 +103,7 @@ class SharedPlacements:
         url: str,
         apply: Callable[[str, str, list[int]], bool],
         *,
+        knows_pod: Callable[[str], bool] = lambda _: True,
         channel: str = CHANNEL,
     ) -> None:
         self._client: Any = aioredis.Redis.from_url(
@@ -109,6 +112,9 @@ class SharedPlacements:
         # Records another replica's placement (index name, pod, hashes); False when
         # this processor has no index of that name.
         self._apply = apply
+        # A placement on a pod this replica does not know (deleted here, not discovered
+        # yet) is skipped: recording it would bring back a deleted pod's index entries.
+        self._knows_pod = knows_pod
         self._channel = channel
         self.origin = secrets.token_bytes(8)
         self._pending: list[tuple[str, str, list[int]]] = []
@@ -188,9 +194,18 @@ class SharedPlacements:
             return
         if origin == self.origin:
             return
-        applied = sum(self._apply(name, pod, h) for name, pod, h in placements)
+        applied = unknown = foreign = 0
+        for name, pod, hashes in placements:
+            if not self._knows_pod(pod):
+                unknown += 1
+            elif self._apply(name, pod, hashes):
+                applied += 1
+            else:
+                foreign += 1
         PLACEMENTS.labels("applied").inc(applied)
-        if applied < len(placements):
+        if unknown:
+            PLACEMENTS.labels("unknown_pod").inc(unknown)
+        if foreign:
             REJECTED.inc()  # names an index this processor does not have
 
     def _warn(self, exc: BaseException) -> None:

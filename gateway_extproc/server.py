@@ -228,7 +228,7 @@ async def _start_parts(
     shared_sessions = await _share_sessions(settings, catalog)
     if shared_sessions is not None:
         started.push_async_callback(shared_sessions.stop)
-    shared_placements = await _share_placements(settings, placements)
+    shared_placements = await _share_placements(settings, placements, registry)
     if shared_placements is not None:
         started.push_async_callback(shared_placements.stop)
 
@@ -430,11 +430,17 @@ async def _share_sessions(settings: Settings, catalog: StrategyCatalog) -> Share
     return shared
 
 
-async def _share_placements(settings: Settings, placements: Placements) -> SharedPlacements | None:
+async def _share_placements(
+    settings: Settings, placements: Placements, registry: ModelRegistry
+) -> SharedPlacements | None:
     """With --redis-url, every replica's prefix indexes learn every replica's placements."""
     if not settings.redis_url or not placements.indexes:
         return None
-    shared = SharedPlacements(settings.redis_url, placements.apply)
+    shared = SharedPlacements(
+        settings.redis_url,
+        placements.apply,
+        knows_pod=lambda key: registry.pod(key) is not None,
+    )
     placements.publish = shared.placed
     await shared.start()
     return shared

@@ -187,3 +187,28 @@ async def test_messages_that_are_not_placements_are_counted_and_skipped(
     finally:
         await client.aclose()
         await sharing.stop()
+
+
+async def test_a_placement_on_a_pod_this_replica_does_not_know_is_skipped(
+    redis_url: str,
+) -> None:
+    """A pod deleted here (or not discovered yet) gets no index entries back from a
+    placement another replica made on it."""
+    here = Placements(seed=7)
+    index = CapacityIndex()
+    here.add("capacity", index)
+    sharing = SharedPlacements(redis_url, here.apply, knows_pod=lambda pod: pod != "deleted")
+    await sharing.start()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await eventually(sharing.subscribed.is_set, what="subscribed")
+        skipped = counted("unknown_pod")
+        hashes = index.hashes("llama", PROMPTS[0])
+        placements = [("capacity", "deleted", hashes), ("capacity", "pod-b", hashes)]
+        await client.publish(CHANNEL, encode(b"elsewhere", placements))
+        await eventually(lambda: index.matches(hashes) == {"pod-b": len(hashes)}, what="applied")
+        assert index.held("deleted") == 0
+        assert counted("unknown_pod") == skipped + 1
+    finally:
+        await client.aclose()
+        await sharing.stop()
