@@ -29,6 +29,8 @@ import asyncio
 import json
 import random
 import re
+import shutil
+import socket
 import time
 import urllib.request
 from collections import Counter
@@ -108,11 +110,14 @@ class Variant:
     label: str
     strategy: str
     processors: int = 1
+    # The processors share a redis-server (--redis-url): prefix placements, sessions.
+    redis: bool = False
 
 
 RANDOM = Variant("random", "random")
 DEFAULT = Variant("default (no header)", "")
 TWO_PROCESSORS = Variant("default, 2 processors", "", processors=2)
+TWO_PROCESSORS_REDIS = Variant("default, 2 processors, Redis", "", processors=2, redis=True)
 LEAST_REQUEST = Variant("least-request", "least-request")
 LEAST_LATENCY = Variant("least-latency", "least-latency")
 LEAST_KV = Variant("least-kv-cache", "least-kv-cache")
@@ -516,13 +521,18 @@ def start_fleet(
     seed: int,
     single_filter: bool = False,
     kv_events: bool = False,
+    redis: bool = False,
 ) -> Fleet:
     """Four engines, `processors` processors and the front Envoy (its processor cluster
     listing every processor), all freshly started. With `kv_events` the engines publish
-    KV-cache events and every processor subscribes to them."""
+    KV-cache events and every processor subscribes to them; with `redis` the processors
+    share a redis-server of their own (--redis-url)."""
     group = ProcessGroup()
     env = localstack.environment_without_gateway_settings()
     try:
+        shared: tuple[str, ...] = ()
+        if redis:
+            shared = ("--redis-url", start_redis(group, log_dir))
         ports = _distinct_ports(2 * PODS if kv_events else PODS)
         event_ports = ports[PODS:]
         ports = ports[:PODS]
@@ -558,6 +568,7 @@ def start_fleet(
                     extra_args=[
                         *("--log-format", "json", "--log-level", "info"),
                         *("--routing-seed", str(seed * 10 + i)),
+                        *shared,
                     ],
                     env=env,
                     name=f"processor-{i}",
@@ -586,6 +597,31 @@ def start_fleet(
         group.stop()
         raise
     return Fleet(group, front_port, admins, ports)
+
+
+def start_redis(group: ProcessGroup, log_dir: Path, timeout: float = 10.0) -> str:
+    """A redis-server on a free loopback port, in `group`; its URL once it answers."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = localstack.free_port()
+    data = log_dir / f"redis-{port}"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", LOCALHOST, "--save", "", "--appendonly", "no",
+            "--dir", str(data)]  # fmt: skip
+    process = group.add(localstack.spawn(f"redis-{port}", argv, log_dir))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((LOCALHOST, port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return f"redis://{LOCALHOST}:{port}/0"
+        except OSError:
+            pass
+        if not process.alive() or time.monotonic() > deadline:
+            raise localstack.StartupError(f"redis-server did not start:\n{process.log_tail()}")
+        time.sleep(0.05)
 
 
 def _distinct_ports(count: int) -> list[int]:
@@ -694,6 +730,7 @@ def _start_fleet_retrying(scenario: Scenario, variant: Variant, seed: int, log_d
                 seed,
                 scenario.single_filter,
                 scenario.kv_events,
+                variant.redis,
             )
         except localstack.StartupError as exc:
             if attempt:
@@ -940,22 +977,25 @@ def _failures(data: dict[str, Any]) -> str:
 
 
 def compare_replicas(seeds: Sequence[int] = (*TUNING_SEEDS, *HELD_OUT_SEEDS)) -> list[str]:
-    """The replicas regime alone, one processor and two interleaved seed by seed: the
-    issue's goal is two within 10% of one on p90 TTFT. Prints and returns a line per
-    seed. `.venv/bin/python -c "from bench.quality import compare_replicas as c; c()"`
+    """The replicas regime alone, one processor, two, and two sharing prefix placements
+    through a redis-server (--redis-url), interleaved seed by seed: the issue's goal is
+    two within 10% of one on p90 TTFT. Prints and returns a line per seed.
+    `.venv/bin/python -c "from bench.quality import compare_replicas as c; c()"`
     """
     scenario = next(s for s in SCENARIOS if s.key == "replicas")
-    runs = run_scenario(scenario, RunMode(), seeds, (DEFAULT, TWO_PROCESSORS))
+    variants = (DEFAULT, TWO_PROCESSORS, TWO_PROCESSORS_REDIS)
+    runs = run_scenario(scenario, RunMode(), seeds, variants)
     lines = []
     for seed in seeds:
-        one, two = (
-            next(r for r in runs if r["seed"] == seed and r["variant"] == v.label)
-            for v in (DEFAULT, TWO_PROCESSORS)
+        one, two, shared = (
+            next(r for r in runs if r["seed"] == seed and r["variant"] == v.label) for v in variants
         )
         lines.append(
             f"seed {seed}: p90 one {one['ttft_p90_ms']:.0f} ms, two {two['ttft_p90_ms']:.0f} ms "
-            f"({two['ttft_p90_ms'] / one['ttft_p90_ms']:.2f}x); fleet hit rate "
-            f"{one['prefix_hit_rate'] * 100:.0f}% / {two['prefix_hit_rate'] * 100:.0f}%"
+            f"({two['ttft_p90_ms'] / one['ttft_p90_ms']:.2f}x), two with Redis "
+            f"{shared['ttft_p90_ms']:.0f} ms ({shared['ttft_p90_ms'] / one['ttft_p90_ms']:.2f}x); "
+            f"fleet hit rate {one['prefix_hit_rate'] * 100:.0f}% / "
+            f"{two['prefix_hit_rate'] * 100:.0f}% / {shared['prefix_hit_rate'] * 100:.0f}%"
         )
         print(lines[-1], flush=True)
     return lines

@@ -628,8 +628,8 @@ def add_flow_arguments(parser: argparse.ArgumentParser, d: Settings) -> None:
         parser,
         "--redis-url",
         default=d.redis_url,
-        help="count rate limits and keep session-affinity sessions in this Redis, shared by "
-        "every replica (default: per process)",
+        help="count rate limits, keep session-affinity sessions and share prefix placements "
+        "in this Redis, shared by every replica (default: per process)",
     )
     add_flag(
         parser,

@@ -36,12 +36,14 @@ from gateway_extproc.kvevents.subscriber import KVEventSubscriber
 from gateway_extproc.metrics import MetricsScraper, MetricsStore
 from gateway_extproc.models.registry import ModelRegistry, ModelState
 from gateway_extproc.models.source import DiscoverySource, create_source
+from gateway_extproc.redis_placements import SharedPlacements, placement_seed
 from gateway_extproc.redis_sessions import SharedSessions
 from gateway_extproc.routing.affinity import SessionAffinity
 from gateway_extproc.routing.catalog import StrategyCatalog, build_catalog
 from gateway_extproc.routing.config import load_routing_config
 from gateway_extproc.routing.health import HealthPolicy, PodHealth
 from gateway_extproc.routing.inflight import InFlightCounter
+from gateway_extproc.routing.prefix import Placements
 from gateway_extproc.routing.prompt_blocks import PromptPreparer
 from gateway_extproc.routing.registry import PREDICTED_LATENCY
 from gateway_extproc.routing.router import Router
@@ -85,6 +87,7 @@ class Gateway:
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
     shared_sessions: SharedSessions | None = None
+    shared_placements: SharedPlacements | None = None
     # Set on SIGTERM: health says NOT_SERVING while streams are still answered.
     draining: bool = False
 
@@ -152,6 +155,8 @@ async def _start_parts(
     # The models file's `tokenizer:` entries reach the registry; --tokenizers-dir is the rest.
     tokenizers = TokenizerCatalog(registry.tokenizers, root=settings.tokenizers_dir)
     preparer = PromptPreparer(tokenizers, kv_index)
+    # Replicas sharing a Redis hash prompt blocks alike, to share prefix placements.
+    placements = Placements(placement_seed(settings.redis_url) if settings.redis_url else None)
     catalog = build_catalog(
         store,
         inflight,
@@ -159,7 +164,7 @@ async def _start_parts(
         registry=registry,
         rng=random.Random(settings.routing_seed),
         routing=routing,
-        shared={KVBlockIndex: kv_index},
+        shared={KVBlockIndex: kv_index, Placements: placements},
     )
     saturation = SaturationDetector(
         store,
@@ -223,6 +228,9 @@ async def _start_parts(
     shared_sessions = await _share_sessions(settings, catalog)
     if shared_sessions is not None:
         started.push_async_callback(shared_sessions.stop)
+    shared_placements = await _share_placements(settings, placements, registry)
+    if shared_placements is not None:
+        started.push_async_callback(shared_placements.stop)
 
     max_message = settings.max_body_bytes + GRPC_HEADROOM
     grpc_server = grpc.aio.server(
@@ -287,6 +295,7 @@ async def _start_parts(
         source=source,
         scraper=scraper,
         shared_sessions=shared_sessions,
+        shared_placements=shared_placements,
         grpc_server=grpc_server,
         health=health_servicer,
         admin=admin,
@@ -421,6 +430,22 @@ async def _share_sessions(settings: Settings, catalog: StrategyCatalog) -> Share
     return shared
 
 
+async def _share_placements(
+    settings: Settings, placements: Placements, registry: ModelRegistry
+) -> SharedPlacements | None:
+    """With --redis-url, every replica's prefix indexes learn every replica's placements."""
+    if not settings.redis_url or not placements.indexes:
+        return None
+    shared = SharedPlacements(
+        settings.redis_url,
+        placements.apply,
+        knows_pod=lambda key: registry.pod(key) is not None,
+    )
+    placements.publish = shared.placed
+    await shared.start()
+    return shared
+
+
 async def stop_gateway(gateway: Gateway) -> None:
     """Stop taking new streams, let in-flight ones finish within the grace period."""
     for service in READY_SERVICES:
@@ -437,6 +462,8 @@ async def stop_gateway(gateway: Gateway) -> None:
         await asyncio.to_thread(gateway.tracer.shutdown)  # exports the last spans
     if gateway.shared_sessions is not None:
         await gateway.shared_sessions.stop()
+    if gateway.shared_placements is not None:
+        await gateway.shared_placements.stop()
     await gateway.admin.cleanup()
 
 

@@ -12,14 +12,30 @@ pause on the event loop, seen as a 50 ms worst case in the long-prompt bench). A
 index holding 200k hashes over 8 pods: one full collection 58 ms with sets, 14 ms with
 tuples (the rest is the per-pod LRUs). A hash is rarely held by more than a few pods, so
 rebuilding its tuple is cheap.
+
+Block hashes are xxh3-64, each block's seeded with the hash before it and the first
+with the model's, which is seeded with the index's `seed`: the same prompt hashes alike
+in every process given the same seed (Python's `hash()` is salted per process), so
+replicas can share placements (`Placements`, redis_placements.py). The seed is secret
+per deployment: a public one would let a client craft prompts whose hashes collide and
+slow the index's dicts down (hash flooding).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
+from collections.abc import Callable
+
+from xxhash import xxh3_64_intdigest
 
 from gateway_extproc.routing.fastpath import Sparse
 from gateway_extproc.routing.plugins import Scorer, Scores, ScoringContext
+
+# The seed of every index in this process unless one is set (`Placements.add`): scorers
+# of one decision share its hashes (`ScoringContext.prefix_hashes`), whatever index made
+# them, as with `hash()`, salted once per process.
+PROCESS_SEED = secrets.randbits(64)
 
 
 class PrefixIndex:
@@ -33,17 +49,27 @@ class PrefixIndex:
         self.blocks_per_pod = blocks_per_pod
         self._by_pod: dict[str, OrderedDict[int, None]] = {}
         self._pods_by_hash: dict[int, tuple[str, ...]] = {}
+        self.seed = PROCESS_SEED
+        # Told each placement `record` makes (set by `Placements.add`).
+        self.on_record: Callable[[str, list[int]], None] | None = None
 
     def hashes(self, model: str, prompt: str) -> list[int]:
         """Cumulative hashes of the prompt's full blocks (a partial tail block is not
         cached by engines either); at most `max_blocks`, since only a prefix matters."""
         size = self.block_chars
         end = min(len(prompt) - len(prompt) % size, size * self.max_blocks)
-        h = hash(model)
+        h = xxh3_64_intdigest(model.encode("utf-8", "surrogatepass"), self.seed)
         out: list[int] = []
-        for start in range(0, end, size):
-            h = hash((h, prompt[start : start + size]))
-            out.append(h)
+        if prompt.isascii():  # one encode, then byte slices (the common case)
+            data = prompt.encode("ascii")
+            for start in range(0, end, size):
+                h = xxh3_64_intdigest(data[start : start + size], h)
+                out.append(h)
+        else:
+            for start in range(0, end, size):
+                block = prompt[start : start + size].encode("utf-8", "surrogatepass")
+                h = xxh3_64_intdigest(block, h)
+                out.append(h)
         return out
 
     def matches(self, hashes: list[int]) -> dict[str, int]:
@@ -72,6 +98,16 @@ class PrefixIndex:
         while len(lru) > self.blocks_per_pod:
             old, _ = lru.popitem(last=False)
             self._unlink(old, pod_key)
+        if self.on_record is not None:
+            self.on_record(pod_key, hashes)
+
+    def learn(self, pod_key: str, hashes: list[int]) -> None:
+        """Record a placement another replica made (not told to `on_record` again)."""
+        told, self.on_record = self.on_record, None
+        try:
+            self.record(pod_key, hashes)
+        finally:
+            self.on_record = told
 
     def forget(self, pod_key: str) -> None:
         for h in self._by_pod.pop(pod_key, ()):
@@ -93,6 +129,35 @@ class PrefixIndex:
                 self._pods_by_hash[h] = left
             else:
                 del self._pods_by_hash[h]
+
+
+class Placements:
+    """The prefix indexes of this process by name, one hash seed for all, and where
+    their placements go: `publish` (set by redis_placements.py) is told every
+    placement recorded here; `apply` records one another replica made."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = PROCESS_SEED if seed is None else seed
+        self.indexes: dict[str, PrefixIndex] = {}
+        self.publish: Callable[[str, str, list[int]], None] | None = None
+
+    def add(self, name: str, index: PrefixIndex) -> None:
+        index.seed = self.seed
+
+        def recorded(pod_key: str, hashes: list[int]) -> None:
+            if self.publish is not None:
+                self.publish(name, pod_key, hashes)
+
+        index.on_record = recorded
+        self.indexes[name] = index
+
+    def apply(self, name: str, pod_key: str, hashes: list[int]) -> bool:
+        """Record another replica's placement; False when no index has that name."""
+        index = self.indexes.get(name)
+        if index is None:
+            return False
+        index.learn(pod_key, hashes)
+        return True
 
 
 class PrefixCacheScorer(Scorer, Sparse):

@@ -114,6 +114,8 @@ class CapacityIndex(PrefixIndex):
                 self._link(h, pod_key)
             lru[h] = now
         self._trim(pod_key)
+        if self.on_record is not None:
+            self.on_record(pod_key, hashes)
 
     def held(self, pod_key: str) -> int:
         lru = self._stamped.get(pod_key)

@@ -37,7 +37,7 @@ from gateway_extproc.routing.pickers import (
 )
 from gateway_extproc.routing.plugins import Filter, Picker, PluginEnv, Scorer, WeightedScorers
 from gateway_extproc.routing.precise_prefix import PrecisePrefixScorer
-from gateway_extproc.routing.prefix import PrefixCacheScorer, PrefixIndex
+from gateway_extproc.routing.prefix import Placements, PrefixCacheScorer, PrefixIndex
 from gateway_extproc.routing.prefix_capacity import CacheFitScorer, CachePressure, CapacityIndex
 from gateway_extproc.routing.sampling import SAMPLE_SIZE, SampleFilter
 from gateway_extproc.routing.scorers import (
@@ -227,12 +227,19 @@ def _prefix_cache(
     def new_index() -> PrefixIndex:
         index = PrefixIndex(block_chars=block_chars, blocks_per_pod=blocks_per_pod)
         env.on_pod_removed(index.forget)
+        _placements(env).add(f"prefix-{block_chars}-{blocks_per_pod}", index)
         return index
 
     index = env.shared(("prefix-index", block_chars, blocks_per_pod), new_index)
     if max_load_gap < 0:
         raise ValueError("max_load_gap must not be negative")
     return PrefixCacheScorer(index, max_load_gap=max_load_gap)
+
+
+def _placements(env: PluginEnv) -> Placements:
+    """The process's prefix indexes (their hash seed, and placements shared by replicas
+    when the server hands one over: build_catalog(shared=...))."""
+    return env.shared(Placements, Placements)
 
 
 def _precise_prefix_cache(env: PluginEnv, *, max_load_gap: int = 8) -> PrecisePrefixScorer:
@@ -249,6 +256,7 @@ def _cache_pressure(env: PluginEnv) -> CachePressure:
     def new_pressure() -> CachePressure:
         pressure = CachePressure(CapacityIndex())
         env.on_pod_removed(pressure.index.forget)
+        _placements(env).add("capacity", pressure.index)
         env.on_pod_removed(pressure.forget)
         return pressure
 

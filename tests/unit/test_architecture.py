@@ -32,7 +32,17 @@ LAYERS: list[set[str]] = [
     {"metrics", "kvevents", "tokenize"},
     {"models"},
     # The package's own __init__ (the version) and the leaves everything may use.
-    {"__init__", "config", "errors", "telemetry", "tracing", "proto_gen", "tls", "redis_sessions"},
+    {
+        "__init__",
+        "config",
+        "errors",
+        "telemetry",
+        "tracing",
+        "proto_gen",
+        "tls",
+        "redis_sessions",
+        "redis_placements",
+    },
 ]
 LAYER_OF = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 
