@@ -24,7 +24,6 @@ pod this replica does not know (deleted here, not discovered yet) is skipped too
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import secrets
 import struct
@@ -33,19 +32,15 @@ from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
-import structlog
 from prometheus_client import Counter
 
-log = structlog.get_logger("gateway_extproc.redis_placements")
+from gateway_extproc.redis_channel import RETRY_MAX_S, RETRY_MIN_S, RedisChannel, connect
 
 CHANNEL = "gateway-extproc:placements"
 VERSION = 1
 BATCH_S = 0.005  # a placement waits at most this long for others to share a PUBLISH
 BATCH_MAX = 64  # placements per message (each up to 512 hashes, 4 KB)
 QUEUE_MAX = 10_000  # placements waiting to be published; beyond it they stay local
-SOCKET_TIMEOUT_S = 0.5  # a Redis that does not answer within this is treated as down
-RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
-WARN_EVERY_S = 60.0
 
 PLACEMENTS = Counter(
     "gateway_shared_placements_total",
@@ -97,7 +92,10 @@ def decode(data: bytes) -> tuple[bytes, list[tuple[str, str, list[int]]]]:
     return origin, out
 
 
-class SharedPlacements:
+class SharedPlacements(RedisChannel):
+    unavailable_event = "redis_placements_unavailable"
+    unavailable_hint = "each replica routes on its own prefix placements until Redis answers"
+
     def __init__(
         self,
         url: str,
@@ -106,22 +104,16 @@ class SharedPlacements:
         knows_pod: Callable[[str], bool] = lambda _: True,
         channel: str = CHANNEL,
     ) -> None:
-        self._client: Any = aioredis.Redis.from_url(
-            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
-        )
+        super().__init__(connect(url), channel)
         # Records another replica's placement (index name, pod, hashes); False when
         # this processor has no index of that name.
         self._apply = apply
         # A placement on a pod this replica does not know (deleted here, not discovered
         # yet) is skipped: recording it would bring back a deleted pod's index entries.
         self._knows_pod = knows_pod
-        self._channel = channel
         self.origin = secrets.token_bytes(8)
         self._pending: list[tuple[str, str, list[int]]] = []
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._warned_at = float("-inf")
-        self.subscribed = asyncio.Event()
 
     def placed(self, name: str, pod_key: str, hashes: list[int]) -> None:
         """Queue a placement made here for publishing (never blocks)."""
@@ -136,14 +128,6 @@ class SharedPlacements:
             asyncio.create_task(self._publish_forever(), name="redis-placements-publisher"),
             asyncio.create_task(self._listen_forever(), name="redis-placements-listener"),
         ]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._client.aclose()
 
     async def _publish_forever(self) -> None:
         retry = RETRY_MIN_S
@@ -164,23 +148,6 @@ class SharedPlacements:
                 # What was not sent stays local: an old placement is worth less than
                 # a fresh one once Redis answers again.
                 PLACEMENTS.labels("dropped").inc(len(pending) - sent)
-                self._warn(exc)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX_S)
-
-    async def _listen_forever(self) -> None:
-        retry = RETRY_MIN_S
-        while True:
-            try:
-                async with self._client.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    self.subscribed.set()
-                    retry = RETRY_MIN_S
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self.on_message(message.get("data"))
-            except (aioredis.RedisError, OSError) as exc:
-                self.subscribed.clear()
                 self._warn(exc)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_MAX_S)
@@ -207,13 +174,3 @@ class SharedPlacements:
             PLACEMENTS.labels("unknown_pod").inc(unknown)
         if foreign:
             REJECTED.inc()  # names an index this processor does not have
-
-    def _warn(self, exc: BaseException) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._warned_at >= WARN_EVERY_S:
-            self._warned_at = now
-            log.warning(
-                "redis_placements_unavailable",
-                problem=repr(exc),
-                hint="each replica routes on its own prefix placements until Redis answers",
-            )

@@ -24,19 +24,21 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
+from gateway_extproc.redis_channel import RedisChannel, connect
+
 log = structlog.get_logger("gateway_extproc.redis_sessions")
 
 KEY_PREFIX = "gateway-extproc:session"
 CHANNEL = "gateway-extproc:sessions"
 TTL_S = 3600
-# A Redis that does not answer within this is treated as down (routing never waits).
-SOCKET_TIMEOUT_S = 0.5
 QUEUE_MAX = 10_000  # placements waiting to be written; beyond it they stay local
 RETRY_S = 1.0
-WARN_EVERY_S = 60.0
 
 
-class SharedSessions:
+class SharedSessions(RedisChannel):
+    unavailable_event = "redis_sessions_unavailable"
+    unavailable_hint = "sessions stay per replica until Redis answers"
+
     def __init__(
         self,
         url: str,
@@ -47,23 +49,14 @@ class SharedSessions:
         channel: str = CHANNEL,
         warm_limit: int = 100_000,
     ) -> None:
-        self._client: Any = aioredis.Redis.from_url(
-            url,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=SOCKET_TIMEOUT_S,
-            decode_responses=True,
-        )
+        super().__init__(connect(url, decode_responses=True), channel)
         self._learn = learn
         self._ttl = ttl
         self._prefix = prefix
-        self._channel = channel
         self._warm_limit = warm_limit
         # Tells this replica's own announcements from the others'.
         self._origin = secrets.token_hex(8)
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=QUEUE_MAX)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._warned_at = float("-inf")
-        self.subscribed = asyncio.Event()
 
     def placed(self, session: str, pod_key: str) -> None:
         """The affinity's `on_pick`: share a session placed here (never blocks)."""
@@ -74,19 +67,11 @@ class SharedSessions:
         try:
             await self._warm()
         except (aioredis.RedisError, OSError) as exc:
-            self._warn("redis_sessions_unavailable", exc)
+            self._warn(exc)
         self._tasks = [
             asyncio.create_task(self._write_forever(), name="redis-sessions-writer"),
             asyncio.create_task(self._listen_forever(), name="redis-sessions-listener"),
         ]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._client.aclose()
 
     async def _warm(self) -> None:
         """Learn the sessions other replicas placed before this one started."""
@@ -112,35 +97,13 @@ class SharedSessions:
                         pipe.publish(self._channel, orjson.dumps([self._origin, session, pod]))
                     await pipe.execute()
             except (aioredis.RedisError, OSError) as exc:
-                self._warn("redis_sessions_unavailable", exc)
+                self._warn(exc)
                 await asyncio.sleep(RETRY_S)
 
-    async def _listen_forever(self) -> None:
-        while True:
-            try:
-                async with self._client.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    self.subscribed.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._on_message(message.get("data"))
-            except (aioredis.RedisError, OSError) as exc:
-                self.subscribed.clear()
-                self._warn("redis_sessions_unavailable", exc)
-                await asyncio.sleep(RETRY_S)
-
-    def _on_message(self, data: Any) -> None:
+    def on_message(self, data: Any) -> None:
         try:
             origin, session, pod = orjson.loads(data)
         except (orjson.JSONDecodeError, TypeError, ValueError):
             return  # not ours: the channel is shared with whatever else uses this Redis
         if origin != self._origin and isinstance(session, str) and isinstance(pod, str):
             self._learn(session, pod)
-
-    def _warn(self, event: str, exc: BaseException) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._warned_at >= WARN_EVERY_S:
-            self._warned_at = now
-            log.warning(
-                event, problem=repr(exc), hint="sessions stay per replica until Redis answers"
-            )

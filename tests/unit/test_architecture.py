@@ -43,6 +43,8 @@ LAYERS: list[set[str]] = [
         "redis_sessions",
         "redis_placements",
     },
+    # What the Redis-shared state above has in common.
+    {"redis_channel"},
 ]
 LAYER_OF = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 
