@@ -482,11 +482,11 @@ SCENARIOS: tuple[Scenario, ...] = (
         "replicas",
         "two processor replicas side by side (same engines) against one, tight caches",
         _TIGHT_ARGS,
-        (RANDOM, DEFAULT, TWO_PROCESSORS),
+        (RANDOM, DEFAULT, TWO_PROCESSORS, TWO_PROCESSORS_REDIS),
         tight_cache_workload,
         0.5,
         single_filter=True,
-        also_judged=((TWO_PROCESSORS.label, NEVER_WORSE),),
+        also_judged=((TWO_PROCESSORS.label, NEVER_WORSE), (TWO_PROCESSORS_REDIS.label, 0.5)),
     ),
     Scenario(
         "replicas-precise",
@@ -824,7 +824,7 @@ def _verdicts(scenario: Scenario, runs: list[dict[str, Any]], seeds: Sequence[in
                 worst <= goal,
             )
         )
-    if scenario.kv_events:
+    if scenario.key.startswith("replicas"):
         out += _replica_hit_verdicts(scenario, runs, seeds)
     return out
 
@@ -837,10 +837,15 @@ HIT_RATE_SLACK = 0.05
 def _replica_hit_verdicts(
     scenario: Scenario, runs: list[dict[str, Any]], seeds: Sequence[int]
 ) -> list[Target]:
-    """Per profile: do two processors subscribed to the same engines keep the fleet
-    prefix hit rate one processor reaches (worst held-out seed)?"""
+    """Per profile: do two processors that share what they know (the engines' KV-cache
+    events, or their placements through Redis) keep the fleet prefix hit rate one
+    processor reaches (worst held-out seed)? Two processors on the approximate path
+    without Redis are judged against random only: they do not share."""
     out = []
-    for one, two in ((DEFAULT, TWO_PROCESSORS), (PRECISE, PRECISE_TWO)):
+    pairs = [(DEFAULT, TWO_PROCESSORS_REDIS), (PRECISE, PRECISE_TWO)]
+    if scenario.kv_events:
+        pairs.append((DEFAULT, TWO_PROCESSORS))
+    for one, two in (p for p in pairs if {p[0], p[1]} <= set(scenario.variants)):
         gaps = []
         for seed in seeds:
             hits = {
