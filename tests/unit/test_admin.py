@@ -6,6 +6,7 @@ import aiohttp
 
 from gateway_extproc.config import Settings
 from gateway_extproc.server import start_gateway, stop_gateway
+from tests.settings import loopback_settings
 from tests.waiting import eventually
 
 
@@ -38,10 +39,7 @@ async def test_admin_endpoints(tmp_path):
 
 async def test_not_ready_until_the_models_file_loads(tmp_path):
     gateway = await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(tmp_path / "missing.yaml"),
         )
     )
@@ -61,10 +59,7 @@ async def test_readyz_says_a_reload_failed_while_the_last_good_dictionary_serves
     good = "models:\n  - {name: m, pods: [{name: p0, address: '127.0.0.1:18001'}]}\n"
     models.write_text(good)
     gateway = await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(models),
             models_reload_interval=0.05,
         )

@@ -5,12 +5,12 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway_extproc.config import Settings
 from gateway_extproc.conformance.replay import replay_paths
 from gateway_extproc.extproc import recorder as recordings
 from gateway_extproc.proto_gen import recording_pb2 as rec
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests import frames
+from tests.settings import loopback_settings
 
 MODELS = """
 models:
@@ -26,10 +26,7 @@ async def gateway(tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text(MODELS)
     gateway = await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(models),
             record_dir=str(tmp_path / "recorded"),
         )

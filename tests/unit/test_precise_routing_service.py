@@ -13,12 +13,12 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
-from gateway_extproc.config import Settings
 from gateway_extproc.devtools.simulator.kv_events import EventPublisher
 from gateway_extproc.kvevents.wire import BlockStored
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
 from gateway_extproc.tokenize.tokenizer import ModelTokenizer
 from tests import frames
+from tests.settings import loopback_settings
 from tests.waiting import eventually
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
@@ -59,10 +59,7 @@ async def start_fleet(tmp_path: Path, engines: list[EventPublisher], **settings:
     path = tmp_path / "models.yaml"
     path.write_text(f"models:\n  - name: m\n    tokenizer: {TINY}\n    pods:\n{pods}\n")
     return await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(path),
             grace_period=1.0,
             access_log=False,

@@ -16,13 +16,13 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from prometheus_client import REGISTRY
 
-from gateway_extproc.config import Settings
 from gateway_extproc.redis_placements import CHANNEL, SharedPlacements, encode
 from gateway_extproc.routing.prefix import Placements
 from gateway_extproc.routing.prefix_capacity import CapacityIndex
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
 from tests import frames
 from tests.redis_server import running_redis
+from tests.settings import loopback_settings
 from tests.waiting import eventually
 
 # What four idle engines report: prefix-cache routing scores pods only with metrics.
@@ -87,10 +87,7 @@ async def replicas() -> AsyncIterator[list[Gateway]]:
 
 async def replica(models: Path, redis_url: str, seed: int) -> Gateway:
     gateway = await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(models),
             default_strategy="prefix-cache",
             redis_url=redis_url,

@@ -13,10 +13,10 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
-from gateway_extproc.config import Settings
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
 from tests import frames
 from tests.redis_server import running_redis
+from tests.settings import loopback_settings
 
 MODELS = """
 models:
@@ -44,10 +44,7 @@ def models(tmp_path: Path) -> Path:
 
 async def replica(models: Path, redis_url: str) -> Gateway:
     return await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(models),
             default_strategy="session-affinity",
             redis_url=redis_url,

@@ -14,12 +14,12 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
-from gateway_extproc.config import Settings
 from gateway_extproc.routing import registry
 from gateway_extproc.routing.plugins import PluginEnv, Scorer, Scores, ScoringContext
 from gateway_extproc.routing.registry import register_scorer
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
 from tests import frames
+from tests.settings import loopback_settings
 
 MODELS = """
 models:
@@ -68,10 +68,7 @@ async def started(tmp_path: Path, **settings: str) -> Gateway:
     models = tmp_path / "models.yaml"
     models.write_text(MODELS)
     return await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(models),
             grace_period=1.0,
             # No engine answers at these addresses: without a slow start, pods without

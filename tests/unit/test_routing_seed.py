@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gateway_extproc.config import Settings
 from gateway_extproc.routing.base import RoutingRequest
 from gateway_extproc.server import start_gateway, stop_gateway
+from tests.settings import loopback_settings
 
 MODELS = "models:\n  - name: m\n    pods:\n" + "".join(
     f"      - {{name: p{i}, address: '127.0.0.1:{18100 + i}'}}\n" for i in range(8)
@@ -15,10 +15,7 @@ async def picks(tmp_path, seed: int | None) -> list[str]:
     path = tmp_path / "models.yaml"
     path.write_text(MODELS)
     gateway = await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(path),
             routing_seed=seed,
         )

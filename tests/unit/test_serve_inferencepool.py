@@ -24,6 +24,7 @@ from gateway_extproc.devtools.localstack import free_port
 from gateway_extproc.server import Gateway, start_gateway, stop_gateway
 from tests.answers import eventually_status, status_for
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
+from tests.settings import loopback_settings
 from tests.waiting import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -32,10 +33,7 @@ APP = {"app": "llama"}
 
 
 def settings(kubeconfig: Path, **changes) -> Settings:
-    base = Settings(
-        listen_host="127.0.0.1",
-        grpc_port=0,
-        admin_port=0,
+    base = loopback_settings(
         grpc_health_port=0,
         discovery="inferencepool",
         pool_name="llama-pool",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
-from gateway_extproc.config import Settings
 from gateway_extproc.devtools.localstack import free_port
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests.answers import eventually_status
 from tests.fakes.kube_apiserver import FakeKubeApiServer, write_kubeconfig
+from tests.settings import loopback_settings
 from tests.waiting import eventually
 
 
@@ -17,10 +17,7 @@ async def test_pod_lifecycle_gives_503_200_503_404(tmp_path):
     with FakeKubeApiServer() as fake:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
         gateway = await start_gateway(
-            Settings(
-                listen_host="127.0.0.1",
-                grpc_port=0,
-                admin_port=0,
+            loopback_settings(
                 discovery="kubernetes",
                 kubeconfig=str(kubeconfig),
             )

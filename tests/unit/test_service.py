@@ -11,10 +11,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway_extproc import telemetry
-from gateway_extproc.config import Settings
 from gateway_extproc.extproc import service as extproc_service
 from gateway_extproc.server import start_gateway, stop_gateway
 from tests import frames
+from tests.settings import loopback_settings
 from tests.waiting import eventually
 
 MODELS = """
@@ -30,10 +30,7 @@ async def gateway(tmp_path):
     path = tmp_path / "models.yaml"
     path.write_text(MODELS)
     gateway = await start_gateway(
-        Settings(
-            listen_host="127.0.0.1",
-            grpc_port=0,
-            admin_port=0,
+        loopback_settings(
             models_file=str(path),
             grace_period=1.0,
         )
